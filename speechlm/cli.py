@@ -1,0 +1,81 @@
+"""The `speechlm` command.
+
+Each subcommand lives in its own module under `speechlm.commands` with
+`HELP` (one line), `add_arguments(parser)` and `run(args) -> int | None`.
+Those modules import only the standard library at top level; the work they
+call is imported inside `run`, so `speechlm --help` never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+# (group, name) -> module; group None means a top-level command.
+COMMANDS: dict[tuple[str | None, str], str] = {
+    (None, "demo"): "speechlm.commands.demo",
+    ("data", "validate"): "speechlm.commands.data_validate",
+    ("data", "stats"): "speechlm.commands.data_stats",
+    ("data", "import"): "speechlm.commands.data_import",
+    ("build", "synth"): "speechlm.commands.build_synth",
+}
+
+GROUP_HELP = {
+    "data": "inspect, validate and import manifests",
+    "build": "offline data jobs (synthesis, ...)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speechlm",
+        description="Speech-text language models: data, training, inference, evaluation.",
+    )
+    parser.add_argument("--version", action="version", version=f"speechlm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for (group, name), module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        if group is None:
+            sub = top.add_parser(name, help=module.HELP, description=module.HELP)
+        else:
+            if group not in groups:
+                gp = top.add_parser(group, help=GROUP_HELP[group], description=GROUP_HELP[group])
+                groups[group] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND",
+                                                  required=True)
+            sub = groups[group].add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args._run(args)
+    except KeyboardInterrupt:
+        print("speechlm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every failure is one line unless --debug
+        from .errors import SpeechLMError
+
+        if args.debug:
+            raise
+        if isinstance(e, SpeechLMError):
+            print(f"speechlm: error: {e}", file=sys.stderr)
+        elif isinstance(e, OSError):
+            print(f"speechlm: error: {e}", file=sys.stderr)
+        else:
+            print(f"speechlm: error: {type(e).__name__}: {e} (this looks like a bug; "
+                  "rerun with --debug for the traceback and report it)", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""JSON Lines files: streaming reads, atomic writes, and crash-safe appends.
+
+Three ways to write, for three jobs:
+- `atomic_write` / `write_jsonl`: the whole file appears at once (temporary
+  name in the same directory, fsync, rename) or not at all.
+- `JsonlAppender`: a long job appends one record per finished item and
+  flushes it, so a killed job loses at most the line it was writing;
+  `read_jsonl(..., tolerate_torn_tail=True)` ignores that torn last line and
+  the appender cuts it off before appending again.
+Files ending in `.gz` are read and written gzip-compressed (not appendable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .errors import ManifestError
+
+
+def _open_text(path: Path, mode: str):
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, mode.replace("t", "") + "b"), encoding="utf-8")
+    return open(path, mode, encoding="utf-8")
+
+
+def iter_jsonl(path, *, tolerate_torn_tail: bool = False) -> Iterator[tuple[int, dict]]:
+    """Yield (line_number, record) lazily; constant memory however long the file.
+
+    Blank lines are skipped. A line that is not a JSON object raises
+    ManifestError "file:line: ...". With `tolerate_torn_tail`, a last line
+    without a newline that does not parse (a write cut by a kill) is ignored.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"{path}: file not found")
+    with _open_text(path, "rt") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                if tolerate_torn_tail and not line.endswith("\n"):
+                    return
+                raise ManifestError(
+                    f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
+                    "each line must be one JSON object"
+                ) from None
+            if not isinstance(record, dict):
+                raise ManifestError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}"
+                )
+            yield lineno, record
+
+
+def read_jsonl(path, **kwargs) -> list[dict]:
+    """All records of a JSONL file (use `iter_jsonl` for large files)."""
+    return [rec for _, rec in iter_jsonl(path, **kwargs)]
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "w"):
+    """Open a temporary file beside `path`; on success fsync and rename it over `path`.
+
+    If the block raises (or the process dies), `path` is untouched and the
+    temporary file is removed (or left with a `.tmp` suffix after a kill).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode.replace("t", "") if "b" in mode else mode,
+                       **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def dumps(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False, separators=(", ", ": "))
+
+
+def write_jsonl(path, records: Iterable[dict]) -> int:
+    """Write records atomically (streaming: records may be a generator). Returns the count."""
+    path = Path(path)
+    n = 0
+    if path.suffix == ".gz":
+        with atomic_write(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb") as gz:
+            for rec in records:
+                gz.write((dumps(rec) + "\n").encode("utf-8"))
+                n += 1
+        return n
+    with atomic_write(path) as f:
+        for rec in records:
+            f.write(dumps(rec) + "\n")
+            n += 1
+    return n
+
+
+class JsonlAppender:
+    """Append records one at a time, each flushed to disk, for resumable jobs.
+
+    On open, a torn last line left by a killed writer is truncated away, so
+    the file always holds whole records. `fsync_every` trades safety against
+    speed (1 = fsync each record).
+    """
+
+    def __init__(self, path, fsync_every: int = 1):
+        self.path = Path(path)
+        if self.path.suffix == ".gz":
+            raise ValueError(f"{self.path}: cannot append to a gzip file; use .jsonl")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _truncate_torn_tail(self.path)
+        self._f = open(self.path, "a", encoding="utf-8")
+        self._fsync_every = max(1, fsync_every)
+        self._pending = 0
+
+    def write(self, record: dict) -> None:
+        self._f.write(dumps(record) + "\n")
+        self._f.flush()
+        self._pending += 1
+        if self._pending >= self._fsync_every:
+            os.fsync(self._f.fileno())
+            self._pending = 0
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _truncate_torn_tail(path: Path) -> None:
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        # Walk back to the last newline; everything after it is a torn record.
+        pos, chunk = size, 4096
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            block = f.read(pos - start)
+            idx = block.rfind(b"\n")
+            if idx >= 0:
+                f.truncate(start + idx + 1)
+                return
+            pos = start
+        f.truncate(0)
