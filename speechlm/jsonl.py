@@ -45,7 +45,7 @@ def iter_jsonl(path, *, tolerate_torn_tail: bool = False) -> Iterator[tuple[int,
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 if tolerate_torn_tail and not line.endswith("\n"):
                     return
@@ -81,6 +81,10 @@ def atomic_write(path, mode: str = "w"):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600 files; give the result the permissions open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
