@@ -1,0 +1,27 @@
+"""Text-to-speech backends: eSpeak NG (default, offline, 100+ languages) and more to come.
+
+Importing this package is cheap; names are loaded from their modules on first use.
+
+    from speechlm.tts import get_backend
+    tts = get_backend("espeak:en-us+f3")          # 16 kHz float32 output
+    wave = tts.synthesize("Hello world.", rate=160)
+"""
+
+from .._lazy import lazy_exports
+
+_EXPORTS = {
+    "TTSBackend": "base",
+    "VoiceInfo": "base",
+    "get_backend": "base",
+    "register_backend": "base",
+    "available_backends": "base",
+    "parse_backend_spec": "base",
+    "EspeakTTS": "espeak",
+    "list_voices": "espeak",
+    "list_variants": "espeak",
+    "resolve_voice": "espeak",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)
