@@ -1,0 +1,660 @@
+"""The training loop every objective shares (CTC, wav2vec2 pre-training, adapters, ...).
+
+An *objective* is any object with
+
+    model: torch.nn.Module
+    loss(batch) -> (loss: scalar Tensor, metrics: dict[str, float | Tensor])
+                   or None for a batch with nothing to learn from (e.g. every
+                   item skipped): it counts as a zero loss
+    evaluate(model) -> dict[str, float]      optional; called every `eval_every`
+                                             updates and at the end, in eval mode,
+                                             under no_grad, on every rank (shard
+                                             and reduce inside if you like; rank
+                                             0's numbers are used)
+    to(device)                               optional, for tensors the objective keeps
+                                             besides `model` (the trainer moves `model`)
+
+The data is a dataset plus a *batch sampler* with `set_epoch(e)`,
+`state_dict()` (ideally `state_dict(num_consumed=...)`) and
+`load_state_dict()`; under torchrun build it with `rank=distributed.rank(),
+world_size=distributed.world_size()` after `distributed.init_distributed()`.
+The global batch is per-rank batch x world size x grad_accum.
+
+One update: `grad_accum` micro-batches forward + backward (DDP syncs only on
+the last), unscale (fp16), clip, skip if the loss or gradient is not finite,
+optimizer step, scheduler step. Then log, evaluate, save as due.
+
+`fit()` calls `model.train()` first (a submodule that must stay in eval mode,
+e.g. a frozen encoder, overrides `train()`). Seed before building the model
+(`seed_everything(cfg.seed)`) so every run starts from the same weights.
+Resuming gives bit-identical weights on the same hardware and thread count,
+provided the dataset's randomness comes from the global RNGs in the main
+process (num_workers=0) or is derived per item from (seed, epoch, index).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import inspect
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import config_to_dict, save_config
+from ..errors import ConfigError, SpeechLMError
+from . import checkpoint, distributed
+from .metrics_log import MetricsLogger
+from .schedules import build_scheduler, tri_stage_phases
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything about *how* to train; the recipe's `train:` section."""
+
+    max_steps: int = 1000                 # optimizer updates
+    grad_accum: int = 1                   # micro-batches per update
+    lr: float = 1e-4                      # peak learning rate
+    weight_decay: float = 0.01            # AdamW; never applied to biases and norm weights
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0     # None: no clipping (the norm is still logged)
+    schedule: Literal["constant", "linear", "cosine", "tri_stage"] = "cosine"
+    warmup_steps: int = 0                 # constant/linear/cosine; tri_stage uses its ratios
+    tri_stage_ratios: tuple[float, float, float] = (0.1, 0.4, 0.5)
+    init_lr_scale: float = 0.01           # tri_stage start, as a fraction of lr
+    final_lr_scale: float = 0.05          # end of linear/cosine/tri_stage decay
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 0
+    eval_every: int | None = None         # updates; None: only at the end
+    save_every: int | None = 1000         # updates; None: only at the end
+    keep_last: int | None = 3             # step checkpoints kept; None keeps all
+    log_every: int = 10
+    output_dir: str = "runs/default"
+    resume: str = "auto"                  # "auto" | "never" | path of a checkpoint or run dir
+    freeze: list[str] = field(default_factory=list)            # name prefixes, whole run
+    freeze_initially: list[str] = field(default_factory=list)  # ... for the first updates
+    freeze_for_steps: int = 0             # how many updates freeze_initially lasts
+    best_metric: str = "loss"             # evaluate() key deciding output_dir/best
+    best_mode: Literal["min", "max"] = "min"
+    max_consecutive_nonfinite: int = 10   # skipped updates in a row before giving up
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = 0
+    find_unused_parameters: bool = False  # DDP: set if some parameters get no gradient
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        positive = {"max_steps": self.max_steps, "grad_accum": self.grad_accum,
+                    "log_every": self.log_every, "max_consecutive_nonfinite":
+                    self.max_consecutive_nonfinite}
+        optional_positive = {"eval_every": self.eval_every, "save_every": self.save_every,
+                             "keep_last": self.keep_last}
+        for name, value in {**positive, **optional_positive}.items():
+            if value is not None and value < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {value}")
+        for name in ("lr", "eps"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.warmup_steps < 0 or self.num_workers < 0 \
+                or self.freeze_for_steps < 0:
+            raise ConfigError("train.weight_decay, warmup_steps, num_workers and "
+                              "freeze_for_steps must be >= 0")
+        if not 0 < self.final_lr_scale <= 1 or not 0 <= self.init_lr_scale <= 1:
+            raise ConfigError("train.final_lr_scale must be in (0, 1] and init_lr_scale in [0, 1]")
+        if self.schedule == "tri_stage":
+            ratios = self.tri_stage_ratios
+            if any(r < 0 for r in ratios) or sum(ratios) > 1 + 1e-6:
+                raise ConfigError(f"train.tri_stage_ratios must be >= 0 and sum to <= 1 "
+                                  f"(warmup, hold, decay), got {list(ratios)}")
+            if self.warmup_steps:
+                raise ConfigError("train.warmup_steps is not used by schedule=tri_stage (its "
+                                  "warmup is tri_stage_ratios[0] of max_steps); set it to 0")
+        if bool(self.freeze_initially) != bool(self.freeze_for_steps):
+            raise ConfigError("train.freeze_initially and train.freeze_for_steps go together: "
+                              "list the modules to freeze and for how many updates")
+        if self.resume in ("", None):
+            raise ConfigError("train.resume must be 'auto', 'never' or a checkpoint path")
+
+
+@dataclass
+class TrainResult:
+    step: int
+    epoch: int
+    last_checkpoint: Path | None
+    best_checkpoint: Path | None
+    best_value: float | None
+    skipped_nonfinite: int
+    train_metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+
+
+class NonFiniteLossError(SpeechLMError):
+    """Too many consecutive updates had a NaN/inf loss or gradient."""
+
+
+class Trainer:
+    """Train `objective.model` on batches from (dataset, batch_sampler); see the module doc.
+
+    `run_config`: the whole recipe (dataclass or dict), snapshotted into each
+    checkpoint; on resume its `identity_keys` sections (model-defining fields)
+    must equal the checkpoint's.
+    """
+
+    def __init__(self, config: TrainConfig, objective, dataset, batch_sampler, *,
+                 collate_fn=None, run_config: Any = None,
+                 identity_keys: Sequence[str] = ("model",)):
+        self.config = cfg = config
+        self.objective = objective
+        self.model: nn.Module = objective.model
+        self.dataset, self.batch_sampler, self.collate_fn = dataset, batch_sampler, collate_fn
+        self.dist = distributed.init_distributed(cfg.device)
+        self.device = distributed.resolve_device(cfg.device)
+        self.output_dir = Path(cfg.output_dir)
+        self.identity_keys = tuple(identity_keys)
+        self.run_snapshot = _snapshot(run_config, cfg)
+        self._run_config = run_config
+        _check_batch_sampler(batch_sampler, self.dist)
+        seed_everything(cfg.seed + self.dist.rank)
+
+        if hasattr(objective, "to"):
+            objective.to(self.device)
+        self.model.to(self.device)
+        self.named_params, self.initially_frozen = self._apply_freezing()
+        self.params = [p for _, p in self.named_params]
+        self.optimizer = build_optimizer(self.named_params, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.amp_dtype = _autocast_dtype(cfg.precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+        # DDP wraps a module whose forward *is* objective.loss, so the objective
+        # keeps calling its own model and gradients are still all-reduced. The
+        # wrapper is (re)built in _set_freeze_phase when the trainable set changes.
+        self._loss_module = _LossModule(objective)
+        self.forward: nn.Module = self._loss_module
+
+        self.step = self.epoch = self.batches_in_epoch = 0
+        self.skipped_nonfinite = self._nonfinite_streak = 0
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.last_checkpoint: Path | None = None
+        self._frozen_now: bool | None = None
+        self.last_lr = cfg.lr
+        self._sampler_takes_count = "num_consumed" in inspect.signature(
+            batch_sampler.state_dict).parameters
+
+    # -- the loop ---------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        """Train to `max_steps` updates (resuming per `config.resume`); returns a summary."""
+        cfg = self.config
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.remove_stale(self.output_dir)
+        distributed.barrier()
+        self._resume()
+        if self.dist.is_main and self._run_config is not None and self.step == 0:
+            self._write_run_config()
+        log = MetricsLogger(self.output_dir, enabled=self.dist.is_main,
+                            tensorboard=cfg.tensorboard, resume_step=self.step)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (cfg.progress and self.dist.is_main))
+        batches = self._batches()
+        window: dict[str, float] = {}
+        window_steps, window_start = 0, time.perf_counter()
+        train_metrics: dict[str, float] = {}
+        eval_metrics: dict[str, float] = {}
+        self.model.train()
+        try:
+            while self.step < cfg.max_steps:
+                self._set_freeze_phase()
+                loss, metrics = self._forward_backward(batches)
+                grad_norm = self._update(loss)
+                if grad_norm is None:
+                    continue
+                self.step += 1
+                bar.update(1)
+                for key, value in {**metrics, "loss": loss, "grad_norm": grad_norm}.items():
+                    window[key] = window.get(key, 0.0) + float(value)
+                window_steps += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    train_metrics = {k: v / window_steps for k, v in window.items()}
+                    train_metrics = distributed.reduce_metrics(train_metrics)
+                    train_metrics["loss"] = window["loss"] / window_steps  # already global
+                    train_metrics.update(
+                        lr=self.last_lr, epoch=self.epoch,
+                        skipped_nonfinite=self.skipped_nonfinite,
+                        sec_per_step=(time.perf_counter() - window_start) / window_steps)
+                    log.log("train", self.step, train_metrics)
+                    bar.set_postfix(loss=f"{train_metrics['loss']:.4g}",
+                                    lr=f"{train_metrics['lr']:.3g}")
+                    window, window_steps, window_start = {}, 0, time.perf_counter()
+                last = self.step == cfg.max_steps
+                if hasattr(self.objective, "evaluate") and (
+                        last or (cfg.eval_every and self.step % cfg.eval_every == 0)):
+                    eval_metrics = self.evaluate()
+                    log.log("eval", self.step, eval_metrics)
+                if last or (cfg.save_every and self.step % cfg.save_every == 0):
+                    self.save()
+        finally:
+            bar.close()
+            log.close()
+        best = self.output_dir / checkpoint.BEST_DIR
+        return TrainResult(self.step, self.epoch, self.last_checkpoint,
+                           best if checkpoint.is_complete(best) else None, self.best_value,
+                           self.skipped_nonfinite, train_metrics, eval_metrics)
+
+    def _forward_backward(self, batches) -> tuple[torch.Tensor, dict[str, float]]:
+        """grad_accum micro-batches; returns the update's mean loss (over ranks) and metrics."""
+        k = self.config.grad_accum
+        loss_sum = torch.zeros((), device=self.device)
+        metric_sums: dict[str, Any] = {}
+        for micro in range(k):
+            batch = _to_device(next(batches), self.device)
+            sync = micro == k - 1 or not self.dist.enabled
+            with contextlib.nullcontext() if sync else self.forward.no_sync():
+                with self._autocast():
+                    loss, metrics = self.forward(batch)
+                if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+                    raise TypeError("objective.loss(batch) must return (scalar tensor, dict)")
+                if not loss.requires_grad:
+                    raise SpeechLMError(
+                        "the loss does not depend on any trainable parameter (is everything "
+                        "frozen? check train.freeze / freeze_initially)")
+                self.scaler.scale(loss.float() / k).backward()
+            loss_sum += loss.detach().float()
+            for key, value in (metrics or {}).items():
+                value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+                metric_sums[key] = metric_sums.get(key, 0.0) + value
+        loss_mean = distributed.all_reduce_mean(loss_sum / k)
+        return loss_mean, {key: float(value) / k for key, value in metric_sums.items()}
+
+    def _update(self, loss: torch.Tensor) -> float | None:
+        """Clip and step; None (and no change to the weights) if the update is not finite."""
+        cfg = self.config
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        # With fp16 the scaler itself skips steps with inf gradients and lowers its scale.
+        finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | self.scaler.is_enabled())
+        if not bool(finite):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():
+                self.scaler.update()
+            self.skipped_nonfinite += 1
+            self._nonfinite_streak += 1
+            if self.dist.is_main:
+                logger.warning("step %d: non-finite loss %s / grad norm %s; update skipped "
+                               "(%d in a row)", self.step + 1, float(loss), float(grad_norm),
+                               self._nonfinite_streak)
+            if self._nonfinite_streak >= cfg.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self.output_dir}: the loss or gradient was NaN/inf for "
+                    f"{self._nonfinite_streak} consecutive updates at step {self.step + 1} "
+                    f"({self.skipped_nonfinite} skipped in all); lower train.lr, use "
+                    "precision=bf16 or fp32 instead of fp16, and check the data for empty or "
+                    "corrupt items. The last good checkpoint is kept for resuming")
+            return None
+        self._nonfinite_streak = 0
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the lr this update used
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def evaluate(self) -> dict[str, float]:
+        """Run objective.evaluate in eval mode; keep output_dir/best when the metric improves."""
+        cfg = self.config
+        modes = {module: module.training for module in self.model.modules()}
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                results = self.objective.evaluate(self.model)
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        results = distributed.broadcast_object(
+            {key: float(value) for key, value in (results or {}).items()})
+        if cfg.best_metric not in results:
+            raise ConfigError(
+                f"train.best_metric '{cfg.best_metric}' is not among the evaluation results "
+                f"({', '.join(results) or 'none'}); set train.best_metric to one of them")
+        value = results[cfg.best_metric]
+        better = self.best_value is None or (
+            value < self.best_value if cfg.best_mode == "min" else value > self.best_value)
+        if math.isfinite(value) and better:
+            self.best_value, self.best_step = value, self.step
+            if self.dist.is_main:
+                checkpoint.save_checkpoint(
+                    self.output_dir / checkpoint.BEST_DIR, model_state=self.model_state(),
+                    trainer_state={"step": self.step, "metric": cfg.best_metric,
+                                   "value": value, "eval": results},
+                    config=self.run_snapshot)
+        return results
+
+    # -- data -------------------------------------------------------------------
+
+    def _batches(self):
+        """Endless batches over epochs, tracking (epoch, batches consumed) for checkpoints."""
+        from torch.utils.data import DataLoader
+
+        while True:
+            self.batch_sampler.set_epoch(self.epoch)
+            # A private generator per (seed, epoch, rank) seeds the workers, so making
+            # the iterator never draws from the global RNG (which resume restores).
+            generator = torch.Generator()
+            generator.manual_seed(int(np.random.SeedSequence(
+                [self.config.seed, self.epoch, self.dist.rank]).generate_state(1)[0]))
+            loader = DataLoader(self.dataset, batch_sampler=self.batch_sampler,
+                                collate_fn=self.collate_fn, num_workers=self.config.num_workers,
+                                pin_memory=self.device.type == "cuda", generator=generator)
+            started_at = self.batches_in_epoch
+            for batch in loader:
+                self.batches_in_epoch += 1
+                yield batch
+            if self.batches_in_epoch == 0 and started_at == 0:
+                raise SpeechLMError("the batch sampler produced no batches: the training data "
+                                    "is empty or every item was filtered out")
+            self.epoch += 1
+            self.batches_in_epoch = 0
+
+    # -- parameters -------------------------------------------------------------
+
+    def _apply_freezing(self):
+        """Freeze `freeze` prefixes for good; return (trainable named params, initially frozen)."""
+        cfg = self.config
+        names = [name for name, _ in self.model.named_parameters()]
+        for prefix in [*cfg.freeze, *cfg.freeze_initially]:
+            if not any(_under(name, prefix) for name in names):
+                tops = sorted({name.split(".")[0] for name in names})
+                raise ConfigError(f"train.freeze/freeze_initially prefix '{prefix}' matches no "
+                                  f"parameter of the model; top-level modules: {', '.join(tops)}")
+        for name, param in self.model.named_parameters():
+            if any(_under(name, prefix) for prefix in cfg.freeze):
+                param.requires_grad_(False)
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ConfigError("no trainable parameters: every parameter is frozen")
+        initially = [p for n, p in trainable
+                     if any(_under(n, prefix) for prefix in cfg.freeze_initially)]
+        return trainable, initially
+
+    def _set_freeze_phase(self) -> None:
+        """Freeze/unfreeze `freeze_initially` at the right update; rebuild DDP to match."""
+        frozen = self.step < self.config.freeze_for_steps
+        if frozen == self._frozen_now:
+            return
+        for param in self.initially_frozen:
+            param.requires_grad_(not frozen)
+        if self._frozen_now is not None:
+            logger.info("step %d: unfroze %s", self.step, ", ".join(self.config.freeze_initially))
+        self._frozen_now = frozen
+        if self.dist.enabled:
+            # DDP buckets exactly the parameters that require grad when it is built, so
+            # frozen ones cost no communication and need no find_unused_parameters.
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = self._loss_module
+            gc.collect()  # drop the old wrapper and its gradient hooks before adding new ones
+            self.forward = DistributedDataParallel(
+                self._loss_module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.config.find_unused_parameters)
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: state_dict minus parameters frozen for the whole run."""
+        trainable = {id(p) for p in self.params}
+        frozen = {name for name, p in self.model.named_parameters(remove_duplicate=False)
+                  if id(p) not in trainable}
+        return {k: v for k, v in self.model.state_dict().items() if k not in frozen}
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    # -- checkpoints ------------------------------------------------------------
+
+    def save(self) -> Path:
+        """Write output_dir/step_NNNNNN atomically (rank 0) and rotate old ones."""
+        rng = distributed.all_gather_object(capture_rng_state(self.device))
+        sampler_state = (self.batch_sampler.state_dict(num_consumed=self.batches_in_epoch)
+                         if self._sampler_takes_count else self.batch_sampler.state_dict())
+        state = {
+            "format": 1, "step": self.step, "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch, "sampler": sampler_state,
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "rng": rng, "world_size": self.dist.world_size,
+            "skipped_nonfinite": self.skipped_nonfinite,
+            "nonfinite_streak": self._nonfinite_streak,
+            "best_value": self.best_value, "best_step": self.best_step,
+            "param_groups": [group["param_names"] for group in self.optimizer.param_groups],
+        }
+        path = self.output_dir / checkpoint.step_dir_name(self.step)
+        distributed.barrier()
+        if self.dist.is_main:
+            checkpoint.save_checkpoint(path, model_state=self.model_state(), trainer_state=state,
+                                       optimizer_state=self.optimizer.state_dict(),
+                                       config=self.run_snapshot)
+            checkpoint.rotate_checkpoints(self.output_dir, self.config.keep_last)
+        distributed.barrier()
+        self.last_checkpoint = path
+        return path
+
+    def _resume_path(self) -> Path | None:
+        resume = self.config.resume
+        if resume == "never":
+            latest = checkpoint.latest_checkpoint(self.output_dir)
+            if latest is not None:
+                raise ConfigError(
+                    f"{self.output_dir} already holds checkpoints (latest: {latest.name}); set "
+                    "train.resume=auto to continue that run or choose a new train.output_dir")
+            return None
+        if resume == "auto":
+            return checkpoint.latest_checkpoint(self.output_dir)
+        path = Path(resume)
+        if checkpoint.is_complete(path):
+            return path
+        latest = checkpoint.latest_checkpoint(path)
+        if latest is None:
+            raise ConfigError(f"train.resume={resume}: no complete checkpoint there (expected "
+                              "a step_NNNNNN directory or a run directory holding them)")
+        return latest
+
+    def _resume(self) -> None:
+        path = self._resume_path()
+        if path is None:
+            return
+        ckpt = checkpoint.load_checkpoint(path, map_location="cpu")
+        state = ckpt.trainer_state
+        if "sampler" not in state or ckpt.optimizer_state is None:
+            raise checkpoint.CheckpointError(
+                f"{path}: holds model weights only (e.g. a best/ snapshot); resume from a "
+                "step_NNNNNN checkpoint")
+        checkpoint.check_config_compatible(path, ckpt.config, self.run_snapshot,
+                                           self.identity_keys)
+        checkpoint.check_weights_compatible(
+            path, ckpt.model_state, {k: tuple(v.shape) for k, v in self.model_state().items()})
+        ours = [group["param_names"] for group in self.optimizer.param_groups]
+        if state.get("param_groups") != ours:
+            raise checkpoint.CheckpointMismatchError(
+                f"{path}: the optimizer in the checkpoint trains other parameters than this run "
+                "(train.freeze / freeze_initially changed?); point train.output_dir at a new "
+                "directory")
+        self.model.load_state_dict(ckpt.model_state, strict=False)
+        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled() and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        try:
+            self.batch_sampler.load_state_dict(state["sampler"])
+        except (ValueError, KeyError) as e:
+            raise checkpoint.CheckpointMismatchError(f"{path}: {e}") from None
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batches_in_epoch = int(state["batches_in_epoch"])
+        self.skipped_nonfinite = int(state["skipped_nonfinite"])
+        self._nonfinite_streak = int(state["nonfinite_streak"])
+        self.best_value, self.best_step = state["best_value"], state["best_step"]
+        self.last_checkpoint = path
+        rng = state["rng"]
+        if len(rng) == self.dist.world_size:
+            restore_rng_state(rng[self.dist.rank], self.device)
+        else:
+            logger.warning("checkpoint was written with %d processes, now %d: RNG streams are "
+                           "reseeded, so the run is not bit-identical", len(rng),
+                           self.dist.world_size)
+            seed_everything(self.config.seed + self.dist.rank + self.step)
+        logger.info("resumed from %s (step %d, epoch %d)", path, self.step, self.epoch)
+
+    def _write_run_config(self) -> None:
+        if dataclasses.is_dataclass(self._run_config):
+            save_config(self._run_config, self.output_dir / "config.yaml")
+
+
+# -- building blocks --------------------------------------------------------------
+
+
+class _LossModule(nn.Module):
+    """nn.Module whose forward is objective.loss(batch): what DDP wraps."""
+
+    def __init__(self, objective):
+        super().__init__()
+        self.model = objective.model
+        self.__dict__["_objective"] = objective  # not a submodule (may itself be a Module)
+
+    def forward(self, batch):
+        out = self._objective.loss(batch)
+        if out is None:
+            # Nothing to learn from (e.g. every item was skipped). A zero loss that touches
+            # every trainable parameter keeps the DDP ranks in step.
+            zero = sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
+            return zero, {"empty_batch_frac": 1.0}
+        return out
+
+
+def build_optimizer(named_params: Sequence[tuple[str, nn.Parameter]], cfg: TrainConfig):
+    """AdamW with two groups: weight decay for matrices, none for biases and norm weights."""
+    decay = [(n, p) for n, p in named_params if p.ndim >= 2]
+    no_decay = [(n, p) for n, p in named_params if p.ndim < 2]
+    groups = [
+        {"params": [p for _, p in decay], "param_names": [n for n, _ in decay],
+         "weight_decay": cfg.weight_decay},
+        {"params": [p for _, p in no_decay], "param_names": [n for n, _ in no_decay],
+         "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
+                             betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng_state(device: torch.device) -> dict:
+    """RNG states as plain containers and tensors (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32),
+                         np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def _autocast_dtype(precision: str, device: torch.device):
+    """Autocast dtype for `precision` on `device`, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            logger.warning("this GPU has no bf16 support: training in fp32 (use precision=fp16 "
+                           "for mixed precision on it)")
+            return None
+        return torch.bfloat16
+    if device.type != "cuda":
+        logger.warning("precision=fp16 needs a CUDA device: training in fp32 on %s "
+                       "(precision=bf16 works on CPU)", device)
+        return None
+    return torch.float16
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: _to_device(getattr(batch, f.name), device)
+                                             for f in dataclasses.fields(batch) if f.init})
+    if hasattr(batch, "to") and callable(batch.to):
+        return batch.to(device)
+    return batch
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _snapshot(run_config, train_config: TrainConfig) -> dict:
+    if run_config is None:
+        return {"train": config_to_dict(train_config)}
+    if dataclasses.is_dataclass(run_config) or isinstance(run_config, dict):
+        return config_to_dict(run_config)
+    raise TypeError("run_config must be a dataclass or a dict")
+
+
+def _check_batch_sampler(sampler, info: distributed.DistInfo) -> None:
+    missing = [m for m in ("set_epoch", "state_dict", "load_state_dict", "__iter__")
+               if not hasattr(sampler, m)]
+    if missing:
+        raise TypeError(f"the batch sampler lacks {', '.join(missing)}: the trainer needs a "
+                        "resumable batch sampler (see speechlm.data.sampler)")
+    ws = getattr(sampler, "world_size", info.world_size)
+    rank = getattr(sampler, "rank", info.rank)
+    if (ws, rank) != (info.world_size, info.rank):
+        raise ConfigError(
+            f"the batch sampler is sharded for rank {rank} of {ws} but this process is rank "
+            f"{info.rank} of {info.world_size}; build it with rank=distributed.rank(), "
+            "world_size=distributed.world_size() after distributed.init_distributed()")
+
+
+# Re-exported for recipes that want to show the tri-stage phase lengths.
+__all__ = ["NonFiniteLossError", "TrainConfig", "TrainResult", "Trainer", "build_optimizer",
+           "capture_rng_state", "restore_rng_state", "seed_everything", "tri_stage_phases"]
