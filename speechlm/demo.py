@@ -1,0 +1,44 @@
+"""`speechlm demo`: the main job on the embedded default.
+
+Today it builds (once, cached) the embedded English speech corpus, validates
+it, and shows its statistics and how well duration bucketing packs it.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def run_demo(*, jobs: int | None = None, progress: bool = True, out=print) -> int:
+    from .data.manifest import iter_manifest, validate_manifest
+    from .data.sampler import DurationBucketSampler, RandomBatchSampler, padding_fraction
+    from .data.stats import format_stats, manifest_stats
+    from .pipelines.embedded_corpus import build_embedded_corpus
+
+    start = time.perf_counter()
+    out("== Embedded speech corpus (eSpeak NG voices reading public-domain verses)")
+    corpus = build_embedded_corpus("en", jobs=jobs, progress=progress)
+    verb = "built" if corpus.newly_built else "cached"
+    out(f"{verb} at {corpus.root} in {time.perf_counter() - start:.1f}s")
+
+    problems = 0
+    for split, manifest in corpus.manifests.items():
+        report = validate_manifest(manifest, check_audio_exists=True)
+        problems += len(report.problems)
+        out(f"\n-- {split}: {report.n_ok}/{report.n_lines} lines valid")
+        for line in report.problems[:10]:
+            out(f"   {line}")
+        out(format_stats(manifest_stats(manifest)))
+
+    durations = [rec["duration"] for rec in iter_manifest(corpus.manifests["train"])]
+    budget = 60.0
+    bucketed = DurationBucketSampler(durations, max_batch_duration=budget, seed=0)
+    random_batches = RandomBatchSampler(durations, max_batch_duration=budget, seed=0)
+    out(f"\n== Batching the train split ({len(durations)} utterances, "
+        f"{budget:.0f} s of padded audio per batch)")
+    for name, sampler in (("duration buckets", bucketed), ("random batches", random_batches)):
+        batches = list(sampler)
+        out(f"{name:>17}: {len(batches):4d} batches, padding "
+            f"{100 * padding_fraction(batches, durations):5.1f}% of frames")
+    out(f"\ndone in {time.perf_counter() - start:.1f}s")
+    return 1 if problems else 0

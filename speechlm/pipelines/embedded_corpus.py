@@ -1,0 +1,193 @@
+"""The embedded speech corpus: verses of the embedded text corpus spoken by eSpeak NG.
+
+A deterministic recipe (which verses, which voices, rates and pitches) is
+synthesized once into the user cache and reused. Splits are disjoint in both
+text and voice: dev and test verses come from books that train never sees
+(and any verse whose text also occurs in train is dropped from them), and
+each split has its own voices, so test numbers measure generalisation to new
+speakers and new sentences.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..data.text_corpus import load_verses, normalized_key
+from ..jsonl import atomic_write
+from ..paths import cache_dir
+
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    size: int
+    voices: tuple[str, ...]
+    books: tuple[str, ...] = ()  # empty: every book not claimed by another split
+    rate: tuple[int, int] = (145, 180)  # eSpeak words per minute, sampled uniformly
+    pitch: tuple[int, int] = (35, 65)
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    name: str
+    lang: str
+    splits: dict[str, SplitSpec] = field(default_factory=dict)
+    min_words: int = 4
+    max_words: int = 25
+    seed: int = 0
+    sample_rate: int = 16000
+    audio_format: str = "flac"
+
+    def fingerprint(self) -> str:
+        """Changes whenever anything that affects the audio or the selection changes."""
+        blob = json.dumps(asdict(self), sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+# Variants m1..m8/f1..f5 and base voices are partitioned so that no voice
+# (base + variant) of dev or test occurs in train.
+EMBEDDED: dict[str, CorpusSpec] = {
+    "en": CorpusSpec(
+        name="en",
+        lang="en",
+        splits={
+            "train": SplitSpec(
+                size=3000,
+                voices=("en-us+m1", "en-us+f1", "en-us+m3", "en-us+f3", "en+m2", "en+f2",
+                        "en+m7", "en-gb-x-rp+m5", "en-gb-x-rp+f1", "en-gb-x-rp+m3"),
+            ),
+            "dev": SplitSpec(
+                size=200,
+                voices=("en-gb-x-gbclan+m6", "en-us-nyc+f4"),
+                books=("Joel", "Titus", "Philemon", "Jude", "II Peter", "Lamentations"),
+                rate=(150, 175),
+            ),
+            "test": SplitSpec(
+                size=200,
+                voices=("en-gb-scotland+m8", "en-029+f5"),
+                books=("Ruth", "Esther", "Jonah", "James", "Philippians"),
+                rate=(150, 175),
+            ),
+        },
+    ),
+    "es": CorpusSpec(
+        name="es",
+        lang="es",
+        splits={
+            "train": SplitSpec(
+                size=600,
+                voices=("es+m1", "es+f1", "es+m3", "es+f3", "es-419+m2", "es-419+f2"),
+            ),
+            "dev": SplitSpec(size=150, voices=("es+m6", "es-419+f4"),
+                             books=("Joel", "Titus", "Philemon", "Jude", "II Peter",
+                                    "Lamentations"), rate=(150, 175)),
+            "test": SplitSpec(size=200, voices=("es+m8", "es-419+f5"),
+                              books=("Ruth", "Esther", "Jonah", "James", "Philippians"),
+                              rate=(150, 175)),
+        },
+    ),
+}
+
+
+def corpus_root(spec: CorpusSpec) -> Path:
+    return cache_dir() / "corpus" / f"{spec.name}-{spec.fingerprint()}"
+
+
+def plan_split(spec: CorpusSpec, split: str) -> list[dict]:
+    """The synthesis items of one split: text, voice, rate and pitch, all deterministic."""
+    claimed = {b for s in spec.splits.values() for b in s.books}
+    split_spec = spec.splits[split]
+    other = "es" if spec.lang == "en" else "en"
+
+    def eligible(verse, books_wanted):
+        in_books = verse.book in books_wanted if books_wanted else verse.book not in claimed
+        n_words = len(verse.text(spec.lang).split())
+        return in_books and spec.min_words <= n_words <= spec.max_words
+
+    verses = [v for v in load_verses() if eligible(v, split_spec.books)]
+    if split != "train":
+        # Parallel passages repeat across books; drop any text that train also has.
+        train_keys = {normalized_key(v.text(spec.lang)) for v in load_verses()
+                      if eligible(v, spec.splits["train"].books)}
+        verses = [v for v in verses if normalized_key(v.text(spec.lang)) not in train_keys]
+    rng = random.Random(f"{spec.seed}-{spec.name}-{split}")
+    rng.shuffle(verses)
+    if len(verses) < split_spec.size:
+        raise ValueError(f"corpus {spec.name}/{split}: only {len(verses)} verses qualify, "
+                         f"{split_spec.size} requested")
+    items = []
+    for i, verse in enumerate(verses[: split_spec.size]):
+        items.append({
+            "id": f"{spec.name}-{split}-{i:05d}",
+            "text": verse.text(spec.lang),
+            "lang": spec.lang,
+            "translation": verse.text(other),
+            "ref": verse.ref,
+            "voice": split_spec.voices[i % len(split_spec.voices)],
+            "rate": rng.randint(*split_spec.rate),
+            "pitch": rng.randint(*split_spec.pitch),
+        })
+    return items
+
+
+@dataclass
+class BuiltCorpus:
+    root: Path
+    manifests: dict[str, Path]
+    newly_built: bool
+
+
+def embedded_manifest_path(split: str, lang: str = "en") -> Path | None:
+    """The manifest of a split of the embedded corpus if it has been built, else None."""
+    root = corpus_root(EMBEDDED[lang])
+    path = root / split / "manifest.jsonl"
+    return path if (root / "COMPLETE.json").exists() else None
+
+
+def build_embedded_corpus(lang: str = "en", *, jobs: int | None = None,
+                          progress: bool = True) -> BuiltCorpus:
+    """Synthesize the embedded corpus of `lang` ("en" or "es") into the cache once."""
+    return build_corpus(EMBEDDED[lang], jobs=jobs, progress=progress)
+
+
+def build_corpus(spec: CorpusSpec, *, jobs: int | None = None,
+                 progress: bool = True) -> BuiltCorpus:
+    """Synthesize a corpus recipe into the cache once; later calls return at once.
+
+    A killed build resumes where it stopped (the synthesis job is resumable);
+    `COMPLETE.json` is written last, so a partial build is never taken as done.
+    """
+    import os
+
+    from .synth import synthesize_corpus
+
+    root = corpus_root(spec)
+    manifests = {s: root / s / "manifest.jsonl" for s in spec.splits}
+    marker = root / "COMPLETE.json"
+    if marker.exists():
+        return BuiltCorpus(root, manifests, newly_built=False)
+    jobs = jobs or max(1, os.cpu_count() or 1)
+    reports = {}
+    for split in spec.splits:
+        report = synthesize_corpus(
+            plan_split(spec, split), root / split, voices=list(spec.splits[split].voices),
+            jobs=jobs, audio_format=spec.audio_format, sample_rate=spec.sample_rate,
+            seed=spec.seed, progress=progress, strict=False,
+        )
+        reports[split] = _report_summary(report)
+    with atomic_write(marker) as f:
+        json.dump({"spec": asdict(spec), "fingerprint": spec.fingerprint(), "splits": reports},
+                  f, indent=2, default=list)
+    return BuiltCorpus(root, manifests, newly_built=True)
+
+
+def _report_summary(report) -> dict:
+    fields = getattr(report, "__dataclass_fields__", None)
+    if fields:
+        return {k: v for k, v in asdict(report).items() if isinstance(v, (int, float, str))}
+    return {"report": str(report)}

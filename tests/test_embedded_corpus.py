@@ -1,0 +1,39 @@
+"""The embedded corpus recipe: deterministic, and disjoint across splits in text and voice."""
+
+from speechlm.data.text_corpus import load_verses, normalized_key
+from speechlm.pipelines.embedded_corpus import EMBEDDED, SPLITS, plan_split
+
+
+def test_text_corpus_is_aligned_english_spanish():
+    verses = load_verses()
+    assert len(verses) > 30000
+    first = verses[0]
+    assert first.ref == "Genesis 1:1" and first.book == "Genesis"
+    assert "beginning" in first.en and "principio" in first.es
+
+
+def test_plan_is_deterministic():
+    spec = EMBEDDED["en"]
+    assert plan_split(spec, "train") == plan_split(spec, "train")
+
+
+def test_splits_share_no_text_voice_or_book():
+    for spec in EMBEDDED.values():
+        plans = {s: plan_split(spec, s) for s in SPLITS}
+        for split, items in plans.items():
+            assert len(items) == spec.splits[split].size
+            assert len({it["id"] for it in items}) == len(items)
+        train_texts = {normalized_key(it["text"]) for it in plans["train"]}
+        train_voices = {it["voice"] for it in plans["train"]}
+        train_books = {it["ref"].rsplit(" ", 1)[0] for it in plans["train"]}
+        for held_out in ("dev", "test"):
+            items = plans[held_out]
+            assert not train_texts & {normalized_key(it["text"]) for it in items}
+            assert not train_voices & {it["voice"] for it in items}
+            assert not train_books & {it["ref"].rsplit(" ", 1)[0] for it in items}
+
+
+def test_items_carry_the_translation_for_speech_translation():
+    item = plan_split(EMBEDDED["en"], "test")[0]
+    verse = next(v for v in load_verses() if v.ref == item["ref"])
+    assert item["text"] == verse.en and item["translation"] == verse.es
