@@ -17,15 +17,20 @@ from . import __version__
 # (group, name) -> module; group None means a top-level command.
 COMMANDS: dict[tuple[str | None, str], str] = {
     (None, "demo"): "speechlm.commands.demo",
+    (None, "train"): "speechlm.commands.train",
+    (None, "infer"): "speechlm.commands.infer",
+    (None, "eval"): "speechlm.commands.eval",
     ("data", "validate"): "speechlm.commands.data_validate",
     ("data", "stats"): "speechlm.commands.data_stats",
     ("data", "import"): "speechlm.commands.data_import",
     ("build", "synth"): "speechlm.commands.build_synth",
+    ("build", "lm"): "speechlm.commands.build_lm",
+    ("build", "segment"): "speechlm.commands.build_segment",
 }
 
 GROUP_HELP = {
     "data": "inspect, validate and import manifests",
-    "build": "offline data jobs (synthesis, ...)",
+    "build": "offline data jobs (synthesis, n-gram LM, segmentation)",
 }
 
 

@@ -1,0 +1,458 @@
+"""Recipe `task: ctc`: character CTC fine-tuning (or training from scratch) of wav2vec2-style models.
+
+The Ainu / IndicWav2Vec fine-tuning step: a pretrained encoder
+(facebook/wav2vec2-large-xlsr-53, or the output of `task: wav2vec2_pretrain`)
+gets a character CTC head and is trained on labelled audio with SpecAugment
+style masking, layer-drop, the feature encoder frozen for the whole run and
+the whole encoder for the first updates, under a tri-stage schedule. Several
+training manifests of different languages share one vocabulary and are mixed
+with temperature sampling (each batch from one language, p_l ∝ (n_l/N)^alpha).
+
+    task: ctc
+    model:
+      init: facebook/wav2vec2-large-xlsr-53   # local dir, cached hub id, or scratch
+      freeze_encoder_steps: 1000
+    data:
+      train:
+        - {manifest: data/ain/train.jsonl, lang: ain}
+      dev: data/ain/dev.jsonl
+      test: data/ain/test.jsonl
+    train: {max_steps: 20000, lr: 1.0e-4, schedule: tri_stage, ...}
+
+`run(config)`:
+1. builds the character vocabulary from the training transcripts (or reloads
+   it when resuming) and reports rare characters and dev/test characters it
+   lacks (printed, and `output_dir/vocab_report.json`);
+2. prepares the data, skipping (and reporting, `output_dir/data_report.json`)
+   empty transcripts and audio too short for its transcript;
+3. trains with the shared Trainer (checkpoints, exact resume, DDP via torchrun),
+   evaluating dev WER/CER with greedy decoding (and the blank-collapse guard);
+4. takes the best dev checkpoint (`eval.use_best`), saves `output_dir/final/`
+   (an HF directory: Wav2Vec2ForCTC-style model + Wav2Vec2Processor), scores
+   dev and test (hypotheses in `output_dir/{dev,test}_hyps.jsonl`) and writes
+   `output_dir/results.json`; prints a short table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import ConfigError
+from ..training.trainer import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+FINAL_DIR = "final"
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class ModelConfig:
+    """Which model to start from, and its regularisation while fine-tuning."""
+
+    init: str = "scratch"                 # local HF dir, hub id in the local HF cache, "scratch"
+    scratch: dict[str, Any] = field(default_factory=dict)  # Wav2Vec2Config fields (scratch only)
+    config: dict[str, Any] = field(default_factory=dict)   # other config fields to override
+    freeze_feature_encoder: bool = True   # conv feature encoder fixed for the whole run
+    freeze_encoder_steps: int = 0         # whole encoder fixed for the first N updates
+    mask_time_prob: float = 0.05          # SpecAugment on the encoder's frames (fairseq mask_prob)
+    mask_time_length: int = 10
+    mask_feature_prob: float = 0.0        # channel masking (fairseq mask_channel_prob)
+    mask_feature_length: int = 10
+    layerdrop: float = 0.0
+    dropout: float | None = None          # hidden/attention/activation dropout; None: keep
+    final_dropout: float | None = None    # before the CTC head; None: keep
+    ctc_reduction: Literal["token_mean", "mean", "sum"] = "token_mean"
+
+    def __post_init__(self):
+        for name in ("mask_time_prob", "mask_feature_prob", "layerdrop"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {value}")
+        if self.mask_time_length < 1 or self.mask_feature_length < 1:
+            raise ConfigError("model.mask_time_length and mask_feature_length must be >= 1")
+        if self.freeze_encoder_steps < 0:
+            raise ConfigError("model.freeze_encoder_steps must be >= 0")
+        for name in ("dropout", "final_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise ConfigError(f"model.{name} must be in [0, 1) or null, got {value}")
+
+    def config_overrides(self) -> dict[str, Any]:
+        """Model config fields this section sets."""
+        fields = dict(mask_time_prob=self.mask_time_prob, mask_time_length=self.mask_time_length,
+                      mask_feature_prob=self.mask_feature_prob,
+                      mask_feature_length=self.mask_feature_length, layerdrop=self.layerdrop,
+                      ctc_loss_reduction="sum" if self.ctc_reduction == "sum" else "mean")
+        if self.dropout is not None:
+            fields.update(hidden_dropout=self.dropout, attention_dropout=self.dropout,
+                          activation_dropout=self.dropout)
+        if self.final_dropout is not None:
+            fields["final_dropout"] = self.final_dropout
+        return {**fields, **self.config}
+
+
+@dataclass
+class TrainSource:
+    """One labelled training manifest and its language."""
+
+    manifest: str                         # JSONL path or embedded:LANG/SPLIT
+    lang: str | None = None               # normalisation + mixture language (None: records')
+    weight: float = 1.0                   # multiplies its size in the language mixture
+
+
+@dataclass
+class DataConfig:
+    train: list[TrainSource] = field(default_factory=list)
+    dev: str | None = None                # scored during training and at the end
+    test: str | None = None               # scored once at the end (never used for choices)
+    lang: str | None = None               # normalisation language of dev/test (None: records')
+    max_batch_duration: float = 100.0     # seconds of padded audio per batch (per process)
+    max_batch_size: int | None = None
+    bucketing: bool = True                # False: random batches at the same budget (benchmark)
+    num_buckets: int = 10
+    alpha: float = 0.7                    # language sampling p_l ∝ (n_l/N)^alpha
+    size_by: Literal["hours", "items"] = "hours"
+    min_duration: float | None = 0.5
+    max_duration: float | None = 30.0
+    vocab: str | None = None              # a vocab.json to use instead of building one
+    vocab_min_count: int = 1              # rarer characters become <unk>
+    rare_char_count: int = 5              # report characters seen fewer times than this
+    unknown_chars: Literal["unk", "skip"] = "unk"  # training utterances with such characters
+    sample_rate: int = 16000
+    strict: bool = False                  # raise on unreadable audio instead of skipping it
+
+    def __post_init__(self):
+        if self.max_batch_duration <= 0:
+            raise ConfigError(f"data.max_batch_duration must be > 0, got {self.max_batch_duration}")
+        if self.alpha < 0:
+            raise ConfigError(f"data.alpha must be >= 0, got {self.alpha}")
+        if self.vocab_min_count < 1:
+            raise ConfigError("data.vocab_min_count must be >= 1")
+        for pos, source in enumerate(self.train):
+            if not source.weight > 0:
+                raise ConfigError(f"data.train[{pos}].weight must be > 0, got {source.weight}")
+
+
+@dataclass
+class EvalConfig:
+    batch_duration: float = 200.0         # padded seconds per evaluation batch
+    max_dev_items: int | None = None      # dev subset for evaluations during training
+    examples: int = 3                     # dev hypotheses shown at each evaluation
+    collapse_threshold: float = 0.9       # empty-hypothesis fraction that means blank collapse
+    collapse_check_after: float = 0.3     # fraction of train.max_steps before the guard arms
+    use_best: bool = True                 # final model = best dev checkpoint (train.best_metric)
+
+
+@dataclass
+class Config:
+    task: str = "ctc"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(best_metric="cer"))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def run(config: Config) -> dict:
+    """Train per `config` (see the module doc); returns the results dict."""
+    from ..data.dataset import AudioDataset, SkipReport
+    from ..models.ctc import (
+        CharVocab,
+        build_char_vocab,
+        frames_for_samples,
+        load_ctc_model,
+        save_ctc_model,
+        vocab_report,
+    )
+    from ..training import checkpoint, distributed
+    from ..training.objectives.ctc import CTCCollator, CTCObjective, prepare_ctc_records, say
+    from ..training.trainer import Trainer, seed_everything
+
+    cfg = config
+    data = cfg.data
+    if not data.train:
+        raise ConfigError("data.train: list at least one labelled manifest, e.g. "
+                          "[{manifest: data/train.jsonl, lang: en}]")
+    if not data.dev:
+        raise ConfigError("data.dev: give a held-out labelled manifest; it picks the best "
+                          "checkpoint and guards against blank collapse (a few hundred "
+                          "utterances are enough)")
+    if cfg.model.freeze_encoder_steps >= cfg.train.max_steps:
+        raise ConfigError(f"model.freeze_encoder_steps={cfg.model.freeze_encoder_steps} >= "
+                          f"train.max_steps={cfg.train.max_steps}: only the output layer would "
+                          "ever train; freeze the encoder for a small part of the run")
+    dist = distributed.init_distributed(cfg.train.device)
+    out = Path(cfg.train.output_dir)
+    show = dist.is_main and cfg.train.progress
+    paths = _resolve_manifests(data, show, dist.is_main)
+    train_langs = [source.lang for source in data.train]
+
+    # 1. vocabulary
+    resume_dir = _resume_run_dir(cfg.train)
+    if resume_dir is not None and (resume_dir / "vocab.json").is_file():
+        vocab = CharVocab.load(resume_dir)  # the run's own vocabulary: the head must match
+    elif data.vocab:
+        vocab = CharVocab.load(data.vocab)
+    else:
+        vocab = build_char_vocab(paths["train"], train_langs, min_count=data.vocab_min_count)
+    eval_sources = {split: ([paths[split]], data.lang) for split in ("dev", "test")
+                    if paths.get(split)}
+    report = vocab_report(vocab, eval_sources, rare_below=data.rare_char_count)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        vocab.save(out)
+        report.write(out / "vocab_report.json")
+        say(report.summary())
+
+    # 2. model
+    seed_everything(cfg.train.seed)
+    if cfg.model.scratch and cfg.model.init != "scratch":
+        logger.warning("model.scratch is ignored: model.init=%s is a pretrained model",
+                       cfg.model.init)
+    model = load_ctc_model(cfg.model.init, vocab, overrides=cfg.model.config_overrides(),
+                           scratch_config=cfg.model.scratch if cfg.model.init == "scratch"
+                           else None)
+    if cfg.model.freeze_feature_encoder:
+        model.freeze_feature_encoder()
+    sample_rate = data.sample_rate
+
+    def frames_for_duration(seconds: float) -> int:
+        return frames_for_samples(model.config, int(round(seconds * sample_rate)))
+
+    min_duration = _min_duration_for_masking(cfg, frames_for_duration)
+
+    # 3. data
+    groups: dict[str, dict] = {}
+    reports = []
+    for pos, (source, path) in enumerate(zip(data.train, paths["train"], strict=True)):
+        records, rep = prepare_ctc_records(
+            path, vocab, lang=source.lang, frames_for_duration=frames_for_duration,
+            unknown=data.unknown_chars, min_duration=min_duration,
+            max_duration=data.max_duration, name=f"train[{pos}] {source.manifest}")
+        reports.append(rep)
+        lang = source.lang or _single_lang(records, f"data.train[{pos}] ({source.manifest})")
+        hours = sum(float(r["duration"]) for r in records) / 3600
+        group = groups.setdefault(lang, {"records": [], "hours": 0.0, "size": 0.0})
+        group["records"].extend(records)
+        group["hours"] += hours
+        group["size"] += (hours if data.size_by == "hours" else len(records)) * source.weight
+    eval_sets = {}
+    for split in ("dev", "test"):
+        if paths.get(split):
+            records, rep = prepare_ctc_records(paths[split], vocab, lang=data.lang,
+                                               training=False, name=split)
+            reports.append(rep)
+            eval_sets[split] = AudioDataset(records, sample_rate=sample_rate, strict=data.strict,
+                                            silence_dbfs=None)
+    if dist.is_main:
+        _write_json(out / "data_report.json", [rep.to_dict() for rep in reports])
+        for rep in reports:
+            say(rep.summary())
+
+    dataset, sampler, probabilities = _build_sampler(groups, data, cfg.train.seed, dist)
+    if dist.is_main and len(groups) > 1:
+        say("languages: " + ", ".join(
+            f"{lang} ({groups[lang]['hours']:.2f} h, p={p:.3f})"
+            for lang, p in probabilities.items()))
+
+    # 4. train
+    train_cfg = _train_config(cfg, model)
+    guard_from = max(cfg.model.freeze_encoder_steps + 1,
+                     int(cfg.eval.collapse_check_after * train_cfg.max_steps))
+    unseen_dev = list(report.unseen.get("dev", {}))
+    objective = CTCObjective(
+        model, vocab, dev=eval_sets.get("dev"), reduction=cfg.model.ctc_reduction,
+        sample_rate=sample_rate, eval_batch_duration=cfg.eval.batch_duration,
+        max_eval_items=cfg.eval.max_dev_items, examples=cfg.eval.examples,
+        collapse_threshold=cfg.eval.collapse_threshold, guard_from_step=guard_from,
+        unseen_dev_chars=unseen_dev,
+        examples_path=out / "dev_examples.jsonl" if dist.is_main else None)
+    trainer = Trainer(train_cfg, objective, dataset, sampler, collate_fn=CTCCollator(),
+                      run_config=cfg)
+    objective.attach(trainer)
+    objective.warn_at_last_step = False  # the final scoring below warns instead
+    runtime_skips = objective.skip_report = SkipReport()
+    result = trainer.fit()
+
+    # 5. final model, scores, results
+    used = "last"
+    if cfg.eval.use_best and result.best_checkpoint is not None:
+        best = checkpoint.load_checkpoint(result.best_checkpoint, load_optimizer=False)
+        model.load_state_dict(best.model_state, strict=False)
+        used = f"best ({train_cfg.best_metric}={result.best_value:.4g} at step " \
+               f"{best.trainer_state.get('step')})"
+    final = out / FINAL_DIR
+    if dist.is_main:
+        save_ctc_model(model, vocab, final, sampling_rate=sample_rate,
+                       metadata={"recipe": "ctc", "step": result.step, "weights": used,
+                                 "normalize_lang": data.lang or (train_langs[0] or None)})
+    distributed.barrier()
+
+    import torch
+
+    results: dict[str, Any] = {"step": result.step, "final_dir": str(final), "weights": used,
+                               "vocab_size": len(vocab), "train": result.train_metrics,
+                               "data": [rep.to_dict() for rep in reports],
+                               "languages": probabilities}
+    modes = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for split, dataset_ in eval_sets.items():
+                scored = objective.score(model, dataset_)
+                from ..training.objectives.ctc import collapse_warning, is_blank_collapse
+
+                collapsed = is_blank_collapse([r["hyp"] for r in scored.rows], scored.wer,
+                                              threshold=cfg.eval.collapse_threshold)
+                results[split] = {**scored.metrics(), "utterances": len(scored.rows),
+                                  "skipped": scored.skipped, "blank_collapse": collapsed}
+                if dist.is_main:
+                    from ..jsonl import write_jsonl
+
+                    write_jsonl(out / f"{split}_hyps.jsonl",
+                                ({"id": r["id"], "text": r["hyp"], "ref": r["ref"]}
+                                 for r in scored.rows))
+                    if collapsed:
+                        say(collapse_warning(scored, step=result.step,
+                                             unseen_chars=list(report.unseen.get(split, {}))))
+    finally:
+        model.train(modes)
+    results["blank_collapse"] = any(results.get(s, {}).get("blank_collapse") for s in eval_sets)
+    results["runtime_skipped"] = runtime_skips.to_dict()
+    if dist.is_main:
+        _write_json(out / RESULTS_FILE, results)
+        say(results_table(results, eval_sets))
+    return results
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _resolve_manifests(data: DataConfig, progress: bool, is_main: bool) -> dict:
+    """Manifest paths (embedded splits are built on rank 0 first, then read everywhere)."""
+    from ..training import distributed
+    from .sources import resolve_manifest
+
+    def resolve_all(show: bool) -> dict:
+        return {"train": [resolve_manifest(s.manifest, progress=show) for s in data.train],
+                "dev": resolve_manifest(data.dev, progress=show) if data.dev else None,
+                "test": resolve_manifest(data.test, progress=show) if data.test else None}
+
+    if is_main:
+        paths = resolve_all(progress)
+        distributed.barrier()
+    else:
+        distributed.barrier()
+        paths = resolve_all(False)
+    return paths
+
+
+def _resume_run_dir(train: TrainConfig) -> Path | None:
+    """The run directory whose checkpoint this run will resume from, if any."""
+    from ..training import checkpoint
+
+    out = Path(train.output_dir)
+    if train.resume == "never":
+        return None
+    if train.resume == "auto":
+        return out if checkpoint.latest_checkpoint(out) is not None else None
+    path = Path(train.resume)
+    if checkpoint.is_complete(path):
+        return path.parent
+    return path if checkpoint.latest_checkpoint(path) is not None else None
+
+
+def _min_duration_for_masking(cfg: Config, frames_for_duration) -> float | None:
+    """data.min_duration, raised if needed so time masks (mask_time_length frames) fit."""
+    low = cfg.data.min_duration
+    if cfg.model.mask_time_prob <= 0:
+        return low
+    needed = cfg.model.mask_time_length + 1
+    seconds = 0.02
+    while frames_for_duration(seconds) < needed and seconds < 60:
+        seconds *= 1.25
+    if low is None or low < seconds:
+        if low is not None:
+            logger.info("data.min_duration raised from %s to %.2f s so that time masks of %d "
+                        "frames fit", low, seconds, cfg.model.mask_time_length)
+        return round(seconds, 3)
+    return low
+
+
+def _single_lang(records: list[dict], where: str) -> str:
+    langs = sorted({str(r["lang"]) for r in records if r.get("lang")})
+    if len(langs) > 1:
+        raise ConfigError(f"{where}: its records have several languages ({', '.join(langs)}); "
+                          "set `lang:` or split the manifest per language")
+    return langs[0] if langs else "default"
+
+
+def _build_sampler(groups: dict[str, dict], data: DataConfig, seed: int, dist):
+    """(dataset, batch sampler, language probabilities) for one or several languages."""
+    from ..data.dataset import AudioDataset
+    from ..data.mixture import TemperatureMixtureSampler
+    from ..data.sampler import DurationBucketSampler, RandomBatchSampler
+
+    samplers, datasets = {}, {}
+    for i, (lang, group) in enumerate(groups.items()):
+        durations = [float(r["duration"]) for r in group["records"]]
+        common = dict(max_batch_duration=data.max_batch_duration,
+                      max_batch_size=data.max_batch_size, seed=seed + i, rank=dist.rank,
+                      world_size=dist.world_size)
+        samplers[lang] = (DurationBucketSampler(durations, num_buckets=data.num_buckets, **common)
+                          if data.bucketing else RandomBatchSampler(durations, **common))
+        datasets[lang] = AudioDataset(group["records"], sample_rate=data.sample_rate,
+                                      strict=data.strict)  # silent audio is skipped, counted
+    if len(groups) == 1:
+        lang = next(iter(groups))
+        return datasets[lang], samplers[lang], {lang: 1.0}
+    mixture = TemperatureMixtureSampler(samplers, alpha=data.alpha, seed=seed,
+                                        sizes={lang: g["size"] for lang, g in groups.items()})
+    return mixture.concat_datasets(datasets), mixture, mixture.probabilities
+
+
+def _train_config(cfg: Config, model) -> TrainConfig:
+    """cfg.train plus the encoder freezing that model.freeze_encoder_steps asks for."""
+    train = cfg.train
+    steps = cfg.model.freeze_encoder_steps
+    if not steps:
+        return train
+    if train.freeze_for_steps and train.freeze_for_steps != steps:
+        raise ConfigError(f"model.freeze_encoder_steps={steps} and train.freeze_for_steps="
+                          f"{train.freeze_for_steps} disagree; set one of them")
+    if steps >= train.max_steps:
+        raise ConfigError(f"model.freeze_encoder_steps={steps} >= train.max_steps="
+                          f"{train.max_steps}: only the output layer would ever train")
+    prefix = model.base_model_prefix
+    initially = list(dict.fromkeys([*train.freeze_initially, prefix]))
+    return dataclasses.replace(train, freeze_initially=initially, freeze_for_steps=steps)
+
+
+def _write_json(path: Path, value) -> None:
+    from ..jsonl import atomic_write
+
+    with atomic_write(path) as f:
+        json.dump(value, f, ensure_ascii=False, indent=1, default=str)
+        f.write("\n")
+
+
+def results_table(results: dict, splits) -> str:
+    """A short text table of the final scores."""
+    lines = [f"{'split':<6} {'utts':>5} {'WER':>7} {'CER':>7} {'empty':>6}"]
+    for split in splits:
+        r = results.get(split)
+        if not r:
+            continue
+        lines.append(f"{split:<6} {r['utterances']:>5} {100 * r['wer']:>6.1f}% "
+                     f"{100 * r['cer']:>6.1f}% {100 * r['empty_frac']:>5.0f}%")
+    lines.append(f"model: {results['final_dir']} ({results['weights']} weights, step "
+                 f"{results['step']})")
+    if results.get("blank_collapse"):
+        lines.append("WARNING: blank collapse: the model outputs (almost) only blanks; see the "
+                     "advice printed above")
+    return "\n".join(lines)
