@@ -17,7 +17,7 @@ def small_corpus(monkeypatch, tmp_path):
     monkeypatch.setenv("SPEECHLM_CACHE", str(tmp_path / "cache"))
     spec = embedded_corpus.EMBEDDED["en"]
     splits = {name: dataclasses.replace(s, size=n)
-              for (name, s), n in zip(spec.splits.items(), (12, 4, 4))}
+              for (name, s), n in zip(spec.splits.items(), (12, 4, 4), strict=True)}
     small = dataclasses.replace(spec, splits=splits)
     monkeypatch.setitem(embedded_corpus.EMBEDDED, "en", small)
     return small
