@@ -168,7 +168,7 @@ def test_infer_with_the_beam_search_decoder(setup, capsys):
 
 def test_infer_errors_are_clear(setup, tiny_ckpt, tmp_path, capsys):
     assert main(["infer", "--model", str(tiny_ckpt("wav2vec2")), "x.wav"]) == 2
-    assert "Wav2Vec2ForPreTraining model; speechlm infer runs ctc models" in capsys.readouterr().err
+    assert "Wav2Vec2ForPreTraining model; speechlm infer runs CTC models" in capsys.readouterr().err
     assert main(["infer", "--model", str(tmp_path), "x.wav"]) == 2
     assert "not a model directory (no config.json)" in capsys.readouterr().err
     assert main(["infer", "--model", str(setup["model"])]) == 2

@@ -42,8 +42,8 @@ def detect_model_kind(model_dir) -> str:
         if kind in KINDS:
             return kind
     raise SpeechLMError(f"{model_dir}: a {', '.join(architectures) or config.get('model_type')} "
-                        f"model; speechlm infer runs {', '.join(KINDS)} models (a CTC model "
-                        "directory has a *ForCTC architecture and a vocab.json)")
+                        "model; speechlm infer runs CTC models (a *ForCTC architecture and a "
+                        "vocab.json) and speech LM checkpoints (a speechlm_config.json)")
 
 
 def add_arguments(parser):
