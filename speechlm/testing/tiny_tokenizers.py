@@ -22,16 +22,16 @@ each once (well under a second each) and reuses it afterwards.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..jsonl import iter_jsonl
 from ..paths import cache_dir, resource
+from ..text.tokenizer_train import cached_build, llama_tokenizer_from_sentencepiece
+from ..text.tokenizer_train import corpus_digest as _corpus_digest
+from ..text.tokenizer_train import train_sentencepiece as _train_sentencepiece
 
 CORPUS_RESOURCE = "bible_en_es.jsonl.gz"
 
@@ -82,44 +82,13 @@ def _cached(name: str, settings: dict, build: Callable[[Path], None], root: Path
     Looks under `root`, else `cache_dir()/tiny_tokenizers`, falling back to the
     temp dir when the cache is not writable (read-only home in some sandboxes).
     """
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    roots = [Path(root)] if root is not None else [
-        cache_dir() / "tiny_tokenizers",
-        Path(tempfile.gettempdir()) / "speechlm-tiny-tokenizers",
-    ]
-    for candidate in roots:
-        if (candidate / f"{name}-{key}" / "done").exists():
-            return candidate / f"{name}-{key}"
-    for index, candidate in enumerate(roots):
-        try:
-            return _build_entry(candidate / f"{name}-{key}", settings, build)
-        except OSError:
-            if index == len(roots) - 1:
-                raise
-    raise AssertionError("unreachable")
+    return cached_build(name, settings, build, _roots(root))
 
 
-def _build_entry(target: Path, settings: dict, build: Callable[[Path], None]) -> Path:
-    """Build in a temporary folder and rename it into place, so a killed or
-    parallel build never leaves a half-written cache entry behind."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / "settings.json").write_text(json.dumps(settings, indent=1, sort_keys=True))
-        (tmp / "done").write_text("")
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race; its copy is identical
-            if not (target / "done").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _corpus_digest(lines: Iterable[str]) -> str:
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+def _roots(root: Path | None) -> list[Path]:
+    if root is not None:
+        return [Path(root)]
+    return [cache_dir() / "tiny_tokenizers", Path(tempfile.gettempdir()) / "speechlm-tiny-tokenizers"]
 
 
 # --- Llama: SentencePiece ---------------------------------------------------
@@ -131,50 +100,7 @@ def train_sentencepiece(vocab_size: int = 1024, *, every: int = 10, root: Path |
     Pieces 0-2 are <unk>, <s>, </s>, then the 256 byte pieces <0x00>..<0xFF>,
     then merges, exactly like Llama-2's tokenizer.model.
     """
-    import sentencepiece as spm
-
-    lines = corpus_lines(every)
-    options = dict(
-        model_type="bpe",
-        vocab_size=vocab_size,
-        byte_fallback=True,
-        character_coverage=0.99995,
-        normalization_rule_name="identity",
-        add_dummy_prefix=True,
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,  # the piece scores are identical either way; one thread keeps it simple
-        minloglevel=2,
-    )
-    settings = {"options": options, "corpus": _corpus_digest(lines), "sentencepiece": spm.__version__}
-
-    def build(folder: Path) -> None:
-        with open(folder / "tokenizer.model", "wb") as model_file:
-            spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model_file, **options)
-
-    return _cached("sentencepiece", settings, build, root) / "tokenizer.model"
-
-
-def llama_tokenizer_from_sentencepiece(model_file: Path):
-    """A transformers LlamaTokenizer equivalent to a SentencePiece BPE model.
-
-    Done here rather than by transformers' converter because that converter
-    needs `protobuf` to read the model; the sentencepiece runtime gives the
-    same pieces and their order, and the merges follow from the piece ranks.
-    """
-    import sentencepiece as spm
-    from transformers import LlamaTokenizer
-    from transformers.tokenization_utils_base import generate_merges
-
-    processor = spm.SentencePieceProcessor(model_file=str(model_file))
-    vocab = {processor.id_to_piece(i): i for i in range(processor.get_piece_size())}
-    merges = generate_merges(vocab)
-    return LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False, legacy=False)
+    return _train_sentencepiece(corpus_lines(every), vocab_size, roots=_roots(root))
 
 
 def save_llama_tokenizer(out_dir: Path, vocab_size: int = 1024, *, root: Path | None = None):
@@ -186,7 +112,7 @@ def save_llama_tokenizer(out_dir: Path, vocab_size: int = 1024, *, root: Path | 
     model_file = train_sentencepiece(vocab_size, root=root)
     tokenizer = llama_tokenizer_from_sentencepiece(model_file)
     tokenizer.save_pretrained(out_dir)
-    shutil.copyfile(model_file, Path(out_dir) / "tokenizer.model")
+    (Path(out_dir) / "tokenizer.model").write_bytes(Path(model_file).read_bytes())
     return tokenizer
 
 

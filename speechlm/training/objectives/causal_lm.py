@@ -1,0 +1,125 @@
+"""Causal language modelling on token ids with a label mask (instruction tuning, plain text).
+
+Items are `{"input_ids": [...], "labels": [...]}` with labels -100 where
+nothing is learned (the prompt, under instruction tuning); `CausalLMCollator`
+right-pads them. `CausalLMObjective.loss` is the mean next-token
+cross-entropy over the learned positions of the batch. It runs the LM head
+only on those positions (`selective_head`): with a prompt that is most of
+the sequence that saves most of the output-layer work, and gives the same
+loss as `model(..., labels=...)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["CausalLMCollator", "CausalLMObjective", "TokenDataset", "token_losses"]
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """A list of encoded examples (dicts with input_ids, labels, and any other fields)."""
+
+    def __init__(self, items: Sequence[dict]):
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+    def lengths(self) -> list[int]:
+        return [len(item["input_ids"]) for item in self.items]
+
+
+class CausalLMCollator:
+    """Right-pad `input_ids` (pad_id), `labels` (-100) and build `attention_mask`.
+
+    Other fields are passed through as lists (e.g. `task`).
+    """
+
+    def __init__(self, pad_id: int, *, pad_to_multiple_of: int | None = None):
+        self.pad_id = int(pad_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        longest = max((len(item["input_ids"]) for item in items), default=0)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            longest = (longest + m - 1) // m * m
+        batch_size = len(items)
+        input_ids = torch.full((batch_size, longest), self.pad_id, dtype=torch.long)
+        labels = torch.full((batch_size, longest), -100, dtype=torch.long)
+        mask = torch.zeros((batch_size, longest), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            if len(item["labels"]) != n:
+                raise ValueError(f"item {row}: {n} input_ids but {len(item['labels'])} labels")
+            input_ids[row, :n] = torch.as_tensor(item["input_ids"], dtype=torch.long)
+            labels[row, :n] = torch.as_tensor(item["labels"], dtype=torch.long)
+            mask[row, :n] = 1
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+        for key in items[0] if items else ():
+            if key not in batch:
+                batch[key] = [item.get(key) for item in items]
+        return batch
+
+
+def _selective_head_ok(model) -> bool:
+    """The LM head can be applied to selected hidden states alone (no logit scaling/capping)."""
+    config = getattr(model, "config", None)
+    return (hasattr(model, "base_model_prefix") and hasattr(model, "get_output_embeddings")
+            and model.get_output_embeddings() is not None
+            and not getattr(config, "final_logit_softcapping", None)
+            and getattr(config, "logit_scale", None) in (None, 1, 1.0))
+
+
+def token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 labels: torch.Tensor, *, selective_head: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-token loss [N], predicted ids [N], row of each [N]) over the learned positions.
+
+    Position t predicts labels[t + 1]; N counts the labels that are not -100.
+    """
+    targets = labels[:, 1:]
+    learned = targets != -100
+    rows = learned.nonzero()[:, 0]
+    if selective_head and _selective_head_ok(model):
+        base = getattr(model, model.base_model_prefix)
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask,
+                      use_cache=False).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, :-1][learned])
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       use_cache=False).logits[:, :-1][learned]
+    logits = logits.float()
+    losses = F.cross_entropy(logits, targets[learned], reduction="none")
+    return losses, logits.argmax(-1), rows
+
+
+class CausalLMObjective:
+    """Mean next-token cross-entropy on the learned positions; optional `evaluate_fn(model)`."""
+
+    def __init__(self, model, *, evaluate_fn: Callable[[torch.nn.Module], dict] | None = None,
+                 selective_head: bool = True):
+        self.model = model
+        self.evaluate_fn = evaluate_fn
+        self.selective_head = selective_head
+
+    def loss(self, batch):
+        labels = batch["labels"]
+        if labels.numel() == 0 or not bool((labels[:, 1:] != -100).any()):
+            return None  # nothing to learn in this batch
+        losses, predicted, _ = token_losses(self.model, batch["input_ids"],
+                                            batch["attention_mask"], labels,
+                                            selective_head=self.selective_head)
+        targets = labels[:, 1:][labels[:, 1:] != -100]
+        accuracy = (predicted == targets).float().mean()
+        return losses.mean(), {"token_accuracy": accuracy.detach(),
+                               "label_tokens": float(losses.numel())}
+
+    def evaluate(self, model) -> dict[str, float]:
+        return self.evaluate_fn(model) if self.evaluate_fn is not None else {}
