@@ -349,7 +349,9 @@ def test_recipe_resumes_a_killed_run_to_the_same_weights(tmp_path, corpus, monke
     from speechlm.recipes import load_recipe
 
     extra = "  save_every: 2\n"
-    overrides = ["eval.use_best=false", "train.eval_every=4"]
+    # SortaGrad: epoch 0 shortest first, then shuffled; 8 updates cross that boundary.
+    overrides = ["eval.use_best=false", "train.eval_every=4", "data.sortagrad_epochs=1",
+                 "data.num_buckets=2"]
     module, full_config = load_recipe(_recipe(tmp_path, corpus, steps=8, out=tmp_path / "full",
                                               extra=extra), overrides)
     module.run(full_config)
@@ -371,6 +373,8 @@ def test_recipe_resumes_a_killed_run_to_the_same_weights(tmp_path, corpus, monke
     assert not (cut / "final").exists() and (cut / "step_000004").is_dir()
     monkeypatch.setattr(CTCObjective, "loss", real_loss)
     module.run(cut_config)
+    metrics = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert max(m.get("epoch", 0) for m in metrics) >= 1  # crossed into the shuffled epochs
     full, resumed = _weights(tmp_path / "full"), _weights(cut)
     assert full.keys() == resumed.keys()
     for name in full:

@@ -115,6 +115,7 @@ class DataConfig:
     max_batch_duration: float = 100.0     # seconds of padded audio per batch (per process)
     max_batch_size: int | None = None
     bucketing: bool = True                # False: random batches at the same budget (benchmark)
+    sortagrad_epochs: int = 0             # first epochs shortest-first (SortaGrad), then shuffled
     num_buckets: int = 10
     alpha: float = 0.7                    # language sampling p_l ∝ (n_l/N)^alpha
     size_by: Literal["hours", "items"] = "hours"
@@ -134,6 +135,11 @@ class DataConfig:
             raise ConfigError(f"data.alpha must be >= 0, got {self.alpha}")
         if self.vocab_min_count < 1:
             raise ConfigError("data.vocab_min_count must be >= 1")
+        if self.sortagrad_epochs < 0:
+            raise ConfigError("data.sortagrad_epochs must be >= 0")
+        if self.sortagrad_epochs and not self.bucketing:
+            raise ConfigError("data.sortagrad_epochs needs data.bucketing: true (it orders the "
+                              "duration buckets)")
         for pos, source in enumerate(self.train):
             if not source.weight > 0:
                 raise ConfigError(f"data.train[{pos}].weight must be > 0, got {source.weight}")
@@ -308,7 +314,7 @@ def run(config: Config) -> dict:
                 from ..training.objectives.ctc import collapse_warning, is_blank_collapse
 
                 collapsed = is_blank_collapse([r["hyp"] for r in scored.rows], scored.wer,
-                                              threshold=cfg.eval.collapse_threshold)
+                                              scored.cer, threshold=cfg.eval.collapse_threshold)
                 results[split] = {**scored.metrics(), "utterances": len(scored.rows),
                                   "skipped": scored.skipped, "blank_collapse": collapsed}
                 if dist.is_main:
@@ -404,8 +410,17 @@ def _build_sampler(groups: dict[str, dict], data: DataConfig, seed: int, dist):
         common = dict(max_batch_duration=data.max_batch_duration,
                       max_batch_size=data.max_batch_size, seed=seed + i, rank=dist.rank,
                       world_size=dist.world_size)
-        samplers[lang] = (DurationBucketSampler(durations, num_buckets=data.num_buckets, **common)
-                          if data.bucketing else RandomBatchSampler(durations, **common))
+        if not data.bucketing:
+            samplers[lang] = RandomBatchSampler(durations, **common)
+        elif data.sortagrad_epochs:
+            samplers[lang] = SortaGradSampler(
+                DurationBucketSampler(durations, num_buckets=data.num_buckets, shuffle=False,
+                                      **common),
+                DurationBucketSampler(durations, num_buckets=data.num_buckets, **common),
+                sorted_epochs=data.sortagrad_epochs)
+        else:
+            samplers[lang] = DurationBucketSampler(durations, num_buckets=data.num_buckets,
+                                                   **common)
         datasets[lang] = AudioDataset(group["records"], sample_rate=data.sample_rate,
                                       strict=data.strict)  # silent audio is skipped, counted
     if len(groups) == 1:
@@ -414,6 +429,55 @@ def _build_sampler(groups: dict[str, dict], data: DataConfig, seed: int, dist):
     mixture = TemperatureMixtureSampler(samplers, alpha=data.alpha, seed=seed,
                                         sizes={lang: g["size"] for lang, g in groups.items()})
     return mixture.concat_datasets(datasets), mixture, mixture.probabilities
+
+
+class SortaGradSampler:
+    """Shortest utterances first for the first `sorted_epochs` epochs, then shuffled batches.
+
+    SortaGrad (Deep Speech 2): CTC leaves its all-blank plateau sooner when it first sees
+    short utterances, whose alignments are easy. Wraps two batch samplers over the same
+    durations, an unshuffled DurationBucketSampler (buckets in ascending duration) and a
+    shuffled one, and resumes exactly like them.
+    """
+
+    def __init__(self, sorted_sampler, shuffled_sampler, *, sorted_epochs: int = 1):
+        self.sorted, self.shuffled = sorted_sampler, shuffled_sampler
+        self.sorted_epochs = int(sorted_epochs)
+        self.durations = shuffled_sampler.durations
+        self.rank, self.world_size = shuffled_sampler.rank, shuffled_sampler.world_size
+        self.epoch = 0
+
+    def _current(self):
+        return self.sorted if self.epoch < self.sorted_epochs else self.shuffled
+
+    def __iter__(self):
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self._current().set_epoch(epoch)
+
+    def state_dict(self, num_consumed: int | None = None) -> dict:
+        inner = self._current().state_dict(num_consumed=num_consumed)
+        return {"kind": type(self).__name__, "sorted_epochs": self.sorted_epochs,
+                "epoch": inner["epoch"], "position": inner["position"], "inner": inner}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != type(self).__name__ or \
+                state.get("sorted_epochs") != self.sorted_epochs:
+            raise ValueError("sampler state does not match this sampler (data.sortagrad_epochs "
+                             "changed?); resume with the same data settings")
+        self.epoch = int(state["epoch"])
+        target, inner = self._current(), dict(state["inner"])
+        if inner.get("shuffle") != target.shuffle:
+            # A mixture sampler moved this language on to the other phase: same data and
+            # settings, that phase's own ordering.
+            inner = {**inner, "shuffle": target.shuffle}
+        inner.update(epoch=state["epoch"], position=state["position"])
+        target.load_state_dict(inner)
 
 
 def _train_config(cfg: Config, model) -> TrainConfig:

@@ -36,8 +36,9 @@ and HuBERT were trained without one and must not get it).
 Evaluation: greedy decoding of the dev set, WER/CER on normalised text, a
 few example hypotheses, and the blank-collapse guard: when, after the first
 part of training, more than `collapse_threshold` of the dev hypotheses are
-empty or WER >= 0.99, a loud warning names the usual causes and what to
-change, and `blank_collapse` is 1 in the metrics.
+empty, or nothing is recognised (WER >= 0.99 with CER >= 0.9), a loud warning
+names the usual causes and what to change, and `blank_collapse` is 1 in the
+metrics.
 """
 
 from __future__ import annotations
@@ -224,12 +225,15 @@ Classic causes of blank-only CTC output, and what to change:
     (thousands of updates for a pretrained model on little data) -> raise train.max_steps"""
 
 
-def is_blank_collapse(hyps: Sequence[str], wer_value: float, *, threshold: float = 0.9) -> bool:
-    """True when more than `threshold` of the hypotheses are empty or WER >= 0.99."""
+def is_blank_collapse(hyps: Sequence[str], wer_value: float, cer_value: float = 1.0, *,
+                      threshold: float = 0.9) -> bool:
+    """True when more than `threshold` of the hypotheses are empty, or when nothing is
+    recognised: WER >= 0.99 with CER >= 0.9. (A model trained from scratch passes through
+    WER ~1 with CER ~0.5 on its way: that is progress, not collapse.)"""
     if not hyps:
         return False
     empty = sum(1 for h in hyps if not h.strip()) / len(hyps)
-    return empty > threshold or wer_value >= 0.99
+    return empty > threshold or (wer_value >= 0.99 and cer_value >= 0.9)
 
 
 @dataclass
@@ -412,7 +416,7 @@ class CTCObjective:
         metrics = result.metrics()
         armed = self.step is None or self.step >= self.guard_from_step
         collapsed = armed and is_blank_collapse([r["hyp"] for r in result.rows], result.wer,
-                                                threshold=self.collapse_threshold)
+                                                result.cer, threshold=self.collapse_threshold)
         metrics["blank_collapse"] = float(collapsed)
         if distributed.is_main_process():
             self._show_examples(result.rows)
