@@ -120,3 +120,45 @@ def test_config_errors_name_the_field():
                                "pad_token_id": 3})()
     with pytest.raises(ConfigError, match="vocab_size come"):
         text_lm.build_model(text_lm.ModelConfig(config={"vocab_size": 9}), tokenizer)
+
+
+def _phased(warm_batches=5):
+    from speechlm.data.sampler import DurationBucketSampler
+
+    def bucket(lengths, seed):
+        return DurationBucketSampler(lengths, max_batch_duration=40, num_buckets=2, seed=seed)
+
+    warm = [4 + i % 5 for i in range(12)]          # dataset items 0..11
+    main = [6 + (i * 7) % 13 for i in range(30)]    # dataset items 12..41
+    return text_lm.PhasedBatchSampler(bucket(warm, 1), bucket(main, 0),
+                                      warmup_batches=warm_batches, offset=len(warm))
+
+
+def test_phased_sampler_runs_the_warmup_once_then_the_main_epochs():
+    sampler = _phased(warm_batches=7)  # more than one warm-up epoch's batches: it cycles
+    sampler.set_epoch(0)
+    first = list(sampler)
+    assert len(first) == len(sampler)
+    assert all(i < 12 for b in first[:7] for i in b)
+    main_part = sorted(i for b in first[7:] for i in b)
+    assert main_part == list(range(12, 42))          # the main data, each item once
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(i for b in second for i in b) == list(range(12, 42))  # no warm-up again
+    assert len(second) == len(sampler) == len(first) - 7
+
+
+@pytest.mark.parametrize("cut", [3, 9])  # inside the warm-up, inside the main part
+def test_phased_sampler_resumes_mid_epoch(cut):
+    sampler = _phased()
+    sampler.set_epoch(0)
+    full = list(sampler)
+    it = iter(sampler)
+    consumed = [next(it) for _ in range(cut)]
+    state = sampler.state_dict(num_consumed=cut)
+    fresh = _phased()
+    fresh.load_state_dict(state)
+    fresh.set_epoch(0)
+    assert consumed + list(fresh) == full
+    with pytest.raises(ValueError, match="warmup_batches"):
+        _phased(warm_batches=4).load_state_dict(state)

@@ -341,10 +341,10 @@ def last_word(text: str) -> str:
     return ""
 
 
-def scrambled(text: str, key: str = "") -> str:
-    """The words of `text` in a shuffled order that depends only on (text, key)."""
+def scrambled(text: str, rng: random.Random) -> str:
+    """The words of `text` in an order drawn from `rng`."""
     words = _words(text)
-    random.Random(f"{key}|{text}").shuffle(words)
+    rng.shuffle(words)
     return " ".join(words)
 
 
@@ -354,9 +354,6 @@ _GOD = re.compile(r"\bGod\b")
 def mentions_god(text: str) -> bool:
     """True when the English text names God ("God", "God's"; not "gods")."""
     return bool(_GOD.search(text))
-
-
-Builder = Callable[[VerseContext, str, int], "Example | None"]
 
 
 @dataclass(frozen=True)
@@ -374,19 +371,29 @@ class Task:
     description: str = ""
     max_new_tokens: int = 64
 
-    transform: Callable[[str, str], str] | None = None  # (input text, ref) -> input text
+    # Random rewriting of the input text (e.g. shuffling its words); training draws a fresh
+    # one per example, evaluation a fixed one per verse.
+    transform: Callable[[str, random.Random], str] | None = None
+    copies_input: bool = False                  # the response is the (transformed) input
 
-    def input_text(self, ctx: VerseContext) -> str:
+    def input_text(self, ctx: VerseContext, rng: random.Random | None = None) -> str:
         text = ctx.verse.text(self.lang)
-        return self.transform(text, ctx.verse.ref) if self.transform else text
+        if self.transform is None:
+            return text
+        return self.transform(text, rng or random.Random(f"{self.name}|{ctx.verse.ref}"))
 
-    def build(self, ctx: VerseContext, wording: int = 0) -> Example | None:
-        """The example for `ctx` with instruction `wording`, or None if the verse does not fit."""
+    def build(self, ctx: VerseContext, wording: int = 0,
+              rng: random.Random | None = None) -> Example | None:
+        """The example for `ctx` with instruction `wording`, or None if the verse does not fit.
+        `rng` draws the input's random rewriting, if the task has one."""
         response = self.respond(ctx)
         if not response:
             return None
+        text = self.input_text(ctx, rng)
+        if self.copies_input:
+            response = text
         return Example(task=self.name, instruction=self.instructions[wording],
-                       input=self.input_text(ctx), response=response, lang=self.lang,
+                       input=text, response=response, lang=self.lang,
                        target_lang=self.target_lang, ref=ctx.verse.ref, wording=wording)
 
     def score(self, refs: Sequence[str], hyps: Sequence[str],
@@ -459,17 +466,16 @@ TASKS: dict[str, Task] = {t.name: t for t in [
           description="the next verse of the chapter (< 40 words): BLSP's stage-1 task"),
     _task("repeat", ["Repeat the following text exactly.",
                      "Please transcribe the following audio into English text."],
-          "en", "en", "wer", lambda ctx: ctx.verse.en,
+          "en", "en", "wer", lambda ctx: ctx.verse.en, copies_input=True,
           description="the input itself: zero-shot ASR once speech replaces the text"),
     _task("repeat_scrambled", ["Repeat the following text exactly.",
                                "Please transcribe the following audio into English text."],
-          "en", "en", "wer", lambda ctx: scrambled(ctx.verse.en, ctx.verse.ref),
-          transform=scrambled,
-          description="a verse's words shuffled, repeated: only copying predicts it, so it "
-                      "teaches (and measures) copying rather than recalling likely text"),
+          "en", "en", "wer", lambda ctx: ctx.verse.en, transform=scrambled, copies_input=True,
+          description="a verse's words freshly shuffled, repeated: only copying predicts it, "
+                      "so it teaches (and measures) copying rather than recalling the verse"),
     _task("repeat_es", ["Repeat the following text exactly.",
                         "Please transcribe the following audio into Spanish text."],
-          "es", "es", "wer", lambda ctx: ctx.verse.es,
+          "es", "es", "wer", lambda ctx: ctx.verse.es, copies_input=True,
           description="the Spanish input itself (Spanish zero-shot ASR)"),
     _task("translate_es", ["Translate the following text into Spanish.",
                            "Please translate the following audio into Spanish text."],
@@ -531,7 +537,7 @@ def build_task_examples(task: Task, contexts: Sequence[VerseContext], count: int
     rng = random.Random(f"{seed}-{task.name}")
     usable = [c for c in contexts if task.respond(c)
               and (max_input_words is None
-                   or len(_words(task.input_text(c))) <= max_input_words)]
+                   or len(_words(c.verse.text(task.lang))) <= max_input_words)]
     strata = [s for s in _strata(task, usable) if s]
     examples: list[Example] = []
     for pos, stratum in enumerate(strata):
@@ -540,7 +546,7 @@ def build_task_examples(task: Task, contexts: Sequence[VerseContext], count: int
             wording = 0
             if len(task.instructions) > 1 and rng.random() < paraphrase_prob:
                 wording = rng.randrange(1, len(task.instructions))
-            example = task.build(ctx, wording)
+            example = task.build(ctx, wording, rng)
             if example is not None:
                 examples.append(example)
     rng.shuffle(examples)

@@ -83,6 +83,39 @@ class ModelConfig:
 
 
 @dataclass
+class WarmupConfig:
+    """An optional first phase on its own task mixture, e.g. short copying examples: a small
+    model from scratch learns to copy (an induction circuit) only after a long plateau, which
+    a copy-only phase of short sequences gets through several times faster than the full mix."""
+
+    mixture: dict[str, float] = field(default_factory=dict)  # empty: no warm-up phase
+    steps: int = 0                        # optimizer updates spent on it
+    num_examples: int = 20000
+    max_input_words: int | None = 16
+
+    def __post_init__(self):
+        if self.steps < 0 or self.num_examples < 1:
+            raise ConfigError("data.warmup.steps must be >= 0 and num_examples >= 1")
+        if bool(self.mixture) != bool(self.steps):
+            raise ConfigError("data.warmup.mixture and data.warmup.steps go together: give both "
+                              "(or neither, for no warm-up phase)")
+        _check_mixture(self.mixture, "data.warmup.mixture", allow_empty=True)
+
+
+def _check_mixture(mixture: dict[str, float], where: str, *, allow_empty: bool = False) -> None:
+    from ..data.instructions import PLAIN_TEXT, TASKS
+
+    unknown = [k for k in mixture if k != PLAIN_TEXT and k not in TASKS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown task(s) {', '.join(unknown)}; known: "
+                          f"{PLAIN_TEXT}, {', '.join(TASKS)}")
+    if not mixture and allow_empty:
+        return
+    if not mixture or any(w < 0 for w in mixture.values()) or sum(mixture.values()) <= 0:
+        raise ConfigError(f"{where}: give each task a weight >= 0, at least one > 0")
+
+
+@dataclass
 class DataConfig:
     mixture: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIXTURE))
     num_examples: int = 20000             # examples per epoch, split by the mixture weights
@@ -93,6 +126,7 @@ class DataConfig:
     max_batch_tokens: int = 4096          # padded tokens per batch (per process)
     max_batch_size: int | None = None
     num_buckets: int = 10
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
 
     def __post_init__(self):
         if self.num_examples < 1 or self.max_seq_len < 8 or self.max_batch_tokens < 8:
@@ -104,15 +138,7 @@ class DataConfig:
                               "must fit in a batch")
         if not 0 <= self.paraphrase_prob <= 1:
             raise ConfigError("data.paraphrase_prob must be in [0, 1]")
-        from ..data.instructions import PLAIN_TEXT, TASKS
-
-        unknown = [k for k in self.mixture if k != PLAIN_TEXT and k not in TASKS]
-        if unknown:
-            raise ConfigError(f"data.mixture: unknown task(s) {', '.join(unknown)}; known: "
-                              f"{PLAIN_TEXT}, {', '.join(TASKS)}")
-        if not self.mixture or any(w < 0 for w in self.mixture.values()) \
-                or sum(self.mixture.values()) <= 0:
-            raise ConfigError("data.mixture: give each task a weight >= 0, at least one > 0")
+        _check_mixture(self.mixture, "data.mixture")
 
 
 @dataclass
@@ -229,6 +255,71 @@ def encode_for_training(tokenizer, examples, max_seq_len: int) -> tuple[list[dic
                       "label_tokens": label_tokens[task], "dropped_too_long": dropped[task]}
                for task in sorted(set(kept) | set(dropped))}
     return items, summary
+
+
+class PhasedBatchSampler:
+    """`warmup_batches` batches from `warmup` (cycling its epochs), then `main`'s epoch 0;
+    later epochs are `main`'s alone. Dataset indices of `main` are shifted by `offset` (the
+    warm-up items come first in the dataset). Resumable like the samplers it wraps: the
+    batches of an epoch are a function of (seeds, epoch), so resuming skips those consumed."""
+
+    def __init__(self, warmup, main, *, warmup_batches: int, offset: int):
+        self.warmup, self.main = warmup, main
+        self.warmup_batches, self.offset = int(warmup_batches), int(offset)
+        self.rank, self.world_size = main.rank, main.world_size
+        self.epoch = 0
+        self._resume_at = self._position = 0
+
+    def _epoch_batches(self) -> list[list[int]]:
+        batches: list[list[int]] = []
+        if self.epoch == 0 and self.warmup_batches:
+            warm_epoch = 0
+            while len(batches) < self.warmup_batches:
+                self.warmup.set_epoch(warm_epoch)
+                got = [list(b) for b in self.warmup]
+                if not got:
+                    raise ValueError("the warm-up sampler yields no batches")
+                batches += got
+                warm_epoch += 1
+            batches = batches[: self.warmup_batches]
+        self.main.set_epoch(self.epoch)
+        return batches + [[i + self.offset for i in b] for b in self.main]
+
+    def __iter__(self):
+        batches = self._epoch_batches()
+        start, self._resume_at = self._resume_at, 0
+        self._position = start
+        for i in range(start, len(batches)):
+            self._position = i + 1
+            yield batches[i]
+
+    def __len__(self) -> int:
+        return (self.warmup_batches if self.epoch == 0 else 0) + len(self.main)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch = int(epoch)
+            self._resume_at = self._position = 0
+
+    def state_dict(self, num_consumed: int | None = None) -> dict:
+        return {"kind": type(self).__name__, "epoch": self.epoch,
+                "position": self._position if num_consumed is None else int(num_consumed),
+                "warmup_batches": self.warmup_batches, "offset": self.offset,
+                "warmup": self.warmup.state_dict(), "main": self.main.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("kind", "warmup_batches", "offset"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"sampler state does not match this sampler (differs in: {key})")
+        for key in ("warmup", "main"):  # same data, seed and budget (positions aside)
+            theirs = {k: v for k, v in state[key].items() if k not in ("epoch", "position")}
+            ours = {k: v for k, v in mine[key].items() if k not in ("epoch", "position")}
+            if theirs != ours:
+                raise ValueError(f"sampler state does not match this sampler (differs in: "
+                                 f"{key} data)")
+        self.epoch = int(state["epoch"])
+        self._resume_at = self._position = int(state["position"])
 
 
 def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64,
@@ -456,7 +547,19 @@ def run(config: Config) -> dict:
     if not items:
         raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} drops every example; "
                           "raise it")
-    dataset = TokenDataset(items)
+    warm = cfg.data.warmup
+    warm_items: list[dict] = []
+    if warm.steps:
+        warm_examples = build_examples(warm.mixture, train_verses, warm.num_examples,
+                                       seed=cfg.train.seed + 1,
+                                       paraphrase_prob=cfg.data.paraphrase_prob,
+                                       max_input_words=warm.max_input_words,
+                                       plain_text_words=cfg.data.plain_text_words)
+        warm_items, warm_summary = encode_for_training(tokenizer, warm_examples,
+                                                       cfg.data.max_seq_len)
+        say(f"warm-up phase ({warm.steps} updates): " + ", ".join(
+            f"{t} {s['examples']}" for t, s in warm_summary.items()))
+    dataset = TokenDataset(warm_items + items)
     eval_tasks = cfg.eval.tasks or [t for t in cfg.data.mixture
                                     if t in TASKS and cfg.data.mixture[t] > 0]
     unknown = [t for t in eval_tasks if t not in TASKS]
@@ -473,11 +576,18 @@ def run(config: Config) -> dict:
     model = build_model(cfg.model, tokenizer)
     params = sum(p.numel() for p in model.parameters())
     say(f"model: LlamaForCausalLM, {params / 1e6:.2f}M parameters")
-    sampler = DurationBucketSampler(dataset.lengths(), max_batch_duration=cfg.data.max_batch_tokens,
-                                    max_batch_size=cfg.data.max_batch_size,
-                                    num_buckets=cfg.data.num_buckets, shuffle=True,
-                                    seed=cfg.train.seed, rank=dist.rank,
-                                    world_size=dist.world_size)
+    def bucket_sampler(lengths, seed):
+        return DurationBucketSampler(lengths, max_batch_duration=cfg.data.max_batch_tokens,
+                                     max_batch_size=cfg.data.max_batch_size,
+                                     num_buckets=cfg.data.num_buckets, shuffle=True, seed=seed,
+                                     rank=dist.rank, world_size=dist.world_size)
+
+    lengths = dataset.lengths()
+    sampler = bucket_sampler(lengths[len(warm_items):], cfg.train.seed)
+    if warm_items:
+        sampler = PhasedBatchSampler(bucket_sampler(lengths[: len(warm_items)], cfg.train.seed + 1),
+                                     sampler, warmup_batches=warm.steps * cfg.train.grad_accum,
+                                     offset=len(warm_items))
     objective = CausalLMObjective(model, evaluate_fn=dev_loss_fn(tokenizer, dev_examples,
                                                                  cfg.eval.batch_size))
     trainer = Trainer(cfg.train, objective, dataset, sampler,
@@ -487,7 +597,8 @@ def run(config: Config) -> dict:
     steps_before = trainer.step
     result = trainer.fit()
     train_seconds = time.perf_counter() - fit_start
-    mean_batch_tokens = sum(dataset.lengths()) / max(len(sampler), 1)
+    main_sampler = sampler.main if isinstance(sampler, PhasedBatchSampler) else sampler
+    mean_batch_tokens = sum(lengths[len(warm_items):]) / max(len(main_sampler), 1)
 
     # 4. save and 5. score the saved model
     final_dir = out / FINAL_DIR
