@@ -1,7 +1,8 @@
 """`speechlm demo`: the main job on the embedded default.
 
-Today it builds (once, cached) the embedded English speech corpus, validates
-it, and shows its statistics and how well duration bucketing packs it.
+It builds (once, cached) the embedded English speech corpus, validates it and
+shows its statistics and how well duration bucketing packs it; then trains (once,
+cached) the embedded zoo's models and reports their held-out scores.
 """
 
 from __future__ import annotations
@@ -40,5 +41,20 @@ def run_demo(*, jobs: int | None = None, progress: bool = True, out=print) -> in
         batches = list(sampler)
         out(f"{name:>17}: {len(batches):4d} batches, padding "
             f"{100 * padding_fraction(batches, durations):5.1f}% of frames")
+
+    _zoo_ctc(progress=progress, out=out)
     out(f"\ndone in {time.perf_counter() - start:.1f}s")
     return 1 if problems else 0
+
+
+def _zoo_ctc(*, progress: bool, out) -> None:
+    """Train (once) and report the zoo's English CTC model (the table warns of a collapse)."""
+    from . import zoo
+    from .recipes.ctc import results_table
+
+    out("\n== Zoo model: English CTC speech encoder (wav2vec2 from scratch, eSpeak voices)")
+    model = zoo.ensure("ctc_en", progress=progress, say=out)
+    verb = "trained" if model.newly_trained else "cached; trained"
+    out(f"{verb} in {model.seconds / 60:.1f} min; scores on voices and verses it never heard:")
+    out(results_table(model.results, ("dev", "test")))
+    out(f"transcribe with: speechlm infer --model {model.model_dir} AUDIO...")

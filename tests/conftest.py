@@ -1,5 +1,6 @@
 """Shared pytest fixtures. Keep this file small: one fixture, one reason each."""
 
+import dataclasses
 import os
 
 # Nothing in the test suite may reach a model hub; set before transformers is imported.
@@ -30,3 +31,54 @@ def tiny_ckpt(tmp_path_factory):
         return written[key]
 
     return get
+
+
+@pytest.fixture
+def small_corpus(monkeypatch, tmp_path):
+    """The real English recipe with 12/4/4 utterances, cached under tmp_path."""
+    from speechlm.pipelines import embedded_corpus
+
+    monkeypatch.setenv("SPEECHLM_CACHE", str(tmp_path / "cache"))
+    spec = embedded_corpus.EMBEDDED["en"]
+    splits = {name: dataclasses.replace(s, size=n)
+              for (name, s), n in zip(spec.splits.items(), (12, 4, 4), strict=True)}
+    small = dataclasses.replace(spec, splits=splits)
+    monkeypatch.setitem(embedded_corpus.EMBEDDED, "en", small)
+    return small
+
+
+TINY_RECIPE = """\
+task: ctc
+model:
+  init: scratch
+  scratch: {hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2,
+            intermediate_size: 64, conv_dim: [16, 16, 16, 16], conv_kernel: [10, 8, 4, 4],
+            conv_stride: [5, 4, 4, 4], num_conv_pos_embeddings: 16,
+            num_conv_pos_embedding_groups: 4}
+  freeze_feature_encoder: false
+  mask_time_prob: 0.0
+data:
+  train: [{manifest: "embedded:en/train", lang: en}]
+  dev: "embedded:en/dev"
+  test: "embedded:en/test"
+  lang: en
+  max_batch_duration: 30.0
+train: {max_steps: STEPS, lr: 3.0e-3, warmup_steps: 1, save_every: 2, eval_every: 100,
+        log_every: 1, tensorboard: false, output_dir: runs/unused}
+"""
+
+
+def tiny_zoo_recipe(monkeypatch, tmp_path, steps=4):
+    """Point the zoo's ctc_en member at a 1-layer recipe of `steps` updates."""
+    path = tmp_path / f"ctc_en_{steps}.yaml"
+    path.write_text(TINY_RECIPE.replace("STEPS", str(steps)))
+    from speechlm import zoo
+
+    monkeypatch.setattr(zoo, "recipe_path", lambda name: path)
+    return path
+
+
+@pytest.fixture
+def tiny_zoo(small_corpus, monkeypatch, tmp_path):
+    """The small corpus, and the zoo's ctc_en member shrunk to a 4-update, 1-layer model."""
+    return tiny_zoo_recipe(monkeypatch, tmp_path)

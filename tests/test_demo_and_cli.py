@@ -1,6 +1,5 @@
 """The main job end to end on a shrunken corpus recipe, and the CLI contract."""
 
-import dataclasses
 import subprocess
 import sys
 
@@ -11,19 +10,7 @@ from speechlm.data.manifest import read_manifest
 from speechlm.pipelines import embedded_corpus
 
 
-@pytest.fixture
-def small_corpus(monkeypatch, tmp_path):
-    """The real English recipe with 12/4/4 utterances, cached under tmp_path."""
-    monkeypatch.setenv("SPEECHLM_CACHE", str(tmp_path / "cache"))
-    spec = embedded_corpus.EMBEDDED["en"]
-    splits = {name: dataclasses.replace(s, size=n)
-              for (name, s), n in zip(spec.splits.items(), (12, 4, 4), strict=True)}
-    small = dataclasses.replace(spec, splits=splits)
-    monkeypatch.setitem(embedded_corpus.EMBEDDED, "en", small)
-    return small
-
-
-def test_demo_builds_validates_and_reuses_the_cache(small_corpus):
+def test_demo_builds_validates_and_reuses_the_cache(small_corpus, tiny_zoo):
     lines = []
     assert cli.main(["demo", "--no-progress", "--jobs", "1"]) == 0
     assert embedded_corpus.embedded_manifest_path("test") is not None
@@ -34,6 +21,8 @@ def test_demo_builds_validates_and_reuses_the_cache(small_corpus):
     assert "cached at" in text  # the second run synthesizes nothing
     assert "train: 12/12 lines valid" in text and "test: 4/4 lines valid" in text
     assert "duration buckets" in text and "random batches" in text
+    assert "Zoo model: English CTC" in text and "cached; trained in" in text
+    assert "dev        4" in text and "test       4" in text  # the CER/WER table
     test_records = read_manifest(embedded_corpus.embedded_manifest_path("test"))
     assert {r["speaker"] for r in test_records} == {f"espeak:{v}" for v in
                                                     small_corpus.splits["test"].voices}

@@ -1,0 +1,104 @@
+"""The embedded default zoo: models the toolkit trains itself on the embedded corpus.
+
+Each member is a recipe shipped in the package (speechlm/resources/zoo/); the
+first `ensure(name)` trains it into the cache, later calls return the cached
+model. The cache entry is keyed by a hash of the recipe text, so editing a zoo
+recipe trains a fresh model instead of reusing a stale one. A killed build
+resumes from its last checkpoint (the trainer's `resume: auto`), and a file
+lock keeps two processes from training the same member at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+from .paths import cache_dir, resource
+
+# name -> (recipe file under resources/zoo, what it is)
+MEMBERS: dict[str, tuple[str, str]] = {
+    "ctc_en": ("ctc_en.yaml", "small wav2vec2 CTC model, English, trained from scratch"),
+}
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str
+    model_dir: Path              # the saved model (`final/` of the run)
+    run_dir: Path                # the whole run: metrics, checkpoints, results.json
+    results: dict                # the recipe's results (dev/test scores)
+    newly_trained: bool
+    seconds: float               # training time (this call, or the call that trained it)
+
+
+def recipe_path(name: str) -> Path:
+    if name not in MEMBERS:
+        raise ConfigError(f"unknown zoo model '{name}'; known: {', '.join(MEMBERS)}")
+    return resource(f"zoo/{MEMBERS[name][0]}")
+
+
+def zoo_run_dir(name: str) -> Path:
+    """cache/zoo/<name>-<hash of its recipe>: a changed recipe gets a fresh directory."""
+    digest = hashlib.sha256(recipe_path(name).read_bytes()).hexdigest()[:12]
+    return cache_dir() / "zoo" / f"{name}-{digest}"
+
+
+def ensure(name: str, *, progress: bool = True,
+           say: Callable[[str], None] = print) -> ZooModel:
+    """The zoo model `name`, trained now if the cache does not hold a finished one."""
+    run_dir = zoo_run_dir(name)
+    done = run_dir / "zoo.json"
+    if done.is_file():
+        return _finished(name, run_dir, newly_trained=False)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(run_dir.with_suffix(".lock")):
+        if done.is_file():  # another process finished it while we waited
+            return _finished(name, run_dir, newly_trained=False)
+        from .recipes import load_recipe
+
+        resuming = (run_dir / "checkpoints").is_dir() or any(run_dir.glob("step_*"))
+        say(f"training zoo model '{name}' ({MEMBERS[name][1]}) into {run_dir}"
+            + (" (resuming an interrupted build)" if resuming else ""))
+        module, config = load_recipe(recipe_path(name), [
+            f"train.output_dir={run_dir}", "train.resume=auto",
+            f"train.progress={'true' if progress else 'false'}"])
+        start = time.perf_counter()
+        module.run(config)
+        seconds = time.perf_counter() - start
+        from .jsonl import atomic_write
+
+        with atomic_write(done) as f:  # written last: its presence means the build finished
+            json.dump({"name": name, "seconds": seconds, "finished": time.time()}, f)
+    return _finished(name, run_dir, newly_trained=True)
+
+
+def _finished(name: str, run_dir: Path, *, newly_trained: bool) -> ZooModel:
+    meta = json.loads((run_dir / "zoo.json").read_text())
+    results = json.loads((run_dir / "results.json").read_text())
+    return ZooModel(name=name, model_dir=run_dir / "final", run_dir=run_dir, results=results,
+                    newly_trained=newly_trained, seconds=float(meta["seconds"]))
+
+
+class _lock:
+    """An exclusive advisory lock on `path` (released when the process dies)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        import fcntl
+
+        self._file = open(self.path, "w")
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()

@@ -1,0 +1,62 @@
+"""The embedded zoo: a member trains once into the cache, is reused, resumes a killed
+build, and is rebuilt when its recipe changes."""
+
+import json
+
+import pytest
+
+from speechlm import zoo
+from speechlm.errors import ConfigError
+
+
+def test_trains_once_then_reuses_the_cache(tiny_zoo):
+    said = []
+    first = zoo.ensure("ctc_en", progress=False, say=said.append)
+    assert first.newly_trained and "training zoo model 'ctc_en'" in said[0]
+    assert (first.model_dir / "model.safetensors").is_file()
+    assert first.results["step"] == 4 and {"dev", "test"} <= first.results.keys()
+    again = zoo.ensure("ctc_en", progress=False, say=said.append)
+    assert not again.newly_trained and len(said) == 1
+    assert again.results == first.results and again.seconds == first.seconds
+
+
+def test_a_killed_build_resumes_and_is_not_taken_as_done(tiny_zoo, monkeypatch):
+    from speechlm.training.objectives.ctc import CTCObjective
+
+    real_loss, calls = CTCObjective.loss, []
+
+    def dies_at_update_3(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_loss(self, *a, **kw)
+
+    monkeypatch.setattr(CTCObjective, "loss", dies_at_update_3)
+    with pytest.raises(KeyboardInterrupt):
+        zoo.ensure("ctc_en", progress=False, say=lambda m: None)
+    run_dir = zoo.zoo_run_dir("ctc_en")
+    assert not (run_dir / "zoo.json").exists() and (run_dir / "step_000002").is_dir()
+    monkeypatch.setattr(CTCObjective, "loss", real_loss)
+    said = []
+    model = zoo.ensure("ctc_en", progress=False, say=said.append)
+    assert model.newly_trained and "resuming" in said[0]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in metrics if m.get("split") == "train"]
+    assert steps[-2:] == [3, 4]  # updates 3 and 4 were run after the restart, 1-2 were not redone
+    assert steps.count(1) == 1
+
+
+def test_an_edited_recipe_trains_a_new_model(small_corpus, monkeypatch, tmp_path):
+    from conftest import tiny_zoo_recipe
+
+    tiny_zoo_recipe(monkeypatch, tmp_path, steps=2)
+    first = zoo.ensure("ctc_en", progress=False, say=lambda m: None)
+    tiny_zoo_recipe(monkeypatch, tmp_path, steps=3)
+    second = zoo.ensure("ctc_en", progress=False, say=lambda m: None)
+    assert second.newly_trained and second.run_dir != first.run_dir
+    assert second.results["step"] == 3
+
+
+def test_unknown_member_is_rejected():
+    with pytest.raises(ConfigError, match="unknown zoo model 'ctc_fr'; known: ctc_en"):
+        zoo.recipe_path("ctc_fr")
