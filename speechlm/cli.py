@@ -26,11 +26,13 @@ COMMANDS: dict[tuple[str | None, str], str] = {
     ("build", "synth"): "speechlm.commands.build_synth",
     ("build", "lm"): "speechlm.commands.build_lm",
     ("build", "segment"): "speechlm.commands.build_segment",
+    ("tune", "lm"): "speechlm.commands.tune_lm",
 }
 
 GROUP_HELP = {
     "data": "inspect, validate and import manifests",
     "build": "offline data jobs (synthesis, n-gram LM, segmentation)",
+    "tune": "tune decoding settings on a dev set",
 }
 
 

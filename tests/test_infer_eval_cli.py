@@ -178,3 +178,32 @@ def test_infer_errors_are_clear(setup, tiny_ckpt, tmp_path, capsys):
     assert main(["infer", "--model", str(setup["model"]), "--manifest",
                  str(setup["manifest"])]) == 2
     assert "--manifest needs --out" in capsys.readouterr().err
+
+
+def test_tune_lm_grid_reports_greedy_and_the_best_pair(setup, tmp_path, capsys):
+    pytest.importorskip("flashlight.lib.text")
+    text = tmp_path / "lm.txt"
+    text.write_text("\n".join(TEXTS * 3) + "\n")
+    lm, lexicon, out = tmp_path / "lm.arpa", tmp_path / "lex.txt", tmp_path / "tune.json"
+    assert main(["build", "lm", "--text", str(text), "--order", "2", "--out", str(lm),
+                 "--lexicon-out", str(lexicon), "--tokens", str(setup["model"])]) == 0
+    assert main(["tune", "lm", "--model", str(setup["model"]), "--manifest",
+                 str(setup["manifest"]), "--lm", str(lm), "--lexicon", str(lexicon),
+                 "--lm-weights", "0", "2", "--word-scores", "-1", "1", "--beam-size", "8",
+                 "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "WER % (rows lm_weight, columns word_score)" in printed and "greedy: WER" in printed
+    result = json.loads(out.read_text())
+    assert result["utterances"] == len(TEXTS) and len(result["grid"]) == 4
+    best = min(result["grid"], key=lambda g: (g["wer"], g["cer"]))
+    assert (result["lm_weight"], result["word_score"], result["wer"]) == \
+        (best["lm_weight"], best["word_score"], best["wer"])
+    # The greedy baseline is what `speechlm infer` transcribes, scored the same way.
+    from speechlm.eval.metrics import wer
+
+    paths = [str(setup["root"] / "data" / "audio" / f"u{i}.flac") for i in range(len(TEXTS))]
+    greedy = [row["text"] for row in CTCTranscriber(setup["model"]).transcribe_files(paths)]
+    assert result["greedy_wer"] == pytest.approx(wer(TEXTS, greedy))
+    assert main(["tune", "lm", "--model", str(setup["model"]), "--manifest",
+                 str(setup["manifest"]), "--lm", str(tmp_path / "missing.arpa")]) == 2
+    assert "missing.arpa: file not found" in capsys.readouterr().err
