@@ -42,19 +42,26 @@ def run_demo(*, jobs: int | None = None, progress: bool = True, out=print) -> in
         out(f"{name:>17}: {len(batches):4d} batches, padding "
             f"{100 * padding_fraction(batches, durations):5.1f}% of frames")
 
-    _zoo_ctc(progress=progress, out=out)
+    from .recipes import ctc, text_lm
+
+    _zoo_member("ctc_en", "English CTC speech encoder (wav2vec2 from scratch, eSpeak voices)",
+                lambda results: ctc.results_table(results, ("dev", "test")),
+                f"transcribe with: speechlm infer --model {{model_dir}} AUDIO...",
+                progress=progress, out=out)
+    _zoo_member("llm_en_es", "English-Spanish instruction LLM (Llama from scratch, verses)",
+                text_lm.format_table, "load with: AutoModelForCausalLM.from_pretrained("
+                "'{model_dir}') (chat template: the BLSP format)", progress=progress, out=out)
     out(f"\ndone in {time.perf_counter() - start:.1f}s")
     return 1 if problems else 0
 
 
-def _zoo_ctc(*, progress: bool, out) -> None:
-    """Train (once) and report the zoo's English CTC model (the table warns of a collapse)."""
+def _zoo_member(name: str, title: str, table, usage: str, *, progress: bool, out) -> None:
+    """Train (once) and report a zoo model's held-out scores."""
     from . import zoo
-    from .recipes.ctc import results_table
 
-    out("\n== Zoo model: English CTC speech encoder (wav2vec2 from scratch, eSpeak voices)")
-    model = zoo.ensure("ctc_en", progress=progress, say=out)
+    out(f"\n== Zoo model: {title}")
+    model = zoo.ensure(name, progress=progress, say=out)
     verb = "trained" if model.newly_trained else "cached; trained"
-    out(f"{verb} in {model.seconds / 60:.1f} min; scores on voices and verses it never heard:")
-    out(results_table(model.results, ("dev", "test")))
-    out(f"transcribe with: speechlm infer --model {model.model_dir} AUDIO...")
+    out(f"{verb} in {model.seconds / 60:.1f} min; scores on held-out voices and verses:")
+    out(table(model.results))
+    out(usage.format(model_dir=model.model_dir))

@@ -23,6 +23,7 @@ from .paths import cache_dir, resource
 # name -> (recipe file under resources/zoo, what it is)
 MEMBERS: dict[str, tuple[str, str]] = {
     "ctc_en": ("ctc_en.yaml", "small wav2vec2 CTC model, English, trained from scratch"),
+    "llm_en_es": ("llm_en_es.yaml", "small Llama instruction LLM, English and Spanish text"),
 }
 
 

@@ -68,14 +68,31 @@ train: {max_steps: STEPS, lr: 3.0e-3, warmup_steps: 1, save_every: 2, eval_every
 """
 
 
+TINY_LLM_RECIPE = """\
+task: text_lm
+tokenizer: {vocab_size: 400, every: 40}
+model:
+  config: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2,
+           num_key_value_heads: 2, max_position_embeddings: 256, tie_word_embeddings: true}
+data: {mixture: {text: 1.0, repeat: 1.0}, num_examples: 40, max_seq_len: 128,
+       max_batch_tokens: 1024}
+train: {max_steps: 2, lr: 3.0e-3, warmup_steps: 1, log_every: 1, tensorboard: false,
+        output_dir: runs/unused}
+eval: {max_items: 2, dev_items: 2, batch_size: 2, tasks: [repeat], paraphrases: false,
+       examples: 0}
+"""
+
+
 def tiny_zoo_recipe(monkeypatch, tmp_path, steps=4):
-    """Point the zoo's ctc_en member at a 1-layer recipe of `steps` updates."""
-    path = tmp_path / f"ctc_en_{steps}.yaml"
-    path.write_text(TINY_RECIPE.replace("STEPS", str(steps)))
+    """Point the zoo at tiny recipes: ctc_en a 1-layer CTC model of `steps` updates,
+    llm_en_es a 1-layer LLM of 2 updates."""
     from speechlm import zoo
 
-    monkeypatch.setattr(zoo, "recipe_path", lambda name: path)
-    return path
+    paths = {"ctc_en": tmp_path / f"ctc_en_{steps}.yaml", "llm_en_es": tmp_path / "llm.yaml"}
+    paths["ctc_en"].write_text(TINY_RECIPE.replace("STEPS", str(steps)))
+    paths["llm_en_es"].write_text(TINY_LLM_RECIPE)
+    monkeypatch.setattr(zoo, "recipe_path", lambda name: paths[name])
+    return paths
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ def test_demo_builds_validates_and_reuses_the_cache(small_corpus, tiny_zoo):
     assert "train: 12/12 lines valid" in text and "test: 4/4 lines valid" in text
     assert "duration buckets" in text and "random batches" in text
     assert "Zoo model: English CTC" in text and "cached; trained in" in text
+    assert "Zoo model: English-Spanish instruction LLM" in text and "repeat" in text
     assert "dev        4" in text and "test       4" in text  # the CER/WER table
     test_records = read_manifest(embedded_corpus.embedded_manifest_path("test"))
     assert {r["speaker"] for r in test_records} == {f"espeak:{v}" for v in

@@ -58,5 +58,5 @@ def test_an_edited_recipe_trains_a_new_model(small_corpus, monkeypatch, tmp_path
 
 
 def test_unknown_member_is_rejected():
-    with pytest.raises(ConfigError, match="unknown zoo model 'ctc_fr'; known: ctc_en"):
+    with pytest.raises(ConfigError, match="unknown zoo model 'ctc_fr'; known: ctc_en, llm_en_es"):
         zoo.recipe_path("ctc_fr")
