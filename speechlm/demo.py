@@ -46,7 +46,7 @@ def run_demo(*, jobs: int | None = None, progress: bool = True, out=print) -> in
 
     _zoo_member("ctc_en", "English CTC speech encoder (wav2vec2 from scratch, eSpeak voices)",
                 lambda results: ctc.results_table(results, ("dev", "test")),
-                f"transcribe with: speechlm infer --model {{model_dir}} AUDIO...",
+                "transcribe with: speechlm infer --model {model_dir} AUDIO...",
                 progress=progress, out=out)
     _zoo_member("llm_en_es", "English-Spanish instruction LLM (Llama from scratch, verses)",
                 text_lm.format_table, "load with: AutoModelForCausalLM.from_pretrained("
