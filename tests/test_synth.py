@@ -123,6 +123,19 @@ def test_two_workers_match_one_process(tmp_path):
             (tmp_path / "two" / rec["audio"]).read_bytes()
 
 
+def test_a_dead_worker_server_is_a_clear_error(tmp_path, monkeypatch):
+    from concurrent.futures import ProcessPoolExecutor
+
+    def server_died(self, *args, **kwargs):
+        raise EOFError()  # what a forkserver that crashed while importing torch gives
+
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", server_died)
+    src = _text_file(tmp_path, SENTENCES)
+    with pytest.raises(SpeechLMError, match=r"a synthesis worker process died \(EOFError.*"
+                                            r"rerun to resume"):
+        synthesize_corpus(src, tmp_path / "out", voices=VOICES, jobs=2, progress=False)
+
+
 def test_rerun_skips_finished_items(tmp_path):
     src = _text_file(tmp_path, SENTENCES[:3])
     out = tmp_path / "out"

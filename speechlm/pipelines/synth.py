@@ -321,9 +321,12 @@ def _run_parallel(tasks: Iterator[tuple], jobs: int, chunk_size: int, init_args:
                 yield from pending.popleft().result()
         while pending:
             yield from pending.popleft().result()
-    except BrokenProcessPool as e:
+    except (BrokenProcessPool, EOFError, ConnectionError) as e:
+        # EOFError / ConnectionError: the forkserver itself died (e.g. it could not load
+        # torch's libraries) before any worker started.
         raise SpeechLMError(
-            f"a synthesis worker process died ({e}); finished items are saved, so rerun to "
+            f"a synthesis worker process died ({type(e).__name__}: {e or 'no message'}); "
+            "finished items are saved, so rerun to "
             "resume. Rerun with jobs=1 (--jobs 1) to see the underlying error; when calling "
             "synthesize_corpus from a script, put the call under `if __name__ == '__main__':` "
             "(worker processes re-import the main module)") from e
