@@ -25,12 +25,13 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import SpeechLMError
+from .run_summary import RunSummary
 
 logger = logging.getLogger(__name__)
 
@@ -110,30 +111,14 @@ def segment_ranges(wave: torch.Tensor, sample_rate: int, max_segment_s: float) -
 
 
 @dataclass
-class TranscribeSummary:
+class TranscribeSummary(RunSummary):
     """Totals of a transcription run (this call only, not lines found from earlier runs)."""
 
     utterances: int = 0
-    audio_s: float = 0.0
-    wall_s: float = 0.0
-    failed: int = 0
-    already_done: int = 0
-    out_path: Path | None = None
-    failures: list[dict] = field(default_factory=list)
-
-    @property
-    def rtf(self) -> float:
-        """Real-time factor: seconds of compute per second of audio (< 1 is faster)."""
-        return self.wall_s / self.audio_s if self.audio_s > 0 else 0.0
 
     def summary(self) -> str:
-        text = (f"transcribed {self.utterances} utterance(s), {self.audio_s / 60:.1f} min of audio "
-                f"in {self.wall_s:.1f} s (real-time factor {self.rtf:.3f})")
-        if self.already_done:
-            text += f"; {self.already_done} already in {self.out_path}"
-        if self.failed:
-            text += f"; {self.failed} could not be read (empty text written; see 'error')"
-        return text
+        return (f"transcribed {self.utterances} utterance(s), {self._timing()})"
+                + self._tail("could not be read"))
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:

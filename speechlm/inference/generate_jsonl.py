@@ -30,8 +30,10 @@ import json
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from .run_summary import RunSummary
 
 __all__ = [
     "GenerationSummary", "SPEECH_LM_CONFIG", "add_speech_lm_arguments", "generate_jsonl",
@@ -48,35 +50,19 @@ def is_speech_lm_dir(path) -> bool:
 
 
 @dataclass
-class GenerationSummary:
+class GenerationSummary(RunSummary):
     """Totals of one generate_jsonl call (not of lines found from earlier runs)."""
 
     items: int = 0
-    audio_s: float = 0.0
-    wall_s: float = 0.0
     n_tokens: int = 0
-    failed: int = 0
-    already_done: int = 0
     duplicates: int = 0
-    out_path: Path | None = None
-    failures: list[dict] = field(default_factory=list)
-
-    @property
-    def rtf(self) -> float:
-        """Real-time factor: seconds of compute per second of audio (< 1 is faster)."""
-        return self.wall_s / self.audio_s if self.audio_s > 0 else 0.0
 
     def summary(self) -> str:
-        text = (f"generated {self.items} item(s), {self.audio_s / 60:.1f} min of audio in "
-                f"{self.wall_s:.1f} s (real-time factor {self.rtf:.3f}, "
+        text = (f"generated {self.items} item(s), {self._timing()}, "
                 f"{self.n_tokens / self.wall_s if self.wall_s else 0.0:.1f} tokens/s)")
-        if self.already_done:
-            text += f"; {self.already_done} already in {self.out_path}"
         if self.duplicates:
             text += f"; {self.duplicates} repeated id(s) skipped"
-        if self.failed:
-            text += f"; {self.failed} failed (empty text written; see 'error')"
-        return text
+        return text + self._tail("failed")
 
 
 # -- requests ----------------------------------------------------------------------------
