@@ -27,12 +27,15 @@ COMMANDS: dict[tuple[str | None, str], str] = {
     ("build", "lm"): "speechlm.commands.build_lm",
     ("build", "segment"): "speechlm.commands.build_segment",
     ("tune", "lm"): "speechlm.commands.tune_lm",
+    ("zoo", "list"): "speechlm.commands.zoo_list",
+    ("zoo", "build"): "speechlm.commands.zoo_build",
 }
 
 GROUP_HELP = {
     "data": "inspect, validate and import manifests",
     "build": "offline data jobs (synthesis, n-gram LM, segmentation)",
     "tune": "tune decoding settings on a dev set",
+    "zoo": "the embedded zoo: models the toolkit trains itself on the embedded corpus",
 }
 
 

@@ -37,9 +37,13 @@ class ZooModel:
     seconds: float               # training time (this call, or the call that trained it)
 
 
-def recipe_path(name: str) -> Path:
+def check_name(name: str) -> None:
     if name not in MEMBERS:
         raise ConfigError(f"unknown zoo model '{name}'; known: {', '.join(MEMBERS)}")
+
+
+def recipe_path(name: str) -> Path:
+    check_name(name)
     return resource(f"zoo/{MEMBERS[name][0]}")
 
 
@@ -49,13 +53,22 @@ def zoo_run_dir(name: str) -> Path:
     return cache_dir() / "zoo" / f"{name}-{digest}"
 
 
+def cached(name: str) -> ZooModel | None:
+    """The zoo model `name` if the cache holds a finished build of its current recipe."""
+    run_dir = zoo_run_dir(name)
+    if not (run_dir / "zoo.json").is_file():
+        return None
+    return _finished(name, run_dir, newly_trained=False)
+
+
 def ensure(name: str, *, progress: bool = True,
            say: Callable[[str], None] = print) -> ZooModel:
     """The zoo model `name`, trained now if the cache does not hold a finished one."""
+    built = cached(name)
+    if built is not None:
+        return built
     run_dir = zoo_run_dir(name)
     done = run_dir / "zoo.json"
-    if done.is_file():
-        return _finished(name, run_dir, newly_trained=False)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with _lock(run_dir.with_suffix(".lock")):
         if done.is_file():  # another process finished it while we waited

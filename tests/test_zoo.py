@@ -60,3 +60,23 @@ def test_an_edited_recipe_trains_a_new_model(small_corpus, monkeypatch, tmp_path
 def test_unknown_member_is_rejected():
     with pytest.raises(ConfigError, match="unknown zoo model 'ctc_fr'; known: ctc_en, llm_en_es"):
         zoo.recipe_path("ctc_fr")
+
+
+def test_cli_lists_builds_and_lists_again(tiny_zoo, capsys):
+    import json
+
+    from speechlm.cli import main
+
+    assert main(["zoo", "list", "--json"]) == 0
+    before = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(before) == {"ctc_en", "llm_en_es"} and not before["ctc_en"]["built"]
+    assert main(["zoo", "build", "ctc_en", "--no-progress"]) == 0
+    assert "ctc_en: trained: " in capsys.readouterr().out
+    assert main(["zoo", "build", "ctc_en", "--no-progress"]) == 0
+    assert "ctc_en: already built: " in capsys.readouterr().out
+    assert main(["zoo", "list", "--json"]) == 0
+    after = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert after["ctc_en"]["built"] and after["ctc_en"]["model_dir"].endswith("/final")
+    assert not after["llm_en_es"]["built"]
+    assert main(["zoo", "build", "ctc_fr"]) == 2
+    assert "unknown zoo model 'ctc_fr'" in capsys.readouterr().err
