@@ -480,12 +480,12 @@ def format_table(results: dict) -> str:
     from ..data.instructions import TASKS
 
     lines = [f"held-out verses ({results['split']} books of the embedded speech corpus)",
-             f"  {'task':<18}{'metric':<28}{'n':>5}"]
+             f"  {'task':<20}{'metric':<28}{'n':>5}"]
     for label, scores in results["tasks"].items():
         task = TASKS[label.split("@")[0]]
         a, b = HEADLINE[task.metric]
         shown = f"{a} {scores.get(a, float('nan')):.3g}  {b} {scores.get(b, float('nan')):.3g}"
-        lines.append(f"  {label:<18}{shown:<28}{scores['n']:>5}")
+        lines.append(f"  {label:<20}{shown:<28}{scores['n']:>5}")
     ppl = "  ".join(f"{k} {v:.3g}" for k, v in results["perplexity"].items())
     lines.append(f"  perplexity: {ppl}")
     return "\n".join(lines)
