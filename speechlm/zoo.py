@@ -75,7 +75,7 @@ def ensure(name: str, *, progress: bool = True,
             return _finished(name, run_dir, newly_trained=False)
         from .recipes import load_recipe
 
-        resuming = (run_dir / "checkpoints").is_dir() or any(run_dir.glob("step_*"))
+        resuming = any(run_dir.glob("step_*"))  # the trainer's checkpoints
         say(f"training zoo model '{name}' ({MEMBERS[name][1]}) into {run_dir}"
             + (" (resuming an interrupted build)" if resuming else ""))
         module, config = load_recipe(recipe_path(name), [
