@@ -32,7 +32,7 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -516,13 +516,11 @@ def frames_for_samples(config, num_samples: int) -> int:
     return n
 
 
-def save_ctc_model(model, vocab: CharVocab, out_dir, *, sampling_rate: int = 16000,
-                   metadata: Mapping[str, Any] | None = None) -> Path:
-    """Save model + Wav2Vec2Processor (feature extractor + CTC tokenizer) as an HF dir.
-
-    Written to `out_dir.tmp` and renamed, so `out_dir` is always complete.
-    """
-    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
+def write_model_dir(out_dir, model, metadata: Mapping[str, Any],
+                    write_preprocessing: Callable[[Path], None]) -> Path:
+    """Save `model` (config + safetensors), whatever `write_preprocessing(dir)` writes and
+    `speechlm.json` (`metadata`) as one HF directory. Written to `out_dir.tmp` and renamed,
+    so `out_dir` is always complete."""
     from transformers.utils import logging as hf_logging
 
     out_dir = Path(out_dir)
@@ -530,14 +528,7 @@ def save_ctc_model(model, vocab: CharVocab, out_dir, *, sampling_rate: int = 160
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    vocab_file = vocab.save(tmp / VOCAB_FILE)
-    tokenizer = Wav2Vec2CTCTokenizer(str(vocab_file), unk_token=UNK, pad_token=PAD,
-                                     bos_token=BOS, eos_token=EOS,
-                                     word_delimiter_token=WORD_DELIMITER, do_lower_case=False)
-    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=sampling_rate,
-                                         padding_value=0.0, do_normalize=True,
-                                         return_attention_mask=uses_attention_mask(model))
-    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(tmp)
+    write_preprocessing(tmp)
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -545,10 +536,30 @@ def save_ctc_model(model, vocab: CharVocab, out_dir, *, sampling_rate: int = 160
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    meta = {"kind": "ctc", "langs": vocab.langs, **dict(metadata or {})}
-    (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n",
-                                     encoding="utf-8")
+    (tmp / METADATA_FILE).write_text(json.dumps(dict(metadata), indent=1, ensure_ascii=False)
+                                     + "\n", encoding="utf-8")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def save_ctc_model(model, vocab: CharVocab, out_dir, *, sampling_rate: int = 16000,
+                   metadata: Mapping[str, Any] | None = None) -> Path:
+    """Save model + Wav2Vec2Processor (feature extractor + CTC tokenizer) as an HF dir,
+    atomically (see write_model_dir)."""
+    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
+
+    def processor(tmp: Path) -> None:
+        vocab_file = vocab.save(tmp / VOCAB_FILE)
+        tokenizer = Wav2Vec2CTCTokenizer(str(vocab_file), unk_token=UNK, pad_token=PAD,
+                                         bos_token=BOS, eos_token=EOS,
+                                         word_delimiter_token=WORD_DELIMITER,
+                                         do_lower_case=False)
+        extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=sampling_rate,
+                                             padding_value=0.0, do_normalize=True,
+                                             return_attention_mask=uses_attention_mask(model))
+        Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(tmp)
+
+    return write_model_dir(out_dir, model, {"kind": "ctc", "langs": vocab.langs,
+                                            **dict(metadata or {})}, processor)

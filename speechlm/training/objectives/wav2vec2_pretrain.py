@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 # The pre-training heads a Wav2Vec2ForPreTraining adds to the encoder.
 PRETRAINING_HEADS = ("quantizer", "project_hid", "project_q")
-METADATA_FILE = "speechlm.json"  # what wrote a directory (as speechlm.models.ctc does)
 
 
 @dataclass(frozen=True)
@@ -149,36 +148,18 @@ def save_pretraining_model(model, settings: dict, out_dir, *, sampling_rate: int
     with the quantizer, feature extractor) that `Wav2Vec2ForPreTraining` / `Wav2Vec2ForCTC`
     load with from_pretrained. Written to `out_dir.tmp` and renamed, so `out_dir` is always
     complete."""
-    import json
-    import os
-    import shutil
-
     from transformers import Wav2Vec2FeatureExtractor
-    from transformers.utils import logging as hf_logging
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    Wav2Vec2FeatureExtractor(
-        feature_size=1, sampling_rate=sampling_rate, padding_value=0.0,
-        do_normalize=bool(settings["do_normalize"]),
-        return_attention_mask=bool(settings["return_attention_mask"])).save_pretrained(tmp)
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(tmp)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    meta = {"kind": "wav2vec2_pretrain", **dict(metadata or {})}
-    (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n",
-                                     encoding="utf-8")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+    from ...models.ctc import write_model_dir
+
+    def extractor(tmp: Path) -> None:
+        Wav2Vec2FeatureExtractor(
+            feature_size=1, sampling_rate=sampling_rate, padding_value=0.0,
+            do_normalize=bool(settings["do_normalize"]),
+            return_attention_mask=bool(settings["return_attention_mask"])).save_pretrained(tmp)
+
+    return write_model_dir(out_dir, model, {"kind": "wav2vec2_pretrain", **dict(metadata or {})},
+                           extractor)
 
 
 def default_input_settings(config) -> dict:
