@@ -70,10 +70,17 @@ class AudioCollator:
             "attention_mask": mask,
             "texts": [item.get("text") for item in kept],
         }
-        other_keys = dict.fromkeys(key for item in kept for key in item if key not in _SPECIAL_KEYS)
-        for key in other_keys:
-            # A manifest key that collides with a batch entry keeps its values under item_<key>.
-            name = key if key not in batch and key != "skipped" else f"item_{key}"
-            batch[name] = [item.get(key) for item in kept]
-        batch["skipped"] = skipped
-        return batch
+        return add_item_fields(batch, kept, skipped, _SPECIAL_KEYS)
+
+
+def add_item_fields(batch: dict, kept: Sequence[dict], skipped: list[dict],
+                    special_keys: Sequence[str]) -> dict:
+    """Finish a batch: one list per other item field under the field's own name (None where
+    an item lacks it) and `skipped`. A field that collides with a batch entry keeps its
+    values under item_<key>."""
+    other_keys = dict.fromkeys(key for item in kept for key in item if key not in special_keys)
+    for key in other_keys:
+        name = key if key not in batch and key != "skipped" else f"item_{key}"
+        batch[name] = [item.get(key) for item in kept]
+    batch["skipped"] = skipped
+    return batch
