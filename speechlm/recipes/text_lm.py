@@ -325,33 +325,16 @@ class PhasedBatchSampler:
 def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64,
                        batch_size: int = 32) -> list[str]:
     """Greedy responses to `prompts` (batched, left-padded, KV cache), in input order."""
-    import torch
+    from ..inference.text_generation import greedy_generate
+    from ..models.prompts import pick_pad_id
 
     if not prompts:
         return []
-    device = next(model.parameters()).device
-    lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
-    out: list[str] = [""] * len(prompts)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start: start + batch_size]
-            batch = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.no_grad():
-                generated = model.generate(
-                    **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                    use_cache=True, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id)
-            new = generated[:, batch["input_ids"].shape[1]:]
-            for i, text in zip(chunk, tokenizer.batch_decode(new, skip_special_tokens=True),
-                               strict=True):
-                out[i] = text.strip()
-    finally:
-        tokenizer.padding_side = side
-    return out
+    eos = tokenizer.eos_token_id
+    new = greedy_generate(model, tokenizer(prompts).input_ids, pad_id=pick_pad_id(tokenizer),
+                          stop_ids=[] if eos is None else [eos], max_new_tokens=max_new_tokens,
+                          batch_size=batch_size)
+    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 def response_nll(model, tokenizer, examples, *, batch_size: int = 32) -> tuple[float, int]:
@@ -512,19 +495,10 @@ def run(config: Config) -> dict:
     from ..training import distributed
     from ..training.objectives.causal_lm import CausalLMCollator, CausalLMObjective, TokenDataset
     from ..training.trainer import Trainer, seed_everything
+    from . import start_run
 
     cfg = config
-    if cfg.threads is not None:
-        if cfg.threads < 1:
-            raise ConfigError(f"threads must be >= 1 or null, got {cfg.threads}")
-        torch.set_num_threads(cfg.threads)
-    dist = distributed.init_distributed(cfg.train.device)
-    out = Path(cfg.train.output_dir)
-    show = dist.is_main and cfg.train.progress
-
-    def say(message: str) -> None:
-        if show:
-            print(message, flush=True)
+    dist, out, say = start_run(cfg.train, cfg.threads)
 
     started = time.perf_counter()
     # 1. tokenizer
