@@ -4,7 +4,9 @@
 and the tokenizer / feature-extractor files a real checkpoint of that family
 ships, so code under test takes the same `from_pretrained(local_dir)` path as
 with facebook/wav2vec2-large-xlsr-53, facebook/hubert-base-ls960,
-openai/whisper-small, Qwen/Qwen2.5-*-Instruct or a Llama-2 model.
+openai/whisper-small, Qwen/Qwen2.5-*-Instruct or a Llama-2 model; the TTS
+kinds stand in for microsoft/speecht5_tts (+ microsoft/speecht5_hifigan) and
+facebook/mms-tts-*.
 
 The sizes are tiny (hidden 32-64, 2 layers) but the parts that shape the
 calling code are real: the wav2vec2/HuBERT conv stack keeps its total stride
@@ -22,6 +24,7 @@ from pathlib import Path
 from . import tiny_tokenizers
 
 KINDS = ("wav2vec2", "hubert", "whisper", "llama", "qwen2")
+TTS_KINDS = ("speecht5", "vits")  # text-to-speech checkpoints (speechlm.tts.transformers_tts)
 
 SAMPLING_RATE = 16_000
 
@@ -69,7 +72,10 @@ def write_tiny_checkpoint(
     (WhisperForConditionalGeneration + tokenizer + feature extractor),
     "llama" (LlamaForCausalLM, SentencePiece tokenizer, no pad token, no chat
     template) or "qwen2" (Qwen2ForCausalLM, byte-level BPE, ChatML template,
-    tied embeddings).
+    tied embeddings); TTS: "speecht5" (SpeechT5ForTextToSpeech + character
+    SentencePiece tokenizer + feature extractor, and a SpeechT5HifiGan
+    vocoder in `out_dir/vocoder`) or "vits" (VitsModel + VitsTokenizer,
+    MMS-TTS English style: characters, pad token "k", blanks interspersed).
     vocab: wav2vec2/hubert only; characters (or tokens) of a CTC vocabulary.
     When given, vocab.json + tokenizer files are written and the config's
     vocab_size matches, so `*ForCTC` and `Wav2Vec2Processor` load from it.
@@ -82,9 +88,12 @@ def write_tiny_checkpoint(
         "whisper": _write_whisper,
         "llama": _write_llama,
         "qwen2": _write_qwen2,
+        "speecht5": _write_speecht5,
+        "vits": _write_vits,
     }
     if kind not in writers:
-        raise ValueError(f"unknown tiny checkpoint kind {kind!r}; expected one of {', '.join(KINDS)}")
+        raise ValueError(f"unknown tiny checkpoint kind {kind!r}; expected one of "
+                         f"{', '.join(KINDS + TTS_KINDS)}")
     if vocab is not None and kind not in ("wav2vec2", "hubert"):
         raise ValueError(f"`vocab` is a CTC vocabulary for wav2vec2/hubert, not for {kind!r}")
     out_dir = Path(out_dir)
@@ -322,3 +331,140 @@ def _write_qwen2(out_dir: Path, seed: int, overrides: dict, vocab: None) -> None
     )
     _save_model(Qwen2ForCausalLM, config, out_dir, seed, generation_config)
 
+
+
+# --- text-to-speech ----------------------------------------------------------------
+
+# Characters of the tiny SpeechT5 tokenizer (microsoft/speecht5_tts reads cased English
+# characters; anything else becomes <unk>).
+_SPEECHT5_CHARACTERS = (
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'\"-:;()"
+)
+
+# facebook/mms-tts-eng's vocab.json symbols; id 0 ("k") doubles as the pad/blank token.
+_MMS_ENG_VOCAB = ["k", "'", "z", "y", "u", "d", "h", "e", "s", "w", "\u2013", "3", "c", "p", "-",
+                  "1", "j", "m", "i", " ", "f", "l", "o", "0", "b", "r", "a", "4", "2", "n", "_",
+                  "x", "v", "t", "q", "5", "6", "g"]
+
+# A HiFi-GAN with the real upsampling (4*4*4*4 = 256 samples per mel frame at 16 kHz) but
+# 16 channels and one residual kernel. Initialised wider than the real 0.01 so that random
+# weights give audible (not 1e-9) output, as a trained vocoder does.
+_TINY_HIFIGAN = dict(
+    model_in_dim=80,
+    sampling_rate=SAMPLING_RATE,
+    upsample_initial_channel=16,
+    upsample_rates=[4, 4, 4, 4],
+    upsample_kernel_sizes=[8, 8, 8, 8],
+    resblock_kernel_sizes=[3],
+    resblock_dilation_sizes=[[1, 3]],
+    initializer_range=0.2,
+)
+
+
+def _speecht5_sentencepiece(path: Path) -> None:
+    """A character-level SentencePiece model laid out like speecht5_tts's spm_char.model:
+    <s>=0, <pad>=1, </s>=2, <unk>=3, then the word marker and the characters."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    # Each character a different number of times, so the piece order is fixed by frequency.
+    lines = [_SPEECHT5_CHARACTERS[: len(_SPEECHT5_CHARACTERS) - i] for i in range(8)]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type="char",
+        vocab_size=len(_SPEECHT5_CHARACTERS) + 5, bos_id=0, pad_id=1, eos_id=2, unk_id=3,
+        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2, num_threads=1,
+    )
+    path.write_bytes(model.getvalue())
+
+
+def _write_speecht5(out_dir: Path, seed: int, overrides: dict, vocab: None) -> None:
+    """speecht5_tts shape at hidden 32: 80 mel bins, 512-dim speaker x-vector, reduction 2,
+    with its processor files and a tiny HiFi-GAN vocoder in `vocoder/`."""
+    from transformers import (
+        SpeechT5Config,
+        SpeechT5FeatureExtractor,
+        SpeechT5ForTextToSpeech,
+        SpeechT5HifiGan,
+        SpeechT5HifiGanConfig,
+        SpeechT5Processor,
+        SpeechT5Tokenizer,
+    )
+
+    _speecht5_sentencepiece(out_dir / "spm_char.model")
+    tokenizer = SpeechT5Tokenizer(str(out_dir / "spm_char.model"))
+    (out_dir / "spm_char.model").unlink()  # saved again below, with the processor
+    SpeechT5Processor(feature_extractor=SpeechT5FeatureExtractor(), tokenizer=tokenizer
+                      ).save_pretrained(out_dir)
+    defaults = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        encoder_layers=2,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        encoder_layerdrop=0.0,
+        decoder_layers=2,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=64,
+        decoder_layerdrop=0.0,
+        speech_decoder_prenet_units=32,
+        speech_decoder_postnet_layers=2,
+        speech_decoder_postnet_units=32,
+        conv_dim=(16,) * 7,  # the speech-input prenet: unused by text-to-speech, kept small
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        num_mel_bins=80,
+        speaker_embedding_dim=512,
+        reduction_factor=2,
+        max_speech_positions=1876,
+        max_text_positions=600,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,
+    )
+    config = _config(SpeechT5Config, defaults, overrides)
+    config.architectures = ["SpeechT5ForTextToSpeech"]
+    _save_model(SpeechT5ForTextToSpeech, config, out_dir, seed)
+    vocoder_config = SpeechT5HifiGanConfig(**{**_TINY_HIFIGAN, "model_in_dim": config.num_mel_bins})
+    vocoder_config.architectures = ["SpeechT5HifiGan"]
+    _save_model(SpeechT5HifiGan, vocoder_config, out_dir / "vocoder", seed + 1)
+
+
+def _write_vits(out_dir: Path, seed: int, overrides: dict, vocab: None) -> None:
+    """facebook/mms-tts-eng shape at hidden 16: character tokenizer (lower-cased, unknown
+    characters dropped, blanks interspersed), stochastic durations, 256 samples per frame."""
+    import json
+
+    from transformers import VitsConfig, VitsModel, VitsTokenizer
+
+    vocab_file = out_dir / "vocab.json"
+    vocab_file.write_text(json.dumps({s: i for i, s in enumerate(_MMS_ENG_VOCAB)},
+                                     ensure_ascii=False), encoding="utf-8")
+    VitsTokenizer(str(vocab_file), pad_token="k", language="eng", add_blank=True, normalize=True,
+                  phonemize=False, is_uroman=False).save_pretrained(out_dir)
+    defaults = dict(
+        vocab_size=len(_MMS_ENG_VOCAB),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        ffn_dim=32,
+        layerdrop=0.0,
+        flow_size=16,
+        spectrogram_bins=513,
+        upsample_initial_channel=16,
+        upsample_rates=[8, 8, 2, 2],
+        upsample_kernel_sizes=[16, 16, 4, 4],
+        resblock_kernel_sizes=[3],
+        resblock_dilation_sizes=[[1, 3]],
+        duration_predictor_filter_channels=16,
+        duration_predictor_num_flows=2,
+        prior_encoder_num_flows=2,
+        prior_encoder_num_wavenet_layers=1,
+        posterior_encoder_num_wavenet_layers=1,
+        sampling_rate=SAMPLING_RATE,
+    )
+    config = _config(VitsConfig, defaults, overrides)
+    config.architectures = ["VitsModel"]
+    _save_model(VitsModel, config, out_dir, seed)

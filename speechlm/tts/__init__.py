@@ -1,10 +1,12 @@
-"""Text-to-speech backends: eSpeak NG (default, offline, 100+ languages) and more to come.
+"""Text-to-speech backends: eSpeak NG (default, offline, 100+ languages), and SpeechT5 and
+VITS (MMS-TTS) checkpoints from local directories.
 
 Importing this package is cheap; names are loaded from their modules on first use.
 
     from speechlm.tts import get_backend
     tts = get_backend("espeak:en-us+f3")          # 16 kHz float32 output
     wave = tts.synthesize("Hello world.", rate=160)
+    tts = get_backend("vits:/models/mms-tts-eng")   # see speechlm.tts.transformers_tts
 """
 
 from .._lazy import lazy_exports
@@ -20,6 +22,8 @@ _EXPORTS = {
     "list_voices": "espeak",
     "list_variants": "espeak",
     "resolve_voice": "espeak",
+    "SpeechT5TTS": "transformers_tts",
+    "VitsTTS": "transformers_tts",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,10 +1,12 @@
 """The interface every TTS backend implements, and `get_backend` to pick one by name.
 
 A backend turns text into mono float32 samples at its `sample_rate`. Voices
-are backend-specific strings (eSpeak: "en-us+f3" = language voice + variant);
-a *backend spec* names both: "espeak:en-us+f3", or just "espeak" for the
-backend's default voice. Backends are registered by module path and imported
-only when asked for, so this module stays light.
+are backend-specific strings (eSpeak: "en-us+f3" = language voice + variant;
+SpeechT5: "MODEL_DIR[:SPEAKER]"; VITS: "MODEL_DIR[:SPEAKER_ID]"); a *backend
+spec* names both: "espeak:en-us+f3", "speecht5:/models/speecht5_tts:seed=3",
+"vits:/models/mms-tts-eng", or just "espeak" for the backend's default voice.
+Backends are registered by module path and imported only when asked for, so
+this module stays light.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class TTSBackend(Protocol):
 # name -> "module:attribute" of a factory called as factory(voice=..., sample_rate=..., **options)
 _BACKENDS: dict[str, str] = {
     "espeak": "speechlm.tts.espeak:EspeakTTS",
+    "speecht5": "speechlm.tts.transformers_tts:SpeechT5TTS",  # local transformers checkpoints
+    "vits": "speechlm.tts.transformers_tts:VitsTTS",
 }
 
 
@@ -74,14 +78,18 @@ def available_backends() -> list[str]:
 
 
 def parse_backend_spec(spec: str) -> tuple[str, str | None]:
-    """Split "espeak:en-us+f3" into ("espeak", "en-us+f3"); "espeak" gives ("espeak", None)."""
+    """Split "espeak:en-us+f3" into ("espeak", "en-us+f3"); "espeak" gives ("espeak", None).
+
+    Only the first ":" splits: "speecht5:/m/tts:seed=3" gives ("speecht5", "/m/tts:seed=3").
+    """
     spec = spec.strip()
     name, sep, voice = spec.partition(":")
     name = name.strip().lower()
     if name not in _BACKENDS:
         raise TTSError(
             f"unknown TTS backend {name!r} in {spec!r}; available: {', '.join(available_backends())} "
-            "(write a spec as BACKEND:VOICE, e.g. espeak:en-us+f3)"
+            "(write a spec as BACKEND:VOICE, e.g. espeak:en-us+f3, speecht5:MODEL_DIR[:SPEAKER] "
+            "or vits:MODEL_DIR)"
         )
     voice = voice.strip()
     return name, (voice or None) if sep else None
@@ -89,6 +97,9 @@ def parse_backend_spec(spec: str) -> tuple[str, str | None]:
 
 def get_backend(spec: str = "espeak", *, sample_rate: int = 16000, **options) -> TTSBackend:
     """Build the backend a spec names, e.g. `get_backend("espeak:en-us+f3")`.
+
+    `options` go to the backend (e.g. `get_backend("vits:DIR", seed=1, speaking_rate=1.1)`,
+    `get_backend("speecht5:DIR", vocoder="/models/speecht5_hifigan")`).
 
     The voice part becomes the backend's default voice (validated now, so a
     typo fails here and not half-way through a job).
