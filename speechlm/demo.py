@@ -2,7 +2,10 @@
 
 It builds (once, cached) the embedded English speech corpus, validates it and
 shows its statistics and how well duration bucketing packs it; then trains (once,
-cached) the embedded zoo's models and reports their held-out scores.
+cached) the embedded zoo's models and reports their held-out scores: the CTC
+speech encoder, the text LLM, and BLSP, which aligns the two (continuations,
+encoder-output cache, adapter training) and ends with the zero-shot transfer
+table: ASR and speech translation asked of held-out speech.
 """
 
 from __future__ import annotations
@@ -51,6 +54,12 @@ def run_demo(*, jobs: int | None = None, progress: bool = True, out=print) -> in
     _zoo_member("llm_en_es", "English-Spanish instruction LLM (Llama from scratch, verses)",
                 text_lm.format_table, "load with: AutoModelForCausalLM.from_pretrained("
                 "'{model_dir}') (chat template: the BLSP format)", progress=progress, out=out)
+    from .recipes import blsp
+
+    _zoo_member("blsp_en", "BLSP speech LLM (ctc_en encoder + adapter + llm_en_es, trained "
+                "on the LLM's own continuations of the train transcripts)",
+                blsp.format_results, "ask it with: speechlm infer --model {model_dir} --task "
+                "asr AUDIO...   (or --task st --target-lang es)", progress=progress, out=out)
     out(f"\ndone in {time.perf_counter() - start:.1f}s")
     return 1 if problems else 0
 

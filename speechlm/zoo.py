@@ -20,10 +20,13 @@ from pathlib import Path
 from .errors import ConfigError
 from .paths import cache_dir, resource
 
+ZOO_PREFIX = "zoo:"  # `zoo:llm_en_es` in a recipe or CLI option names a zoo model
+
 # name -> (recipe file under resources/zoo, what it is)
 MEMBERS: dict[str, tuple[str, str]] = {
     "ctc_en": ("ctc_en.yaml", "small wav2vec2 CTC model, English, trained from scratch"),
     "llm_en_es": ("llm_en_es.yaml", "small Llama instruction LLM, English and Spanish text"),
+    "blsp_en": ("blsp_en.yaml", "speech LLM: ctc_en's encoder + BLSP adapter + llm_en_es"),
 }
 
 
@@ -48,9 +51,36 @@ def recipe_path(name: str) -> Path:
 
 
 def zoo_run_dir(name: str) -> Path:
-    """cache/zoo/<name>-<hash of its recipe>: a changed recipe gets a fresh directory."""
-    digest = hashlib.sha256(recipe_path(name).read_bytes()).hexdigest()[:12]
+    """cache/zoo/<name>-<hash of its recipe>: a changed recipe gets a fresh directory. The hash
+    is of the parsed recipe, so editing its comments keeps the cached model."""
+    import yaml
+
+    parsed = yaml.safe_load(recipe_path(name).read_text(encoding="utf-8"))
+    # a member built on other members (`zoo:NAME` in its recipe) is keyed by theirs too
+    needs = sorted(dependencies(name))
+    canonical = json.dumps([parsed, [zoo_run_dir(n).name for n in needs]], sort_keys=True,
+                           ensure_ascii=False)
+    digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
     return cache_dir() / "zoo" / f"{name}-{digest}"
+
+
+def dependencies(name: str) -> set[str]:
+    """The zoo members a member's recipe uses (`zoo:NAME` values)."""
+    import re
+
+    text = recipe_path(name).read_text(encoding="utf-8")
+    found = set(re.findall(re.escape(ZOO_PREFIX) + r"([A-Za-z0-9_]+)", text))
+    return {n for n in found if n in MEMBERS and n != name}
+
+
+def resolve_model_path(spec: str, *, progress: bool = True,
+                       say: Callable[[str], None] = print) -> str:
+    """`zoo:NAME` -> the zoo model's directory (trained now if not cached); any other
+    spec (a local directory) is returned as it is."""
+    text = str(spec)
+    if not text.startswith(ZOO_PREFIX):
+        return text
+    return str(ensure(text[len(ZOO_PREFIX):], progress=progress, say=say).model_dir)
 
 
 def cached(name: str) -> ZooModel | None:

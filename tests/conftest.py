@@ -83,14 +83,29 @@ eval: {max_items: 2, dev_items: 2, batch_size: 2, tasks: [repeat], paraphrases: 
 """
 
 
+TINY_BLSP_RECIPE = """\
+task: blsp
+model: {encoder_path: "zoo:ctc_en", llm_path: "zoo:llm_en_es", adapter: blsp,
+        adapter_options: {bottleneck_dim: 16}, template: blsp,
+        instruction: "Continue the following text in a coherent and engaging style with less than 40 words."}
+data: {train: "embedded:en/train", dev: "embedded:en/dev", max_batch_duration: 30.0}
+continuations: {max_new_tokens: 8, batch_size: 8}
+train: {max_steps: 2, lr: 1.0e-3, warmup_steps: 1, log_every: 1, tensorboard: false, best_metric: align_kl,
+        output_dir: runs/unused}
+eval: {dev_items: 2, generate_items: 1, transfer_items: 2, batch_size: 2}
+"""
+
+
 def tiny_zoo_recipe(monkeypatch, tmp_path, steps=4):
     """Point the zoo at tiny recipes: ctc_en a 1-layer CTC model of `steps` updates,
-    llm_en_es a 1-layer LLM of 2 updates."""
+    llm_en_es a 1-layer LLM of 2 updates, blsp_en 2 updates on them."""
     from speechlm import zoo
 
-    paths = {"ctc_en": tmp_path / f"ctc_en_{steps}.yaml", "llm_en_es": tmp_path / "llm.yaml"}
+    paths = {"ctc_en": tmp_path / f"ctc_en_{steps}.yaml", "llm_en_es": tmp_path / "llm.yaml",
+             "blsp_en": tmp_path / "blsp.yaml"}
     paths["ctc_en"].write_text(TINY_RECIPE.replace("STEPS", str(steps)))
     paths["llm_en_es"].write_text(TINY_LLM_RECIPE)
+    paths["blsp_en"].write_text(TINY_BLSP_RECIPE)
     monkeypatch.setattr(zoo, "recipe_path", lambda name: paths[name])
     return paths
 

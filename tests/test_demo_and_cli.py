@@ -24,6 +24,8 @@ def test_demo_builds_validates_and_reuses_the_cache(small_corpus, tiny_zoo):
     assert "Zoo model: English CTC" in text and "cached; trained in" in text
     assert "Zoo model: English-Spanish instruction LLM" in text and "repeat" in text
     assert "dev        4" in text and "test       4" in text  # the CER/WER table
+    assert "Zoo model: BLSP speech LLM" in text and "zero-shot transfer on 2 held-out" in text
+    assert "untrained adapter" in text and "cascade (reference text)" in text
     test_records = read_manifest(embedded_corpus.embedded_manifest_path("test"))
     assert {r["speaker"] for r in test_records} == {f"espeak:{v}" for v in
                                                     small_corpus.splits["test"].voices}

@@ -113,7 +113,10 @@ def test_sqa_text_question_sits_before_the_speech_slot(blsp_model):
     before, slot, after = prompt.pieces
     assert slot is None
     assert before == tok("###[Human]:Who?")["input_ids"] and before[0] == tok.bos_token_id
-    assert after == tok(BLSP_SUFFIX, add_special_tokens=False)["input_ids"]
+    # the suffix ids are those the LLM sees after text (no SentencePiece dummy-prefix "▁")
+    in_context = tok("Who?" + BLSP_SUFFIX, add_special_tokens=False)["input_ids"]
+    assert in_context[-len(after):] == after
+    assert tok.convert_ids_to_tokens(after)[0] != "▁"
     # a single-turn chat in the BLSP template is the very same prompt
     chat = encode_task_prompt(blsp_model.template, tok, TaskPrompt("chat", question="Who?"))
     assert chat.pieces == prompt.pieces

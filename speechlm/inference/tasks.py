@@ -48,6 +48,7 @@ from ..models.prompts import (
     ChatTemplate,
     EncodedPrompt,
     PromptTemplate,
+    encode_continuing,
 )
 
 __all__ = [
@@ -252,14 +253,19 @@ def encode_blsp_messages(tokenizer, messages: Sequence[dict]) -> EncodedPrompt:
     run: list[int] = []
     pending = ""
     first = True
+    after_speech = False
     for part in [*parts, None]:  # a final None flushes the last run
         if isinstance(part, str):
             pending += part  # consecutive text is tokenized as one string
             continue
         if pending:
-            run.extend(tokenizer(pending, add_special_tokens=first)["input_ids"])
+            if after_speech:  # the ids text has after other text (no dummy-prefix "▁")
+                run.extend(encode_continuing(tokenizer, pending))
+            else:
+                run.extend(tokenizer(pending, add_special_tokens=first)["input_ids"])
             pending = ""
             first = False
+        after_speech = part is None
         if isinstance(part, int):
             run.append(part)
         else:

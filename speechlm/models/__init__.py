@@ -1,4 +1,4 @@
-"""Models: character CTC; speech encoders, adapters, LoRA/PLoRA and the SpeechLM.
+"""Models: character CTC; speech encoders, adapters, LoRA/PLoRA, the SpeechLM; VQ bottleneck.
 
 Importing this package is cheap; names are loaded from their modules on first use.
 """
@@ -25,6 +25,10 @@ _EXPORTS = {
     "LMInputs": "prompts",
     "EncodedPrompt": "prompts",
     "apply_plora": "plora",
+    "VectorQuantizer": "vq",
+    "VQOutput": "vq",
+    "AvgPoolDownsample": "vq",
+    "bits_per_second": "vq",
 }
 
 __all__ = sorted(_EXPORTS)

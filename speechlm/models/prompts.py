@@ -83,6 +83,17 @@ def _encode(tokenizer, text: str, special: bool = False) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def encode_continuing(tokenizer, text: str) -> list[int]:
+    """Ids of `text` as they are inside a longer string, i.e. right after other text: a
+    SentencePiece tokenizer would otherwise start it with a dummy-prefix "▁" token that the
+    LLM never saw there (after the speech, the LLM should see what it saw after text)."""
+    anchor = _encode(tokenizer, "a")
+    ids = _encode(tokenizer, "a" + text)
+    if anchor and ids[: len(anchor)] == anchor:
+        return ids[len(anchor):]
+    return _encode(tokenizer, text)
+
+
 def _eos_id(tokenizer) -> int:
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -117,11 +128,13 @@ class BlspTemplate(PromptTemplate):
 
     def encode(self, tokenizer, instruction="", *, response=None, transcript=None):
         prefix = f"{BLSP_PREFIX}{instruction}"
-        suffix = _encode(tokenizer, BLSP_SUFFIX)
         if transcript is None:
-            pieces = [_encode(tokenizer, prefix, special=True), None, suffix]
+            pieces = [_encode(tokenizer, prefix, special=True), None,
+                      encode_continuing(tokenizer, BLSP_SUFFIX)]
         else:
-            pieces = [_encode(tokenizer, prefix + transcript, special=True), suffix]
+            # one string, as the LLM read text in BLSP's stage 1: `{instruction} {transcript}`
+            joined = f"{prefix} {transcript}" if instruction else prefix + transcript
+            pieces = [_encode(tokenizer, joined + BLSP_SUFFIX, special=True)]
         answer = [] if response is None else _encode(tokenizer, response) + [_eos_id(tokenizer)]
         return EncodedPrompt(pieces, answer)
 

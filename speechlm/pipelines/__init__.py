@@ -1,4 +1,4 @@
-"""Offline data jobs: TTS synthesis of text corpora, the embedded corpus, and more.
+"""Offline data jobs: TTS synthesis, the embedded corpus, BLSP continuations, encoder caches.
 
 Importing this package is cheap; names are loaded from their modules on first use.
 
@@ -11,6 +11,12 @@ from .._lazy import lazy_exports
 _EXPORTS = {
     "synthesize_corpus": "synth",
     "SynthReport": "synth",
+    "build_continuations": "continuations",
+    "check_continuations": "continuations",
+    "read_continuations": "continuations",
+    "EncoderCache": "encoder_cache",
+    "CachedEncoderDataset": "encoder_cache",
+    "collate_encoder_batch": "encoder_cache",
 }
 
 __all__ = sorted(_EXPORTS)

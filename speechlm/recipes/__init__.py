@@ -22,6 +22,7 @@ TASKS: dict[str, str] = {
     "wav2vec2_pretrain": "speechlm.recipes.wav2vec2_pretrain",
     "text_lm": "speechlm.recipes.text_lm",
     "self_training": "speechlm.recipes.self_training",
+    "blsp": "speechlm.recipes.blsp",
 }
 
 
@@ -63,3 +64,24 @@ def load_recipe(path, overrides=()):
 def run_recipe(path, overrides=()) -> dict:
     module, config = load_recipe(path, overrides)
     return module.run(config)
+
+
+def start_run(train_config, threads: int | None = None):
+    """(distributed info, output dir, say) for a runner: torch threads set, the process
+    group up, and `say(message)` printing on the main process when progress is on."""
+    import torch
+
+    from ..training import distributed
+
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"threads must be >= 1 or null, got {threads}")
+        torch.set_num_threads(threads)
+    dist = distributed.init_distributed(train_config.device)
+    show = dist.is_main and train_config.progress
+
+    def say(message: str) -> None:
+        if show:
+            print(message, flush=True)
+
+    return dist, Path(train_config.output_dir), say

@@ -331,6 +331,8 @@ class Trainer:
                 module.training = training
         results = distributed.broadcast_object(
             {key: float(value) for key, value in (results or {}).items()})
+        if not results:
+            return results  # an objective with nothing to evaluate: no best checkpoint
         if cfg.best_metric not in results:
             raise ConfigError(
                 f"train.best_metric '{cfg.best_metric}' is not among the evaluation results "

@@ -1,0 +1,382 @@
+"""Recipe `task: blsp`: BLSP behaviour alignment, end to end (arXiv 2309.00916, 2405.19041).
+
+    task: blsp
+    model: {encoder_path: zoo:ctc_en, llm_path: zoo:llm_en_es, adapter: blsp, template: blsp,
+            instruction: "Continue the following text ..."}       # SpeechLMConfig fields
+    data: {train: embedded:en/train, dev: embedded:en/dev, max_batch_duration: 60}
+    loss: {kind: ce}                                              # ce | kd | ce+kd
+    eval: {transfer: embedded:en/test, transfer_tasks: [repeat, translate_es]}
+    train: {max_steps: 500, lr: 1e-3, ...}
+
+`run(config)`:
+1. stage 1, unless `data.train_continuations` names a file: the LLM writes a
+   continuation of every train (and dev) transcript into
+   `output_dir/continuations/` (`speechlm build continuations`, resumable);
+   a given file is checked against the manifest it claims to continue;
+2. the frozen encoder's outputs for every utterance go to the encoder-output
+   cache (`data.encoder_cache`, keyed by audio and encoder identity), so the
+   training steps never run the encoder; `data.noise_snr_db` (augmentation)
+   changes the audio at every step and so turns the cache off;
+3. trains the adapter (+ LoRA / PLoRA when the model section asks) with the
+   shared Trainer on duration-bucketed batches; every evaluation reports the
+   behaviour-alignment metrics on dev (`recipes.blsp_eval`);
+4. saves `output_dir/final` (SpeechLM.save_pretrained: trained weights only);
+5. the zero-shot transfer table on held-out speech: the trained adapter, the
+   untrained one and the text cascade (results.json, transfer_hyps.jsonl).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..models.speech_lm import SpeechLMConfig
+from ..training.trainer import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+FINAL_DIR = "final"
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class ContinuationConfig:
+    """Stage-1 settings, used when the runner writes the continuations itself."""
+
+    max_new_tokens: int = 64
+    max_prompt_tokens: int = 192
+    batch_size: int = 64
+
+
+@dataclass
+class DataConfig:
+    train: str = "embedded:en/train"          # ASR manifest (path or embedded:LANG/SPLIT)
+    dev: str | None = "embedded:en/dev"       # held-out speech for the alignment metric
+    train_continuations: str | None = None    # stage-1 output; None: written by this run
+    dev_continuations: str | None = None
+    max_train_items: int | None = None        # the first N train records (None: all)
+    max_batch_duration: float = 60.0          # seconds of padded audio per batch
+    max_batch_size: int | None = None
+    num_buckets: int = 10
+    encoder_cache: str | None = "auto"        # "auto" (the speechlm cache), a dir, or null
+    noise_snr_db: float | None = None         # additive-noise augmentation (disables the cache)
+
+    def __post_init__(self):
+        if self.max_batch_duration <= 0:
+            raise ConfigError("data.max_batch_duration must be > 0 (seconds)")
+        if self.max_train_items is not None and self.max_train_items < 1:
+            raise ConfigError("data.max_train_items must be >= 1 or null")
+
+
+@dataclass
+class LossConfig:
+    kind: str = "ce"                          # ce | kd | ce+kd
+    temperature: float = 2.0                  # KD temperature (BLSP-KD: 2)
+    ce_weight: float = 1.0
+    kd_weight: float = 1.0
+
+    def __post_init__(self):
+        from ..training.objectives.blsp import LOSSES
+
+        if self.kind not in LOSSES:
+            raise ConfigError(f"loss.kind must be one of {', '.join(LOSSES)}, got {self.kind!r}")
+        if self.temperature <= 0:
+            raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class EvalConfig:
+    dev_items: int = 64                       # alignment metric: teacher-forced items
+    generate_items: int = 16                  # ... and items whose continuation is generated
+    transfer: str | None = "embedded:en/test" # held-out speech for the transfer table
+    transfer_tasks: list[str] = field(default_factory=lambda: ["repeat", "translate_es"])
+    transfer_items: int = 100
+    batch_size: int = 32
+
+
+def _default_model() -> SpeechLMConfig:
+    from ..data.instructions import CONTINUE_INSTRUCTION
+
+    return SpeechLMConfig(encoder_path="zoo:ctc_en", llm_path="zoo:llm_en_es", adapter="blsp",
+                          template="blsp", instruction=CONTINUE_INSTRUCTION)
+
+
+@dataclass
+class Config:
+    task: str = "blsp"
+    threads: int | None = None
+    model: SpeechLMConfig = field(default_factory=_default_model)
+    data: DataConfig = field(default_factory=DataConfig)
+    continuations: ContinuationConfig = field(default_factory=ContinuationConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        lr=1e-3, warmup_steps=50, weight_decay=0.05, save_every=None, best_metric="align_kl"))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# -- the parts --------------------------------------------------------------------------------
+
+
+def _continuations(spec: str | None, manifest: Path, out: Path, cfg: Config, llm_dir: str,
+                   say) -> Path:
+    """The stage-1 file for `manifest`: checked when given, else written (or resumed) now."""
+    from ..pipelines.continuations import build_continuations, check_continuations
+
+    if spec is not None:
+        path = Path(spec)
+        check_continuations(path, manifest=manifest)
+        return path
+    c = cfg.continuations
+    summary = build_continuations(llm_dir, manifest, out, instruction=cfg.model.instruction,
+                                  template=cfg.model.template, max_new_tokens=c.max_new_tokens,
+                                  max_prompt_tokens=c.max_prompt_tokens, batch_size=c.batch_size,
+                                  device=cfg.train.device, progress=cfg.train.progress, say=say)
+    say(f"stage 1 ({manifest.name} -> {out}): {summary.summary()}")
+    return out
+
+
+def _manifest_records(path: Path, limit: int | None = None) -> list[dict]:
+    """A manifest's records with absolute audio paths."""
+    from ..data.manifest import AUDIO_PATH_KEY, read_manifest
+
+    records = read_manifest(path)[:limit] if limit else read_manifest(path)
+    for record in records:
+        record["audio"] = record.pop(AUDIO_PATH_KEY)
+    return records
+
+
+class NoisyAudioDataset:
+    """An AudioDataset whose items get white noise at `snr_db` (fresh noise per epoch and
+    item, from (seed, epoch, index): a resumed run draws the same noise)."""
+
+    def __init__(self, dataset, snr_db: float, seed: int = 0):
+        self.dataset, self.snr_db, self.seed = dataset, float(snr_db), int(seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        item = self.dataset[index]
+        if isinstance(item, dict):
+            audio = item["audio"]
+            generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % 2**31)
+            power = audio.pow(2).mean().clamp_min(1e-10)
+            noise = torch.randn(audio.shape, generator=generator)
+            item = {**item, "audio": audio + noise * (power / 10 ** (self.snr_db / 10)).sqrt()}
+        return item
+
+
+def _encoder_dir(model) -> Path:
+    from ..models.encoders import resolve_pretrained_dir
+
+    return Path(resolve_pretrained_dir(model.config.encoder_path))
+
+
+def build_cache(cfg: Config, model, record_sets: list[list[dict]], say):
+    """The encoder-output cache filled for every record (None when turned off)."""
+    from ..paths import cache_dir
+    from ..pipelines.encoder_cache import EncoderCache
+
+    if cfg.data.encoder_cache is None:
+        return None
+    if cfg.data.noise_snr_db is not None:
+        say("data.noise_snr_db changes the audio at every step, so cached encoder outputs "
+            "would be stale: the encoder-output cache is off for this run (set "
+            "data.noise_snr_db: null to use it)")
+        return None
+    root = cache_dir() / "encoder_outputs" if cfg.data.encoder_cache == "auto" \
+        else Path(cfg.data.encoder_cache)
+    cache = EncoderCache.for_encoder(root, model.encoder, _encoder_dir(model))
+    records = [r for records in record_sets for r in records]
+    summary = cache.fill(model.encoder, records, progress=cfg.train.progress)
+    say(f"encoder-output cache {cache.root}: {summary.summary()}")
+    return cache
+
+
+def train_dataset(cfg: Config, records: list[dict], cache):
+    """(dataset, collate_fn, durations) for the train records."""
+    if cache is not None:
+        from ..pipelines.encoder_cache import CachedEncoderDataset, collate_encoder_batch
+
+        dataset = CachedEncoderDataset(records, cache)
+        return dataset, collate_encoder_batch, dataset.durations
+    from ..data.collate import AudioCollator
+    from ..data.dataset import AudioDataset
+
+    dataset = AudioDataset(records)
+    durations = dataset.durations
+    if cfg.data.noise_snr_db is not None:
+        dataset = NoisyAudioDataset(dataset, cfg.data.noise_snr_db, cfg.train.seed)
+    return dataset, AudioCollator(), durations
+
+
+def build_model(cfg: Config, *, seed: int):
+    """A fresh SpeechLM per `cfg.model` (the adapter initialised from `seed`)."""
+    from ..models.speech_lm import SpeechLM
+    from ..training.trainer import seed_everything
+
+    seed_everything(seed)
+    return SpeechLM.build(cfg.model)
+
+
+def _bound_systems(cfg, trained, untrained, source, records):
+    """The transfer-table systems: name -> respond(instruction, max_new_tokens)."""
+    from .blsp_eval import generate_from_speech, generate_from_text
+
+    bs = cfg.eval.batch_size
+
+    def speech(model):
+        return lambda ins, n: generate_from_speech(model, source, records, ins,
+                                                   max_new_tokens=n, batch_size=bs)
+
+    transcripts = [r["text"] for r in records]
+    return {
+        "untrained adapter": speech(untrained),
+        f"BLSP ({cfg.loss.kind})": speech(trained),
+        "cascade (reference text)": lambda ins, n: generate_from_text(
+            trained, transcripts, ins, max_new_tokens=n, batch_size=bs),
+    }
+
+
+# -- the runner -------------------------------------------------------------------------------
+
+
+def run(config: Config) -> dict:
+    """Run BLSP per `config` (see the module doc); returns the results dict."""
+
+    from ..data.sampler import DurationBucketSampler
+    from ..jsonl import atomic_write, write_jsonl
+    from ..pipelines.continuations import read_continuations
+    from ..training import distributed
+    from ..training.objectives.blsp import BlspObjective
+    from ..training.trainer import Trainer
+    from ..zoo import resolve_model_path
+    from . import start_run
+    from .blsp_eval import SpeechSource, alignment_metrics, transfer_scores
+    from .sources import resolve_manifest
+
+    cfg = config
+    dist, out, say = start_run(cfg.train, cfg.threads)
+
+    started = time.perf_counter()
+    cfg = replace(cfg, model=replace(
+        cfg.model, encoder_path=resolve_model_path(cfg.model.encoder_path, say=say),
+        llm_path=resolve_model_path(cfg.model.llm_path, say=say)))
+
+    # 1. stage 1
+    stage1 = time.perf_counter()
+    train_manifest = resolve_manifest(cfg.data.train, progress=cfg.train.progress)
+    train_file = _continuations(cfg.data.train_continuations, train_manifest,
+                                out / "continuations" / "train.jsonl", cfg, cfg.model.llm_path,
+                                say)
+    dev_records: list[dict] = []
+    if cfg.data.dev is not None:
+        dev_manifest = resolve_manifest(cfg.data.dev, progress=cfg.train.progress)
+        dev_file = _continuations(cfg.data.dev_continuations, dev_manifest,
+                                  out / "continuations" / "dev.jsonl", cfg, cfg.model.llm_path,
+                                  say)
+        dev_records = read_continuations(dev_file, limit=cfg.eval.dev_items)
+    stage1_seconds = time.perf_counter() - stage1
+    train_records = read_continuations(train_file, limit=cfg.data.max_train_items)
+    transfer_records: list[dict] = []
+    if cfg.eval.transfer is not None:
+        transfer_records = _manifest_records(resolve_manifest(cfg.eval.transfer),
+                                             cfg.eval.transfer_items)
+
+    # 2. model and cache
+    model = build_model(cfg, seed=cfg.train.seed)
+    say(f"SpeechLM: encoder {model.encoder.kind} ({cfg.model.encoder_path}), LLM "
+        f"{cfg.model.llm_path}; trainable {model.num_parameters(True) / 1e6:.3f}M of "
+        f"{model.num_parameters() / 1e6:.2f}M parameters")
+    cache_start = time.perf_counter()
+    cache = build_cache(cfg, model, [train_records, dev_records, transfer_records], say)
+    cache_seconds = time.perf_counter() - cache_start
+    dataset, collate, durations = train_dataset(cfg, train_records, cache)
+    source = SpeechSource(cache)
+
+    # 3. training
+    sampler = DurationBucketSampler(durations, max_batch_duration=cfg.data.max_batch_duration,
+                                    max_batch_size=cfg.data.max_batch_size,
+                                    num_buckets=cfg.data.num_buckets, shuffle=True,
+                                    seed=cfg.train.seed, rank=dist.rank,
+                                    world_size=dist.world_size)
+
+    def evaluate(m) -> dict:
+        if not dev_records:
+            return {}
+        return alignment_metrics(m, source, dev_records, cfg.model.instruction,
+                                 generate_items=cfg.eval.generate_items,
+                                 max_new_tokens=cfg.continuations.max_new_tokens,
+                                 batch_size=cfg.eval.batch_size)
+
+    objective = BlspObjective(model, loss=cfg.loss.kind, temperature=cfg.loss.temperature,
+                              ce_weight=cfg.loss.ce_weight, kd_weight=cfg.loss.kd_weight,
+                              evaluate_fn=evaluate)
+    trainer = Trainer(cfg.train, objective, dataset, sampler, collate_fn=collate, run_config=cfg,
+                      identity_keys=("model", "loss"))
+    fit_start = time.perf_counter()
+    steps_before = trainer.step
+    result = trainer.fit()
+    train_seconds = time.perf_counter() - fit_start
+
+    results: dict = {}
+    if dist.is_main:
+        # 4. save
+        final_dir = model.save_pretrained(out / FINAL_DIR)
+        # 5. transfer table
+        table, rows = {}, []
+        if transfer_records:
+            untrained = build_model(cfg, seed=cfg.train.seed)  # the adapter before training
+            model.eval()
+            systems = _bound_systems(cfg, model, untrained.eval(), source, transfer_records)
+            table = transfer_scores(systems, transfer_records, cfg.eval.transfer_tasks,
+                                    hyps_out=rows)
+            write_jsonl(out / "transfer_hyps.jsonl", rows)
+        steps_run = result.step - steps_before
+        results = {
+            "transfer": table,
+            "alignment": result.eval_metrics,
+            "train": {"steps": result.step, "final_train_loss": result.train_metrics.get("loss"),
+                      "train_seconds": train_seconds,
+                      "steps_per_second": steps_run / max(train_seconds, 1e-9),
+                      "stage1_seconds": stage1_seconds, "cache_seconds": cache_seconds,
+                      "wall_seconds": time.perf_counter() - started},
+            "data": {"train_items": len(train_records), "dev_items": len(dev_records),
+                     "transfer_items": len(transfer_records),
+                     "train_audio_hours": sum(durations) / 3600},
+            "final_dir": str(final_dir),
+        }
+        with atomic_write(out / RESULTS_FILE) as f:
+            json.dump(results, f, indent=2, ensure_ascii=False, default=_jsonable)
+        if table:
+            say(format_results(results))
+        say(f"trained {result.step} steps in {train_seconds:.0f} s; adapter saved to {final_dir}")
+    distributed.barrier()
+    return results
+
+
+def _jsonable(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
+
+
+def format_results(results: dict) -> str:
+    """The transfer table plus the final alignment metrics, as text."""
+    from .blsp_eval import format_transfer_table
+
+    lines = [f"zero-shot transfer on {results['data']['transfer_items']} held-out utterances "
+             "(WER/CER %, BLEU/chrF):", format_transfer_table(results["transfer"])]
+    align = results.get("alignment") or {}
+    if align:
+        lines.append("behaviour alignment on dev (speech vs transcript): " + ", ".join(
+            f"{k.removeprefix('align_')} {v:.3g}" for k, v in align.items()))
+    return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""BLSP stage 2: make the LLM continue *speech* the way it continues the transcript.
+
+    objective = BlspObjective(speech_lm, loss="ce+kd", temperature=2.0)
+    loss, metrics = objective.loss(batch)   # batch: encoder_hidden/encoder_lengths (cached
+                                            # encoder outputs) or audio/audio_lengths, plus
+                                            # the transcripts and their stage-1 continuations
+
+Losses (BLSP, arXiv 2309.00916; BLSP-KD, arXiv 2405.19041):
+- `ce`: cross-entropy of the continuation tokens (and the closing EOS) given
+  `###[Human]:{instruction}` + speech + `\\n\\n\\n###[Assistant]:`. Every other
+  position (prompt, speech, padding) carries no label.
+- `kd`: KL(teacher || student) per response token, at temperature T (2 by
+  default), averaged over response tokens ("batchmean" over the flattened
+  tokens). The teacher is the same frozen LLM reading the transcript text in
+  the same template (LoRA off), run under no_grad; the student reads speech.
+  Response tokens are the same ids in both prompts, so the i-th response
+  position of a row lines up in the two passes.
+- `ce+kd`: their weighted sum.
+
+The LM head runs only on response positions (the prompt and speech are most of
+the sequence, and a real LLM's vocabulary makes full logits costly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import ConfigError
+
+__all__ = ["LOSSES", "BlspObjective", "ResponseLogits", "batch_speech", "kd_loss",
+           "response_logits"]
+
+LOSSES = ("ce", "kd", "ce+kd")
+
+
+@dataclass
+class ResponseLogits:
+    """Logits predicting each response token [N, V] (rows in order), the tokens [N] and the
+    batch row of each [N]."""
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    rows: torch.Tensor
+
+
+def _causal_lm(llm):
+    """The transformers CausalLM inside (a peft model's base model keeps its LoRA layers)."""
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
+def response_logits(model, inputs, *, use_lora: bool = True) -> ResponseLogits:
+    """The LLM of `model` (a SpeechLM) on `inputs`, logits at the positions that predict
+    response tokens only (position t predicts labels[t + 1])."""
+    from .causal_lm import _selective_head_ok
+
+    targets = inputs.labels[:, 1:]
+    learned = targets != -100
+    causal = _causal_lm(model.llm)
+    with model._llm_context(inputs, use_lora):
+        if _selective_head_ok(causal):
+            base = getattr(causal, causal.base_model_prefix)
+            hidden = base(inputs_embeds=inputs.inputs_embeds,
+                          attention_mask=inputs.attention_mask, use_cache=False).last_hidden_state
+            logits = causal.get_output_embeddings()(hidden[:, :-1][learned])
+        else:
+            logits = model.llm(inputs_embeds=inputs.inputs_embeds,
+                               attention_mask=inputs.attention_mask,
+                               use_cache=False).logits[:, :-1][learned]
+    return ResponseLogits(logits.float(), targets[learned], learned.nonzero()[:, 0])
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0
+            ) -> torch.Tensor:
+    """KL(teacher || student) of [N, V] logits at `temperature`, mean over the N tokens."""
+    return F.kl_div(F.log_softmax(student / temperature, dim=-1),
+                    F.log_softmax(teacher / temperature, dim=-1),
+                    log_target=True, reduction="batchmean")
+
+
+def batch_speech(batch: dict) -> dict:
+    """The speech arguments of SpeechLM.build_inputs for a batch: cached encoder outputs
+    (`encoder_hidden`/`encoder_lengths`) when present, else `audio`/`audio_lengths`."""
+    from ...models.encoders import EncoderOutput
+
+    if batch.get("encoder_hidden") is not None:
+        return {"encoder_output": EncoderOutput(batch["encoder_hidden"], batch["encoder_lengths"])}
+    return {"audio": batch["audio"], "audio_lengths": batch["audio_lengths"]}
+
+
+def batch_transcripts(batch: dict) -> list[str]:
+    texts = batch.get("texts", batch.get("text"))
+    if texts is None:
+        raise KeyError("the batch has no transcripts (texts)")
+    return list(texts)
+
+
+class BlspObjective:
+    """The BLSP stage-2 loss for the Trainer (see the module doc).
+
+    loss: "ce", "kd" or "ce+kd"; ce_weight / kd_weight weigh the two in "ce+kd".
+    instruction: what the prompt says before the speech (default: the model's).
+    evaluate_fn(model) -> dict: the behaviour-alignment evaluation (optional).
+    """
+
+    def __init__(self, model, *, loss: str = "ce", temperature: float = 2.0,
+                 ce_weight: float = 1.0, kd_weight: float = 1.0, instruction: str | None = None,
+                 evaluate_fn: Callable[[torch.nn.Module], dict] | None = None):
+        if loss not in LOSSES:
+            raise ConfigError(f"loss.kind must be one of {', '.join(LOSSES)}, got {loss!r}")
+        if temperature <= 0:
+            raise ConfigError(f"loss.temperature must be > 0, got {temperature}")
+        self.model = model
+        self.kind = loss
+        self.temperature = float(temperature)
+        self.ce_weight, self.kd_weight = float(ce_weight), float(kd_weight)
+        self.instruction = instruction
+        self.evaluate_fn = evaluate_fn
+
+    def student_inputs(self, batch: dict, responses: Sequence[str]):
+        return self.model.build_inputs(instructions=self.instruction, responses=responses,
+                                       **batch_speech(batch))
+
+    def teacher_inputs(self, batch: dict, responses: Sequence[str]):
+        return self.model.build_text_inputs(batch_transcripts(batch),
+                                            instructions=self.instruction, responses=responses)
+
+    def loss(self, batch: dict):
+        responses = batch.get("continuation")
+        if not responses:
+            return None  # every item of the batch was skipped
+        student = response_logits(self.model, self.student_inputs(batch, responses))
+        metrics: dict[str, float] = {"response_tokens": float(student.targets.numel())}
+        total = student.logits.new_zeros(())
+        if self.kind in ("ce", "ce+kd"):
+            ce = F.cross_entropy(student.logits, student.targets)
+            metrics["ce"] = float(ce.detach())
+            total = total + (self.ce_weight if self.kind == "ce+kd" else 1.0) * ce
+        predicted = student.logits.argmax(-1)
+        metrics["token_accuracy"] = float((predicted == student.targets).float().mean())
+        if self.kind in ("kd", "ce+kd"):
+            with torch.no_grad():
+                teacher = response_logits(self.model, self.teacher_inputs(batch, responses),
+                                          use_lora=False)
+            if teacher.targets.shape != student.targets.shape or \
+                    not torch.equal(teacher.targets, student.targets):
+                raise RuntimeError("teacher and student response tokens differ; the template "
+                                   "must tokenize the response the same way in both prompts")
+            kd = kd_loss(student.logits, teacher.logits, self.temperature)
+            metrics["kd"] = float(kd.detach())
+            metrics["teacher_agreement"] = float(
+                (predicted == teacher.logits.argmax(-1)).float().mean())
+            total = total + (self.kd_weight if self.kind == "ce+kd" else 1.0) * kd
+        return total, metrics
+
+    def evaluate(self, model) -> dict[str, float]:
+        return self.evaluate_fn(model) if self.evaluate_fn is not None else {}

@@ -1,0 +1,255 @@
+"""BLSP stage 2: the CE loss covers exactly the continuation (+ EOS), never speech; the KD
+teacher reads the transcript and lines up with the student token for token; only the adapter
+learns; a tiny end-to-end recipe run (stage 1, encoder cache, training) lowers its loss,
+saves a reloadable model and writes the transfer table; bad inputs are refused clearly."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from speechlm.data.instructions import CONTINUE_INSTRUCTION
+from speechlm.errors import SpeechLMError
+from speechlm.models.encoders import EncoderOutput
+from speechlm.models.prompts import IGNORE_INDEX, get_template
+from speechlm.models.speech_lm import SpeechLM, SpeechLMConfig
+from speechlm.recipes import load_recipe
+from speechlm.recipes.blsp_eval import SpeechSource, alignment_metrics, format_transfer_table
+from speechlm.training.objectives.blsp import BlspObjective, kd_loss, response_logits
+
+SR = 16000
+TEXTS = ["In the beginning God created the heaven and the earth.",
+         "And the earth was without form, and void.",
+         "Jesus wept.",
+         "And God said, Let there be light: and there was light.",
+         "Blessed are the meek: for they shall inherit the earth.",
+         "Love is patient, love is kind."]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    config = SpeechLMConfig(encoder_path=str(tiny_ckpt("wav2vec2")),
+                            llm_path=str(tiny_ckpt("llama")), adapter="blsp",
+                            adapter_options={"bottleneck_dim": 16}, template="blsp",
+                            instruction=CONTINUE_INSTRUCTION)
+    torch.manual_seed(0)
+    return SpeechLM.build(config)
+
+
+def _batch(model, n=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, 40, model.encoder.output_dim, generator=gen)
+    lengths = torch.tensor([40, 31, 24][:n])
+    return {"encoder_hidden": hidden, "encoder_lengths": lengths, "texts": TEXTS[:n],
+            "continuation": ["and it was good.", "darkness was upon the deep", "amen"][:n]}
+
+
+def test_ce_labels_cover_the_continuation_and_eos_only(model):
+    batch = _batch(model)
+    objective = BlspObjective(model, loss="ce")
+    inputs = objective.student_inputs(batch, batch["continuation"])
+    tok = model.tokenizer
+    for row, response in enumerate(batch["continuation"]):
+        learned = inputs.labels[row][inputs.labels[row] != IGNORE_INDEX].tolist()
+        assert learned == tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        # the BLSP original once put labels on speech positions: never here
+        assert bool((inputs.labels[row][inputs.speech_mask[row]] == IGNORE_INDEX).all())
+        assert int(inputs.speech_mask[row].sum()) == int(
+            model.adapter.output_lengths(batch["encoder_lengths"])[row])
+    loss, metrics = objective.loss(batch)
+    expected = torch.nn.functional.cross_entropy(
+        model.lm_forward(inputs).logits[:, :-1].flatten(0, 1).float(),
+        inputs.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    assert torch.allclose(loss, expected, atol=1e-5)
+    assert metrics["response_tokens"] == float((inputs.labels != IGNORE_INDEX).sum())
+
+
+def test_kd_teacher_reads_the_transcript_and_aligns_token_by_token(model):
+    batch = _batch(model)
+    objective = BlspObjective(model, loss="kd", temperature=2.0)
+    teacher = objective.teacher_inputs(batch, batch["continuation"])
+    template = get_template("blsp")
+    for row, text in enumerate(TEXTS[:3]):
+        prompt = template.encode(model.tokenizer, CONTINUE_INSTRUCTION, transcript=text)
+        ids = teacher.input_ids[row][teacher.attention_mask[row].bool()].tolist()
+        assert ids[: len(prompt.prompt_ids())] == prompt.prompt_ids()
+        assert not bool(teacher.speech_mask[row].any())
+    student = response_logits(model, objective.student_inputs(batch, batch["continuation"]))
+    with torch.no_grad():
+        taught = response_logits(model, teacher, use_lora=False)
+    assert torch.equal(student.targets, taught.targets)  # the same tokens in the same order
+    assert torch.equal(student.rows, taught.rows)
+    # KL is zero for identical logits and positive otherwise; T scales it down
+    assert float(kd_loss(taught.logits, taught.logits)) == pytest.approx(0.0, abs=1e-6)
+    kd2 = float(kd_loss(student.logits, taught.logits, 2.0).detach())
+    assert kd2 > 0 and float(kd_loss(student.logits, taught.logits, 1.0).detach()) > kd2
+    loss, metrics = objective.loss(batch)
+    assert float(loss) == pytest.approx(kd2, rel=1e-4)
+    assert 0.0 <= metrics["teacher_agreement"] <= 1.0
+
+
+@pytest.mark.parametrize("kind", ["ce", "kd", "ce+kd"])
+def test_only_the_adapter_gets_gradients(model, kind):
+    model.zero_grad(set_to_none=True)
+    loss, _ = BlspObjective(model, loss=kind).loss(_batch(model))
+    loss.backward()
+    with_grad = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {"adapter"}
+    assert all(p.grad is None for p in model.llm.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+def test_alignment_metrics_compare_speech_with_the_transcript(model):
+    batch = _batch(model)
+    records = [{"id": str(i), "text": t, "continuation": c}
+               for i, (t, c) in enumerate(zip(batch["texts"], batch["continuation"], strict=True))]
+
+    class Frames(SpeechSource):
+        def batch(self, chunk):
+            idx = [int(r["id"]) for r in chunk]
+            return {"encoder_output": EncoderOutput(batch["encoder_hidden"][idx],
+                                                    batch["encoder_lengths"][idx])}
+
+    metrics = alignment_metrics(model.eval(), Frames(), records, CONTINUE_INSTRUCTION,
+                                generate_items=2, max_new_tokens=4, batch_size=2)
+    teacher = response_logits(model, model.build_text_inputs(
+        batch["texts"], instructions=CONTINUE_INSTRUCTION, responses=batch["continuation"]))
+    ce_text = torch.nn.functional.cross_entropy(teacher.logits, teacher.targets)
+    assert metrics["align_ce_text"] == pytest.approx(float(ce_text), rel=1e-4)
+    assert metrics["align_kl"] > 0 and 0 <= metrics["align_agreement"] <= 1
+    assert 0 <= metrics["align_gen_f1"] <= 1 and "align_gen_chrf" in metrics
+
+
+# -- the recipe end to end ------------------------------------------------------------------
+
+
+def _manifest(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def speech_data(tmp_path):
+    """Six short clips (noise with a per-clip tone) with transcripts; train = dev = test."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    records = []
+    for i, text in enumerate(TEXTS):
+        t = np.arange(int((0.6 + 0.1 * i) * SR)) / SR
+        wave = 0.3 * np.sin(2 * np.pi * (200 + 60 * i) * t) + 0.01 * np.random.default_rng(i) \
+            .standard_normal(t.size)
+        sf.write(audio / f"u{i}.wav", wave.astype(np.float32), SR)
+        records.append({"id": f"u{i}", "audio": f"audio/u{i}.wav", "duration": t.size / SR,
+                        "text": text, "translation": f"es {i}"})
+    return _manifest(tmp_path / "train.jsonl", records)
+
+
+def _llm(tiny_ckpt):
+    # Large initial weights: an untrained LLM whose outputs depend on its inputs, so an
+    # adapter can steer it (with the default 0.02 init the output barely moves).
+    return tiny_ckpt("llama", initializer_range=0.1)
+
+
+def _overrides(tiny_ckpt, tmp_path, manifest, **more):
+    values = {
+        "model.encoder_path": str(tiny_ckpt("wav2vec2")), "model.llm_path": str(_llm(tiny_ckpt)),
+        "model.adapter_options": "{bottleneck_dim: 16}",
+        "data.train": str(manifest), "data.dev": str(manifest),
+        "data.encoder_cache": str(tmp_path / "enc_cache"), "data.max_batch_duration": 3.0,
+        "continuations.max_new_tokens": 8, "continuations.batch_size": 4,
+        "eval.transfer": str(manifest), "eval.transfer_tasks": "[repeat, translate_es]",
+        "eval.dev_items": 4, "eval.generate_items": 2, "eval.batch_size": 4,
+        "loss.kind": "ce", "train.max_steps": 40, "train.lr": 1.0e-2, "train.warmup_steps": 0,
+        "train.eval_every": 40, "train.save_every": 40, "train.log_every": 5,
+        "train.output_dir": str(tmp_path / "run"), "train.progress": "false",
+        "train.tensorboard": "false", "train.best_metric": "align_kl",
+    }
+    values.update(more)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _train_losses(run_dir):
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").open())
+            if r["split"] == "train"]
+
+
+def test_tiny_blsp_run_learns_saves_and_reports(tiny_ckpt, tmp_path, speech_data):
+    module, config = load_recipe("recipes/tiny/blsp.yaml",
+                                 _overrides(tiny_ckpt, tmp_path, speech_data))
+    results = module.run(config)
+    run = tmp_path / "run"
+    losses = _train_losses(run)
+    assert losses[-1] < 0.92 * losses[0], losses  # an untrained LLM: the adapter steers it a little
+    # stage 1 wrote the continuations; the cache holds every clip once
+    conts = [json.loads(line) for line in (run / "continuations" / "train.jsonl").open()]
+    assert [c["id"] for c in conts] == [f"u{i}" for i in range(6)]
+    assert all(c["continuation"] for c in conts)
+    # the transfer table: three systems, both tasks, the cascade reads the reference text
+    table = results["transfer"]
+    assert set(table) == {"untrained adapter", "BLSP (ce)", "cascade (reference text)"}
+    assert set(table["BLSP (ce)"]) == {"repeat", "translate_es"}
+    assert "cascade (reference text)" in format_transfer_table(table)
+    assert {"align_kl", "align_agreement", "align_gen_chrf"} <= set(results["alignment"])
+    hyps = [json.loads(line) for line in (run / "transfer_hyps.jsonl").open()]
+    assert len(hyps) == 3 * 2 * 6
+    # the saved model holds the adapter only and reloads to the same continuation
+    saved = SpeechLM.from_pretrained(run / "final")
+    assert set(saved.trainable_state_dict()) == {
+        n for n, _ in saved.named_parameters() if n.startswith("adapter.")}
+    from speechlm.pipelines.encoder_cache import EncoderCache
+
+    cache = EncoderCache.for_encoder(tmp_path / "enc_cache", saved.encoder)
+    source = SpeechSource(cache)
+    record = dict(conts[0], audio=str(tmp_path / "audio" / "u0.wav"))
+    from speechlm.data.instructions import TASKS
+
+    repeat = TASKS["repeat"]
+    again = saved.generate(instructions=repeat.instructions[0],
+                           max_new_tokens=repeat.max_new_tokens, **source.batch([record]))
+    trained = next(h for h in hyps if h["system"] == "BLSP (ce)" and h["task"] == "repeat"
+                   and h["id"] == "u0")
+    assert again == [trained["hypothesis"]]  # the reloaded model answers as the trained one
+
+
+def test_augmentation_turns_the_cache_off_with_a_message(tiny_ckpt, tmp_path, speech_data,
+                                                         capsys):
+    module, config = load_recipe("recipes/tiny/blsp.yaml", _overrides(
+        tiny_ckpt, tmp_path, speech_data, **{"data.noise_snr_db": 20, "train.max_steps": 3,
+                                             "train.progress": "true", "eval.transfer": "null"}))
+    module.run(config)
+    out = capsys.readouterr().out
+    assert "data.noise_snr_db changes the audio" in out and "cache is off" in out
+    assert not (tmp_path / "enc_cache").exists()
+
+
+def test_continuations_of_another_manifest_are_refused(tiny_ckpt, tmp_path, speech_data):
+    from speechlm.pipelines.continuations import build_continuations
+
+    other = _manifest(tmp_path / "other.jsonl",
+                      [json.loads(line) for line in speech_data.open()][:3])
+    build_continuations(str(_llm(tiny_ckpt)), other, tmp_path / "other_cont.jsonl",
+                        max_new_tokens=4)
+    module, config = load_recipe("recipes/tiny/blsp.yaml", _overrides(
+        tiny_ckpt, tmp_path, speech_data,
+        **{"data.train_continuations": str(tmp_path / "other_cont.jsonl")}))
+    with pytest.raises(SpeechLMError, match="other.jsonl"):
+        module.run(config)
+
+
+@pytest.mark.parametrize("recipe", ["recipes/tiny/blsp.yaml",
+                                    "recipes/blsp/whisper_small_qwen2.5_1.5b.yaml",
+                                    "recipes/blsp/whisper_large_v3_qwen2.5_7b_lora.yaml"])
+def test_shipped_recipes_validate(recipe):
+    _, config = load_recipe(recipe)
+    assert config.model.adapter == "blsp" and config.loss.kind in ("ce", "kd")
+    if "7b" in recipe:
+        assert config.model.lora.r == 16 and config.loss.temperature == 2.0
+
+
+def test_unknown_loss_is_rejected_with_the_choices():
+    from speechlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="loss.kind must be one of ce, kd, ce\\+kd"):
+        load_recipe("recipes/tiny/blsp.yaml", ["loss.kind=mse"])
