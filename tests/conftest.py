@@ -34,6 +34,17 @@ def tiny_ckpt(tmp_path_factory):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (restored after)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def small_corpus(monkeypatch, tmp_path):
     """The real English recipe with 12/4/4 utterances, cached under tmp_path."""
     from speechlm.pipelines import embedded_corpus

@@ -41,12 +41,8 @@ SETTINGS = dict(max_new_tokens=6, max_prompt_tokens=100, batch_size=3, chunk_siz
                 device="cpu", say=lambda message: None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread: batched and one-by-one results compare bit for bit
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

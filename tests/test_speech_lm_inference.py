@@ -32,12 +32,8 @@ from speechlm.models.speech_lm import CONFIG_FILE, SpeechLM, SpeechLMConfig
 SR = 16000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread: batched and one-by-one results compare bit for bit
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _build(tiny_ckpt, encoder, llm, **fields):
