@@ -1,6 +1,7 @@
 """SpeechT5 and VITS (MMS-TTS) backends on tiny random checkpoints: the real loading and
 generation code, deterministic output, speakers, rates, and clear errors."""
 
+import json
 import math
 import shutil
 
@@ -300,3 +301,23 @@ def test_synth_pipeline_with_vits(tmp_path, vits_dir):
         assert np.abs(data - expected).max() < 1e-4  # 16-bit PCM of the same samples
     again = synthesize_corpus(items, out, backend="vits", voices=[str(vits_dir)], progress=False)
     assert (again.skipped, again.done, again.failed) == (2, 0, 1)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_synth_passes_backend_options_to_every_worker(tmp_path, speecht5_dir, jobs):
+    from speechlm.pipelines.synth import synthesize_corpus
+
+    items = [{"id": "a", "text": SHORT}, {"id": "b", "text": LONG}]
+    # the tiny random SpeechT5 stops at once unless told not to: the options must arrive
+    options = {"threshold": 0.0, "minlenratio": 2.0}
+    report = synthesize_corpus(items, tmp_path / "s", backend="speecht5",
+                               voices=[f"speecht5:{speecht5_dir}"], backend_options=options,
+                               jobs=jobs, progress=False)
+    assert (report.done, report.failed) == (2, 0), report.failures
+    tts = get_backend(f"speecht5:{speecht5_dir}", **options)
+    records = read_jsonl(tmp_path / "s" / "manifest.jsonl")
+    for rec, text in zip(records, (SHORT, LONG), strict=True):
+        data, _ = sf.read(tmp_path / "s" / rec["audio"], dtype="float32")
+        assert len(data) == len(tts.synthesize(text))
+    saved = json.loads((tmp_path / "s" / "synth_report.json").read_text())
+    assert saved["backend_options"] == options

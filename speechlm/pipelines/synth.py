@@ -241,7 +241,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(backend: str, sample_rate: int, out_dir: str, audio_format: str,
-                 threads: int | None) -> None:
+                 threads: int | None, backend_options: dict | None = None) -> None:
     from speechlm.tts.base import get_backend
 
     if threads is not None:
@@ -249,7 +249,8 @@ def _init_worker(backend: str, sample_rate: int, out_dir: str, audio_format: str
 
         torch.set_num_threads(threads)
     _WORKER.clear()
-    _WORKER.update(tts=get_backend(backend, sample_rate=sample_rate), out_dir=Path(out_dir),
+    _WORKER.update(tts=get_backend(backend, sample_rate=sample_rate, **(backend_options or {})),
+                   out_dir=Path(out_dir),
                    audio_format=audio_format)
 
 
@@ -341,7 +342,7 @@ def _run_inprocess(tasks: Iterator[tuple], init_args: tuple) -> Iterator[tuple]:
     # it runs several times slower on a busy machine. Restored when the job ends.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    _init_worker(*init_args[:4], threads=None)
+    _init_worker(*init_args[:4], threads=None, backend_options=init_args[5])
     try:
         for task in tasks:
             yield _synth_task(task)
@@ -396,6 +397,7 @@ def synthesize_corpus(
     progress: bool = True,
     strict: bool = False,
     backend: str = "espeak",
+    backend_options: dict | None = None,
 ) -> SynthReport:
     """Speak every item of `items` (path or iterable of dicts) into `out_dir`; see module doc.
 
@@ -403,7 +405,8 @@ def synthesize_corpus(
     fixed value or a (low, high) range drawn per item; `jobs` worker
     processes (1 = in this process). Returns a `SynthReport`; with `strict`,
     the first item that cannot be spoken raises TTSError (after its
-    predecessors are safely written).
+    predecessors are safely written). `backend_options` go to the backend's constructor
+    (e.g. SpeechT5's `threshold`, `vocoder`; VITS's `noise_scale`), in every worker.
     """
     start = time.perf_counter()
     if audio_format not in AUDIO_FORMATS:
@@ -419,7 +422,9 @@ def synthesize_corpus(
     from speechlm.tts.base import get_backend, parse_backend_spec
 
     backend_name, _ = parse_backend_spec(backend)
-    tts = get_backend(backend_name, sample_rate=sample_rate)  # validates voices and options now
+    backend_options = dict(backend_options or {})
+    # validates voices and options now
+    tts = get_backend(backend_name, sample_rate=sample_rate, **backend_options)
     voices = [tts.resolve_voice(_strip_backend(v, backend_name)) for v in (voices or [])]
     check_options = getattr(tts, "check_options", None)
     if check_options is not None:  # a bad range would fail every item: fail now instead
@@ -457,7 +462,7 @@ def synthesize_corpus(
                 planned.append((item, task))
                 yield task
 
-        init_args = (backend_name, sample_rate, str(out_dir), audio_format, 1)
+        init_args = (backend_name, sample_rate, str(out_dir), audio_format, 1, backend_options)
         n_jobs = max(1, min(jobs, todo))
         if n_jobs == 1:
             results = _run_inprocess(tasks(), init_args)
@@ -494,7 +499,7 @@ def synthesize_corpus(
             report.wall_seconds = time.perf_counter() - start
             with atomic_write(report.report) as f:
                 f.write(dumps({"input": where, "voices": voices, "backend": backend_name,
-                               "sample_rate": sample_rate, "seed": seed, **report.to_json()})
+                               "backend_options": backend_options, "sample_rate": sample_rate, "seed": seed, **report.to_json()})
                         + "\n")
     return report
 
