@@ -146,7 +146,7 @@ def test_loss_is_per_masked_frame_and_evaluation_is_repeatable(tiny_ckpt, corpus
     # Per masked frame: about log(1 + K) for an untrained model, whatever the batch size.
     assert abs(float(metrics["contrastive_loss"]) - np.log(1 + model.config.num_negatives)) < 0.5
     expected = metrics["contrastive_loss"] + 0.1 * metrics["diversity_loss"]
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
 
     state = np.random.get_state()
     first = objective.evaluate(model)
