@@ -321,3 +321,21 @@ def test_synth_passes_backend_options_to_every_worker(tmp_path, speecht5_dir, jo
         assert len(data) == len(tts.synthesize(text))
     saved = json.loads((tmp_path / "s" / "synth_report.json").read_text())
     assert saved["backend_options"] == options
+
+
+def test_build_synth_cli_takes_a_backend_and_its_options(tmp_path, vits_dir, capsys):
+    from speechlm.cli import main
+
+    texts = tmp_path / "t.txt"
+    texts.write_text(f"{SHORT}\n{LONG}\n")
+    out = tmp_path / "cli"
+    assert main(["build", "synth", str(texts), "--out", str(out), "--backend", "vits",
+                 "--voice", str(vits_dir), "--backend-option", "noise_scale=0.3",
+                 "--no-progress"]) == 0
+    records = read_jsonl(out / "manifest.jsonl")
+    assert len(records) == 2 and records[0]["speaker"].startswith("vits:")
+    saved = json.loads((out / "synth_report.json").read_text())
+    assert saved["backend"] == "vits" and saved["backend_options"] == {"noise_scale": 0.3}
+    assert main(["build", "synth", str(texts), "--out", str(tmp_path / "x"),
+                 "--backend", "vits"]) == 2
+    assert "--backend vits needs --voice MODEL_DIR" in capsys.readouterr().err

@@ -1,16 +1,20 @@
-"""`speechlm build synth INPUT --out DIR`: speak a text corpus with eSpeak NG into a manifest."""
+"""`speechlm build synth INPUT --out DIR`: speak a text corpus with a TTS backend (eSpeak NG by
+default; SpeechT5 or VITS/MMS-TTS from a local checkpoint) into a manifest."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "synthesize speech for a text corpus (text file or JSONL) with eSpeak NG; resumable"
+HELP = ("synthesize speech for a text corpus (text file or JSONL) with eSpeak NG or a local "
+        "SpeechT5 / VITS checkpoint; resumable")
 
 _EXAMPLES = """\
 examples:
   speechlm build synth texts.txt --out data/synth --voice en-us+f3 --voice en-us+m1
   speechlm build synth items.jsonl --out data/es --voices es+m1,es+f2 --rate 140:190 --jobs 4
   speechlm build synth --list-voices es
+  speechlm build synth texts.txt --out data/mms --backend vits --voice models/mms-tts-eng \
+      --backend-option noise_scale=0.5
 Rerun the same command after an interruption: finished items are kept and skipped.
 """
 
@@ -27,6 +31,19 @@ def _int_or_range(text: str) -> int | tuple[int, int]:
             f"expected a number or LOW:HIGH (e.g. 150 or 140:190), got {text!r}") from None
 
 
+def _key_value(text: str) -> tuple[str, object]:
+    """"noise_scale=0.5" -> ("noise_scale", 0.5) (values read as YAML scalars)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. threshold=0.5), got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = _EXAMPLES
@@ -36,8 +53,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="output directory (audio/, manifest.jsonl, "
                         "synth_report.json)")
     parser.add_argument("--voice", action="append", default=[], metavar="V",
-                        help="eSpeak voice LANG[+VARIANT], e.g. en-us+f3; repeat for several "
+                        help="eSpeak voice LANG[+VARIANT], e.g. en-us+f3 (with --backend "
+                             "speecht5/vits: the model directory[:SPEAKER]); repeat for several "
                              "(items are spread over them); default en-us")
+    parser.add_argument("--backend", default="espeak", choices=("espeak", "speecht5", "vits"),
+                        help="TTS backend (default espeak)")
+    parser.add_argument("--backend-option", action="append", default=[], type=_key_value,
+                        metavar="KEY=VALUE", help="an option of the backend, e.g. "
+                        "threshold=0.5 or vocoder=DIR for speecht5, noise_scale=0.5 for vits; "
+                        "repeat for several")
     parser.add_argument("--voices", metavar="V1,V2", default="",
                         help="comma-separated voices (same as repeating --voice)")
     parser.add_argument("--rate", type=_int_or_range, metavar="WPM|LOW:HIGH",
@@ -90,11 +114,15 @@ def run(args: argparse.Namespace) -> int:
 
     voices = list(args.voice) + [v.strip() for v in args.voices.split(",") if v.strip()]
     if not voices:
+        if args.backend != "espeak":
+            raise ConfigError(f"--backend {args.backend} needs --voice MODEL_DIR (a local "
+                              f"{args.backend} checkpoint)")
         voices = ["en-us"]
     report = synthesize_corpus(
         args.input, args.out, voices=voices, rate=args.rate, pitch=args.pitch, jobs=args.jobs,
         audio_format=args.format, sample_rate=args.sample_rate, seed=args.seed,
-        progress=not args.no_progress, strict=args.strict,
+        progress=not args.no_progress, strict=args.strict, backend=args.backend,
+        backend_options=dict(args.backend_option),
     )
     print(report.summary())
     return 0
