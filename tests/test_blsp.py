@@ -253,3 +253,19 @@ def test_unknown_loss_is_rejected_with_the_choices():
 
     with pytest.raises(ConfigError, match="loss.kind must be one of ce, kd, ce\\+kd"):
         load_recipe("recipes/tiny/blsp.yaml", ["loss.kind=mse"])
+
+
+def test_noise_augmentation_has_the_asked_snr_and_is_repeatable(speech_data):
+    from speechlm.data.dataset import AudioDataset
+    from speechlm.recipes.blsp import NoisyAudioDataset
+
+    clean = AudioDataset(speech_data)
+    noisy = NoisyAudioDataset(clean, snr_db=10.0, seed=3)
+    for i in range(3):
+        signal = clean[i]["audio"]
+        noise = noisy[i]["audio"] - signal
+        snr = 10 * torch.log10(signal.pow(2).mean() / noise.pow(2).mean())
+        assert abs(float(snr) - 10.0) < 0.5
+        assert torch.equal(noisy[i]["audio"], noisy[i]["audio"])  # the same noise again
+    assert not torch.equal(noisy[0]["audio"] - clean[0]["audio"],
+                           NoisyAudioDataset(clean, 10.0, seed=4)[0]["audio"] - clean[0]["audio"])

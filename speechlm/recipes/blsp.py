@@ -151,12 +151,11 @@ def _manifest_records(path: Path, limit: int | None = None) -> list[dict]:
 
 
 class NoisyAudioDataset:
-    """An AudioDataset whose items get white noise at `snr_db` (fresh noise per epoch and
-    item, from (seed, epoch, index): a resumed run draws the same noise)."""
+    """An AudioDataset whose items get white noise at `snr_db`. The noise of an item is drawn
+    from (seed, index), so a resumed run adds exactly the noise an uninterrupted one would."""
 
     def __init__(self, dataset, snr_db: float, seed: int = 0):
         self.dataset, self.snr_db, self.seed = dataset, float(snr_db), int(seed)
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -167,7 +166,7 @@ class NoisyAudioDataset:
         item = self.dataset[index]
         if isinstance(item, dict):
             audio = item["audio"]
-            generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % 2**31)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
             power = audio.pow(2).mean().clamp_min(1e-10)
             noise = torch.randn(audio.shape, generator=generator)
             item = {**item, "audio": audio + noise * (power / 10 ** (self.snr_db / 10)).sqrt()}
