@@ -14,6 +14,8 @@ Templates (TEMPLATES registry):
 - "blsp": `###[Human]:{instruction}` <speech> `\\n\\n\\n###[Assistant]:` {response} EOS
   (BLSP, cwang621/blsp: the prefix is tokenized with the tokenizer's special
   tokens (BOS), suffix and response without, EOS appended to the response).
+- "interleaved": InSerter's plain text, BOS {text before} <speech> {text after}
+  EOS: no instruction markup; the loss is on the text after the speech.
 - "chat": the tokenizer's own chat template; the user message holds the
   instruction and a placeholder string that is split out into a speech slot.
   The response ends with the template's end-of-turn token (e.g. `<|im_end|>`).
@@ -136,6 +138,26 @@ class BlspTemplate(PromptTemplate):
             joined = f"{prefix} {transcript}" if instruction else prefix + transcript
             pieces = [_encode(tokenizer, joined + BLSP_SUFFIX, special=True)]
         answer = [] if response is None else _encode(tokenizer, response) + [_eos_id(tokenizer)]
+        return EncodedPrompt(pieces, answer)
+
+
+@TEMPLATES.register("interleaved")
+class InterleavedTemplate(PromptTemplate):
+    """InSerter's plain interleaved text: BOS `{instruction}` + speech + response + EOS, where
+    the "instruction" is the text before the speech (often empty) and the response the text
+    that continues it, joined by spaces as in the corpus the LLM read. No chat markup."""
+
+    name = "interleaved"
+
+    def encode(self, tokenizer, instruction="", *, response=None, transcript=None):
+        bos = [] if tokenizer.bos_token_id is None else [int(tokenizer.bos_token_id)]
+        if transcript is None:
+            pieces = [bos + _encode(tokenizer, instruction), None]
+        else:
+            joined = f"{instruction} {transcript}" if instruction else transcript
+            pieces = [bos + _encode(tokenizer, joined)]
+        answer = [] if response is None else \
+            encode_continuing(tokenizer, " " + response) + [_eos_id(tokenizer)]
         return EncodedPrompt(pieces, answer)
 
 

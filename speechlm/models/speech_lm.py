@@ -242,6 +242,21 @@ class SpeechLM(nn.Module):
 
     # -- prompts and inputs ---------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def with_template(self, template: PromptTemplate | str | None):
+        """Prompts come from `template` (an object or a registered name) inside the block,
+        e.g. InSerter's plain interleaved text while training a model that answers in its own
+        template. None: no change."""
+        if template is None:
+            yield self
+            return
+        saved = self.template
+        self.template = get_template(template) if isinstance(template, str) else template
+        try:
+            yield self
+        finally:
+            self.template = saved
+
     def encode_prompts(self, n: int, instructions: str | Sequence[str] | None = None,
                        responses: Sequence[str] | None = None,
                        transcripts: Sequence[str] | None = None) -> list[EncodedPrompt]:

@@ -60,10 +60,12 @@ def _chunks(items: Sequence, size: int):
 @torch.no_grad()
 def generate_from_speech(model, source: SpeechSource, records: Sequence[dict], instruction: str,
                          *, max_new_tokens: int = 64, batch_size: int = 32) -> list[str]:
-    """Greedy responses of a SpeechLM to `instruction` + each record's speech."""
+    """Greedy responses of a SpeechLM to `instruction` (a record's own `instruction` field
+    wins) + each record's speech."""
     out: list[str] = []
     for chunk in _chunks(list(records), batch_size):
-        out += model.generate(instructions=instruction, max_new_tokens=max_new_tokens,
+        own = [r.get("instruction", instruction) for r in chunk]
+        out += model.generate(instructions=own, max_new_tokens=max_new_tokens,
                               **source.batch(chunk))
     return out
 
@@ -111,10 +113,11 @@ def alignment_metrics(model, source: SpeechSource, records: Sequence[dict], inst
     n = 0
     for chunk in _chunks(list(records), batch_size):
         responses = [r["continuation"] for r in chunk]
+        own = [r.get("instruction", instruction) for r in chunk]  # per-item when given
         student = response_logits(model, model.build_inputs(
-            instructions=instruction, responses=responses, **source.batch(chunk)))
+            instructions=own, responses=responses, **source.batch(chunk)))
         teacher = response_logits(model, model.build_text_inputs(
-            [r["text"] for r in chunk], instructions=instruction, responses=responses),
+            [r["text"] for r in chunk], instructions=own, responses=responses),
             use_lora=False)
         log_s = F.log_softmax(student.logits, -1)
         log_t = F.log_softmax(teacher.logits, -1)

@@ -102,12 +102,16 @@ class BlspObjective:
     """The BLSP stage-2 loss for the Trainer (see the module doc).
 
     loss: "ce", "kd" or "ce+kd"; ce_weight / kd_weight weigh the two in "ce+kd".
-    instruction: what the prompt says before the speech (default: the model's).
+    instruction: what the prompt says before the speech (default: the model's); a batch
+    `instruction` field (one per item) wins.
+    template: the prompt template of the training data when it is not the model's own (InSerter
+    trains on plain interleaved text, "interleaved", and answers in "blsp").
     evaluate_fn(model) -> dict: the behaviour-alignment evaluation (optional).
     """
 
     def __init__(self, model, *, loss: str = "ce", temperature: float = 2.0,
                  ce_weight: float = 1.0, kd_weight: float = 1.0, instruction: str | None = None,
+                 template: str | None = None,
                  evaluate_fn: Callable[[torch.nn.Module], dict] | None = None):
         if loss not in LOSSES:
             raise ConfigError(f"loss.kind must be one of {', '.join(LOSSES)}, got {loss!r}")
@@ -118,20 +122,32 @@ class BlspObjective:
         self.temperature = float(temperature)
         self.ce_weight, self.kd_weight = float(ce_weight), float(kd_weight)
         self.instruction = instruction
+        self.template = template
         self.evaluate_fn = evaluate_fn
 
+    def instructions(self, batch: dict):
+        """Per-item `instruction` fields of the batch (e.g. InSerter's text before the speech)
+        when it has them, else the objective's (or the model's) one instruction."""
+        own = batch.get("instruction")
+        return list(own) if own is not None else self.instruction
+
     def student_inputs(self, batch: dict, responses: Sequence[str]):
-        return self.model.build_inputs(instructions=self.instruction, responses=responses,
+        return self.model.build_inputs(instructions=self.instructions(batch), responses=responses,
                                        **batch_speech(batch))
 
     def teacher_inputs(self, batch: dict, responses: Sequence[str]):
         return self.model.build_text_inputs(batch_transcripts(batch),
-                                            instructions=self.instruction, responses=responses)
+                                            instructions=self.instructions(batch),
+                                            responses=responses)
 
     def loss(self, batch: dict):
         responses = batch.get("continuation")
         if not responses:
             return None  # every item of the batch was skipped
+        with self.model.with_template(self.template):
+            return self._loss(batch, responses)
+
+    def _loss(self, batch: dict, responses: Sequence[str]):
         student = response_logits(self.model, self.student_inputs(batch, responses))
         metrics: dict[str, float] = {"response_tokens": float(student.targets.numel())}
         total = student.logits.new_zeros(())
