@@ -27,6 +27,7 @@ COMMANDS: dict[tuple[str | None, str], str] = {
     ("build", "lm"): "speechlm.commands.build_lm",
     ("build", "segment"): "speechlm.commands.build_segment",
     ("build", "continuations"): "speechlm.commands.build_continuations",
+    ("build", "inserter"): "speechlm.commands.build_inserter",
     ("tune", "lm"): "speechlm.commands.tune_lm",
     ("zoo", "list"): "speechlm.commands.zoo_list",
     ("zoo", "build"): "speechlm.commands.zoo_build",
@@ -34,7 +35,8 @@ COMMANDS: dict[tuple[str | None, str], str] = {
 
 GROUP_HELP = {
     "data": "inspect, validate and import manifests",
-    "build": "offline data jobs (synthesis, n-gram LM, segmentation, BLSP continuations)",
+    "build": "offline data jobs (synthesis, n-gram LM, segmentation, BLSP continuations, InSerter "
+             "samples)",
     "tune": "tune decoding settings on a dev set",
     "zoo": "the embedded zoo: models the toolkit trains itself on the embedded corpus",
 }
