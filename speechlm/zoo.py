@@ -27,6 +27,10 @@ MEMBERS: dict[str, tuple[str, str]] = {
     "ctc_en": ("ctc_en.yaml", "small wav2vec2 CTC model, English, trained from scratch"),
     "llm_en_es": ("llm_en_es.yaml", "small Llama instruction LLM, English and Spanish text"),
     "blsp_en": ("blsp_en.yaml", "speech LLM: ctc_en's encoder + BLSP adapter + llm_en_es"),
+    "inserter_en": ("inserter_en.yaml", "speech LLM: the same parts, InSerter interleaved "
+                    "pre-training"),
+    "blsp_inserter_en": ("blsp_inserter_en.yaml", "speech LLM: blsp_en trained further with "
+                         "InSerter"),
 }
 
 

@@ -107,16 +107,33 @@ eval: {dev_items: 2, generate_items: 1, transfer_items: 2, batch_size: 2}
 """
 
 
+TINY_INSERTER_RECIPE = """\
+task: inserter
+model: {encoder_path: "zoo:ctc_en", llm_path: "zoo:llm_en_es", adapter: blsp,
+        adapter_options: {bottleneck_dim: 16}, template: blsp}
+data: {build: {num_samples: 16, speech_words: [2, 4], max_after_words: 3}, dev_items: 2,
+       max_batch_duration: 30.0}
+train: {max_steps: 2, lr: 1.0e-3, warmup_steps: 1, log_every: 1, tensorboard: false,
+        output_dir: runs/unused}
+eval: {generate_items: 1, transfer_items: 2, speech_instruct_items: 2, batch_size: 2}
+"""
+
+
 def tiny_zoo_recipe(monkeypatch, tmp_path, steps=4):
     """Point the zoo at tiny recipes: ctc_en a 1-layer CTC model of `steps` updates,
-    llm_en_es a 1-layer LLM of 2 updates, blsp_en 2 updates on them."""
+    llm_en_es a 1-layer LLM of 2 updates, blsp_en and inserter_en 2 updates on them,
+    blsp_inserter_en 2 InSerter updates from blsp_en."""
     from speechlm import zoo
 
     paths = {"ctc_en": tmp_path / f"ctc_en_{steps}.yaml", "llm_en_es": tmp_path / "llm.yaml",
-             "blsp_en": tmp_path / "blsp.yaml"}
+             "blsp_en": tmp_path / "blsp.yaml", "inserter_en": tmp_path / "inserter.yaml",
+             "blsp_inserter_en": tmp_path / "blsp_inserter.yaml"}
     paths["ctc_en"].write_text(TINY_RECIPE.replace("STEPS", str(steps)))
     paths["llm_en_es"].write_text(TINY_LLM_RECIPE)
     paths["blsp_en"].write_text(TINY_BLSP_RECIPE)
+    paths["inserter_en"].write_text(TINY_INSERTER_RECIPE)
+    paths["blsp_inserter_en"].write_text(TINY_INSERTER_RECIPE.replace(
+        "task: inserter\n", 'task: inserter\ninit_from: "zoo:blsp_en"\n'))
     monkeypatch.setattr(zoo, "recipe_path", lambda name: paths[name])
     return paths
 

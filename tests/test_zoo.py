@@ -58,7 +58,7 @@ def test_an_edited_recipe_trains_a_new_model(small_corpus, monkeypatch, tmp_path
 
 
 def test_unknown_member_is_rejected():
-    with pytest.raises(ConfigError, match="unknown zoo model 'ctc_fr'; known: ctc_en, llm_en_es, blsp_en"):
+    with pytest.raises(ConfigError, match="unknown zoo model 'ctc_fr'; known: ctc_en, llm_en_es, blsp_en, inserter_en, blsp_inserter_en"):
         zoo.recipe_path("ctc_fr")
 
 
@@ -69,7 +69,8 @@ def test_cli_lists_builds_and_lists_again(tiny_zoo, capsys):
 
     assert main(["zoo", "list", "--json"]) == 0
     before = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert set(before) == {"ctc_en", "llm_en_es", "blsp_en"} and not before["ctc_en"]["built"]
+    assert set(before) == {"ctc_en", "llm_en_es", "blsp_en", "inserter_en",
+                           "blsp_inserter_en"} and not before["ctc_en"]["built"]
     assert main(["zoo", "build", "ctc_en", "--no-progress"]) == 0
     assert "ctc_en: trained: " in capsys.readouterr().out
     assert main(["zoo", "build", "ctc_en", "--no-progress"]) == 0
@@ -85,6 +86,7 @@ def test_cli_lists_builds_and_lists_again(tiny_zoo, capsys):
 def test_cache_key_follows_the_recipe_and_the_members_it_builds_on(tiny_zoo):
     ctc, llm, blsp = (zoo.zoo_run_dir(n) for n in ("ctc_en", "llm_en_es", "blsp_en"))
     assert zoo.dependencies("blsp_en") == {"ctc_en", "llm_en_es"}
+    assert zoo.dependencies("blsp_inserter_en") == {"ctc_en", "llm_en_es", "blsp_en"}
     # a comment is not the recipe: the cached model stays valid
     tiny_zoo["llm_en_es"].write_text("# a note\n" + tiny_zoo["llm_en_es"].read_text())
     assert zoo.zoo_run_dir("llm_en_es") == llm and zoo.zoo_run_dir("blsp_en") == blsp

@@ -23,6 +23,7 @@ TASKS: dict[str, str] = {
     "text_lm": "speechlm.recipes.text_lm",
     "self_training": "speechlm.recipes.self_training",
     "blsp": "speechlm.recipes.blsp",
+    "inserter": "speechlm.recipes.inserter",
 }
 
 

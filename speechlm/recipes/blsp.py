@@ -245,30 +245,65 @@ def _bound_systems(cfg, trained, untrained, source, records):
     }
 
 
+def cached_training_data(cfg, model, train_records, other_records, say) -> tuple:
+    """(dataset, collate_fn, durations, SpeechSource, cache seconds): the encoder-output cache
+    filled for the train records and every evaluation set, and the train set read from it."""
+    from .blsp_eval import SpeechSource
+
+    start = time.perf_counter()
+    cache = build_cache(cfg, model, [train_records, *other_records], say)
+    seconds = time.perf_counter() - start
+    dataset, collate, durations = train_dataset(cfg, train_records, cache)
+    return dataset, collate, durations, SpeechSource(cache), seconds
+
+
+def resolve_models(cfg, say):
+    """`cfg` with its zoo:NAME encoder and LLM resolved to directories (trained if needed)."""
+    from ..zoo import resolve_model_path
+
+    return replace(cfg, model=replace(
+        cfg.model, encoder_path=resolve_model_path(cfg.model.encoder_path, say=say),
+        llm_path=resolve_model_path(cfg.model.llm_path, say=say)))
+
+
+def fit(cfg, objective, dataset, collate, durations, dist, identity_keys) -> tuple:
+    """Train `objective` on duration-bucketed batches with the shared Trainer (resumable);
+    returns (TrainResult, the "train" section of results.json without wall time)."""
+    from ..data.sampler import DurationBucketSampler
+    from ..training.trainer import Trainer
+
+    sampler = DurationBucketSampler(durations, max_batch_duration=cfg.data.max_batch_duration,
+                                    max_batch_size=cfg.data.max_batch_size,
+                                    num_buckets=cfg.data.num_buckets, shuffle=True,
+                                    seed=cfg.train.seed, rank=dist.rank,
+                                    world_size=dist.world_size)
+    trainer = Trainer(cfg.train, objective, dataset, sampler, collate_fn=collate, run_config=cfg,
+                      identity_keys=identity_keys)
+    start, steps_before = time.perf_counter(), trainer.step
+    result = trainer.fit()
+    seconds = time.perf_counter() - start
+    return result, {"steps": result.step, "final_train_loss": result.train_metrics.get("loss"),
+                    "train_seconds": seconds,
+                    "steps_per_second": (result.step - steps_before) / max(seconds, 1e-9)}
+
+
 # -- the runner -------------------------------------------------------------------------------
 
 
 def run(config: Config) -> dict:
     """Run BLSP per `config` (see the module doc); returns the results dict."""
 
-    from ..data.sampler import DurationBucketSampler
     from ..jsonl import atomic_write, write_jsonl
     from ..pipelines.continuations import read_continuations
     from ..training import distributed
     from ..training.objectives.blsp import BlspObjective
-    from ..training.trainer import Trainer
-    from ..zoo import resolve_model_path
     from . import start_run
-    from .blsp_eval import SpeechSource, alignment_metrics, transfer_scores
+    from .blsp_eval import alignment_metrics, transfer_scores
     from .sources import resolve_manifest
 
-    cfg = config
-    dist, out, say = start_run(cfg.train, cfg.threads)
-
+    dist, out, say = start_run(config.train, config.threads)
     started = time.perf_counter()
-    cfg = replace(cfg, model=replace(
-        cfg.model, encoder_path=resolve_model_path(cfg.model.encoder_path, say=say),
-        llm_path=resolve_model_path(cfg.model.llm_path, say=say)))
+    cfg = resolve_models(config, say)
 
     # 1. stage 1
     stage1 = time.perf_counter()
@@ -295,19 +330,10 @@ def run(config: Config) -> dict:
     say(f"SpeechLM: encoder {model.encoder.kind} ({cfg.model.encoder_path}), LLM "
         f"{cfg.model.llm_path}; trainable {model.num_parameters(True) / 1e6:.3f}M of "
         f"{model.num_parameters() / 1e6:.2f}M parameters")
-    cache_start = time.perf_counter()
-    cache = build_cache(cfg, model, [train_records, dev_records, transfer_records], say)
-    cache_seconds = time.perf_counter() - cache_start
-    dataset, collate, durations = train_dataset(cfg, train_records, cache)
-    source = SpeechSource(cache)
+    dataset, collate, durations, source, cache_seconds = cached_training_data(
+        cfg, model, train_records, [dev_records, transfer_records], say)
 
     # 3. training
-    sampler = DurationBucketSampler(durations, max_batch_duration=cfg.data.max_batch_duration,
-                                    max_batch_size=cfg.data.max_batch_size,
-                                    num_buckets=cfg.data.num_buckets, shuffle=True,
-                                    seed=cfg.train.seed, rank=dist.rank,
-                                    world_size=dist.world_size)
-
     def evaluate(m) -> dict:
         if not dev_records:
             return {}
@@ -319,12 +345,8 @@ def run(config: Config) -> dict:
     objective = BlspObjective(model, loss=cfg.loss.kind, temperature=cfg.loss.temperature,
                               ce_weight=cfg.loss.ce_weight, kd_weight=cfg.loss.kd_weight,
                               evaluate_fn=evaluate)
-    trainer = Trainer(cfg.train, objective, dataset, sampler, collate_fn=collate, run_config=cfg,
-                      identity_keys=("model", "loss"))
-    fit_start = time.perf_counter()
-    steps_before = trainer.step
-    result = trainer.fit()
-    train_seconds = time.perf_counter() - fit_start
+    result, train_summary = fit(cfg, objective, dataset, collate, durations, dist,
+                                ("model", "loss"))
 
     results: dict = {}
     if dist.is_main:
@@ -339,14 +361,11 @@ def run(config: Config) -> dict:
             table = transfer_scores(systems, transfer_records, cfg.eval.transfer_tasks,
                                     hyps_out=rows)
             write_jsonl(out / "transfer_hyps.jsonl", rows)
-        steps_run = result.step - steps_before
         results = {
             "transfer": table,
             "alignment": result.eval_metrics,
-            "train": {"steps": result.step, "final_train_loss": result.train_metrics.get("loss"),
-                      "train_seconds": train_seconds,
-                      "steps_per_second": steps_run / max(train_seconds, 1e-9),
-                      "stage1_seconds": stage1_seconds, "cache_seconds": cache_seconds,
+            "train": {**train_summary, "stage1_seconds": stage1_seconds,
+                      "cache_seconds": cache_seconds,
                       "wall_seconds": time.perf_counter() - started},
             "data": {"train_items": len(train_records), "dev_items": len(dev_records),
                      "transfer_items": len(transfer_records),
@@ -357,7 +376,8 @@ def run(config: Config) -> dict:
             json.dump(results, f, indent=2, ensure_ascii=False, default=_jsonable)
         if table:
             say(format_results(results))
-        say(f"trained {result.step} steps in {train_seconds:.0f} s; adapter saved to {final_dir}")
+        say(f"trained {result.step} steps in {train_summary['train_seconds']:.0f} s; adapter "
+            f"saved to {final_dir}")
     distributed.barrier()
     return results
 
