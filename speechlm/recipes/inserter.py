@@ -123,8 +123,9 @@ class Config:
 # -- the parts --------------------------------------------------------------------------------
 
 
-def samples_dir(cfg: Config, say) -> Path:
-    """The InSerter samples of this run: built (or resumed) in the cache when "auto"."""
+def samples_dir(cfg: Config, say, *, build: bool = True) -> Path:
+    """The InSerter samples of this run: built (or resumed) in the cache when "auto" (only
+    where `build`, i.e. on the main process; the others read what it built)."""
     from ..paths import cache_dir
     from ..pipelines.inserter import build_inserter, sample_shards
 
@@ -135,6 +136,8 @@ def samples_dir(cfg: Config, say) -> Path:
     b = cfg.data.build
     key = hashlib.sha256(json.dumps(asdict(b), sort_keys=True).encode()).hexdigest()[:12]
     out = cache_dir() / "inserter" / f"{b.corpus.replace(':', '_').replace('/', '_')}-{key}"
+    if not build:
+        return out
     summary = build_inserter(b.corpus, out, voices=b.voices, rate=_range(b.rate),
                              pitch=_range(b.pitch), settings=b.settings(), jobs=b.jobs,
                              progress=cfg.train.progress)
@@ -200,9 +203,8 @@ def run(config: Config) -> dict:
 
     # 1. samples
     build_start = time.perf_counter()
-    samples = samples_dir(cfg, say) if dist.is_main else None
+    samples = samples_dir(cfg, say, build=dist.is_main)
     distributed.barrier()
-    samples = samples or samples_dir(cfg, lambda _: None)
     records = read_samples(samples)
     for r in records:
         r["instruction"] = r["before"]  # the text before the speech, per item
