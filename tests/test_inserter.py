@@ -227,3 +227,16 @@ def test_shipped_inserter_recipes_validate(recipe):
     if "blsp_inserter" in recipe:
         assert config.init_from == "zoo:blsp_en" and set(config.eval.compare) == {
             "BLSP-KD", "InSerter"}
+
+
+def test_cli_builds_samples_with_a_local_vits_checkpoint(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "vits"
+    code = cli_main(["build", "inserter", "--corpus", str(_corpus(tmp_path, n=4)), "--tts",
+                     f"vits:{tiny_ckpt('vits')}", "--out", str(out), "--speech-words", "2:3",
+                     "--no-progress"])
+    assert code == 0 and "4 in 1 shard(s)" in capsys.readouterr().out
+    records = read_samples(out)
+    assert all(r["speaker"].startswith("vits:") and r["duration"] > 0 for r in records)
+    assert cli_main(["build", "inserter", "--corpus", str(_corpus(tmp_path, n=4)), "--tts",
+                     "vits", "--out", str(tmp_path / "none")]) == 2
+    assert "--tts vits: give the model directory" in capsys.readouterr().err
