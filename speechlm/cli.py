@@ -28,6 +28,7 @@ COMMANDS: dict[tuple[str | None, str], str] = {
     ("build", "segment"): "speechlm.commands.build_segment",
     ("build", "continuations"): "speechlm.commands.build_continuations",
     ("build", "inserter"): "speechlm.commands.build_inserter",
+    ("build", "tokenize"): "speechlm.commands.build_tokenize",
     ("tune", "lm"): "speechlm.commands.tune_lm",
     ("zoo", "list"): "speechlm.commands.zoo_list",
     ("zoo", "build"): "speechlm.commands.zoo_build",
@@ -36,7 +37,7 @@ COMMANDS: dict[tuple[str | None, str], str] = {
 GROUP_HELP = {
     "data": "inspect, validate and import manifests",
     "build": "offline data jobs (synthesis, n-gram LM, segmentation, BLSP continuations, InSerter "
-             "samples)",
+             "samples, GLM-4-Voice interleaved sequences)",
     "tune": "tune decoding settings on a dev set",
     "zoo": "the embedded zoo: models the toolkit trains itself on the embedded corpus",
 }

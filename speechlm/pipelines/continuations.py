@@ -12,133 +12,47 @@ tokens) is stored as the record's fields + `continuation` (stripped text) +
 `max_prompt_tokens` or an empty continuation are listed in
 `<out>.skipped.jsonl` as {id, reason} and counted; the job goes on.
 
-Files beside `<out>`:
-- `<out>.meta.json` (written atomically): the manifest (path, sha256 of its
-  bytes), the LLM (directory, config_sha256), template, instruction,
-  max_new_tokens, max_prompt_tokens; `complete: true` and the counts once
-  `<out>` is final. A rerun with the same settings resumes (or returns at
-  once when complete); other settings are an error naming the field.
-- `<out>.part-r{R}-of-{W}.jsonl` (+ `.skipped.jsonl`): rank R's lines while
-  the job runs, appended and fsynced chunk by chunk (`JsonlAppender`). Ids in
-  any part or in `<out>` are not redone, so a killed job reruns without
-  duplicates or gaps, even with another number of ranks.
-
-Sharding: under torchrun (or with explicit rank/world_size, e.g. one job per
-GPU on a cluster) rank R continues records R, R+W, ... of the manifest (after
-dropping repeated ids). When every record is done the parts are merged into
-`<out>` and `<out>.skipped.jsonl` in manifest order (atomic writes), removed,
-and the meta is marked complete: under torchrun by rank 0 after a barrier,
-with explicit ranks by whichever process finds every record done. A single
-process is rank 0 of 1 and merges at its end.
+The job is a `speechlm.pipelines.record_job` job: `<out>.meta.json` holds
+the manifest (path, sha256 of its bytes), the LLM (directory, config_sha256),
+template, instruction, max_new_tokens and max_prompt_tokens (a rerun must
+match them: it resumes, without duplicates or gaps, even with another number
+of ranks); rank R continues records R, R+W, ... under torchrun, into its own
+part; the parts are merged into `<out>` once every record is done.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import re
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.instructions import CONTINUE_INSTRUCTION
 from ..errors import ConfigError, SpeechLMError
+from .record_job import (
+    JobSummary,
+    RecordJob,
+    check_complete,
+    job_device,
+    manifest_mismatch,
+    manifest_sha256,
+    meta_path,
+    part_path,
+    prepare,
+    run_records,
+    shard,
+    skipped_path,
+    unique_records,
+)
 
 __all__ = [
     "ContinuationSummary", "build_continuations", "check_continuations", "manifest_sha256",
     "meta_path", "part_path", "read_continuations", "skipped_path",
 ]
 
-META_SUFFIX = ".meta.json"
-SKIPPED_SUFFIX = ".skipped.jsonl"
 # Settings that decide what the continuations are; a rerun must match them all.
 SETTINGS = ("llm", "llm_config_sha256", "template", "instruction", "max_new_tokens",
             "max_prompt_tokens")
-
-
-# -- file names --------------------------------------------------------------------------
-
-
-def meta_path(out) -> Path:
-    return Path(f"{out}{META_SUFFIX}")
-
-
-def skipped_path(out) -> Path:
-    return Path(f"{out}{SKIPPED_SUFFIX}")
-
-
-def part_path(out, rank: int, world_size: int, *, skipped: bool = False) -> Path:
-    """Rank `rank`'s part of `out` (or of its skipped list) while the job runs."""
-    return Path(f"{out}.part-r{rank}-of-{world_size}" + (SKIPPED_SUFFIX if skipped else ".jsonl"))
-
-
-def _part_files(out: Path) -> tuple[list[Path], list[Path]]:
-    """(line parts, skipped parts) of any world size found beside `out`."""
-    pattern = re.compile(re.escape(out.name) + r"\.part-r\d+-of-\d+(\.skipped)?\.jsonl")
-    lines, skipped = [], []
-    if out.parent.is_dir():
-        for path in sorted(out.parent.iterdir()):
-            match = pattern.fullmatch(path.name)
-            if match:
-                (skipped if match.group(1) else lines).append(path)
-    return lines, skipped
-
-
-def _fix(out: Path) -> str:
-    return (f"use another --out, or delete {out}* (the output, its {META_SUFFIX} and any parts) "
-            "to start again")
-
-
-# -- meta --------------------------------------------------------------------------------
-
-
-def manifest_sha256(path) -> str:
-    """sha256 of the manifest file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _read_meta(out: Path) -> dict | None:
-    path = meta_path(out)
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise SpeechLMError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); "
-                            f"{_fix(out)}") from None
-    if not isinstance(meta, dict):
-        raise SpeechLMError(f"{path}: expected a JSON object; {_fix(out)}")
-    return meta
-
-
-def _write_meta(out: Path, meta: dict) -> None:
-    from ..jsonl import atomic_write
-
-    with atomic_write(meta_path(out)) as f:
-        json.dump(meta, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
-
-def _manifest_mismatch(out: Path, old: dict, manifest, sha: str) -> str:
-    return (f"continuations in {out} were written for {old.get('manifest')} (sha256 "
-            f"{str(old.get('manifest_sha256'))[:12]}), not {manifest} (sha256 {sha[:12]})")
-
-
-def _check_settings(out: Path, old: dict, new: dict) -> None:
-    if old.get("manifest_sha256") != new["manifest_sha256"]:
-        raise SpeechLMError(f"{_manifest_mismatch(out, old, new['manifest'], new['manifest_sha256'])}"
-                            f"; {_fix(out)}")
-    for key in SETTINGS:
-        if old.get(key) != new[key]:
-            raise SpeechLMError(f"{out} was built with {key} {old.get(key)!r}, not {new[key]!r}; "
-                                f"{_fix(out)}")
 
 
 def check_continuations(path, *, manifest=None) -> dict:
@@ -148,17 +62,8 @@ def check_continuations(path, *, manifest=None) -> dict:
     (a path or embedded:LANG/SPLIT) is not the manifest the continuations were made from.
     """
     out = Path(path)
-    meta = _read_meta(out)
-    if meta is None:
-        raise SpeechLMError(
-            f"{out}: no {meta_path(out).name} beside it, so these are not continuations written "
-            f"by `speechlm build continuations`; build them with `speechlm build continuations "
-            f"--llm LLM --manifest MANIFEST --out {out}`")
-    if not meta.get("complete") or not out.is_file():
-        raise SpeechLMError(
-            f"{out}: the continuations are not complete (the job was interrupted, or other ranks "
-            "have not finished); rerun the same `speechlm build continuations` command (it "
-            "resumes) until it reports them complete")
+    meta = check_complete(out, "continuations", "speechlm build continuations --llm LLM "
+                          f"--manifest MANIFEST --out {out}")
     if manifest is not None:
         from ..recipes.sources import resolve_manifest
 
@@ -166,7 +71,7 @@ def check_continuations(path, *, manifest=None) -> dict:
         sha = manifest_sha256(resolved)
         if sha != meta.get("manifest_sha256"):
             raise SpeechLMError(
-                f"{_manifest_mismatch(out, meta, resolved, sha)}; build continuations for this "
+                f"{manifest_mismatch(out, meta, resolved, sha, 'continuations')}; build continuations for this "
                 f"manifest (`speechlm build continuations --manifest {manifest} --out OTHER.jsonl`)"
                 f" or train on {meta.get('manifest')}")
     return meta
@@ -194,20 +99,10 @@ def read_continuations(path, *, manifest=None, limit: int | None = None) -> list
 
 
 @dataclass
-class ContinuationSummary:
+class ContinuationSummary(JobSummary):
     """What one build_continuations call did (not lines an earlier run wrote)."""
 
-    items: int = 0                     # records continued now
-    skipped: Counter = field(default_factory=Counter)  # reason -> records skipped now
     tokens: int = 0                    # new tokens generated now
-    wall_s: float = 0.0
-    already_done: int = 0              # this rank's records found from earlier runs
-    duplicates: int = 0                # manifest lines repeating an earlier id (left out)
-    remaining: int = 0                 # records other ranks still have to do
-    complete: bool = False             # `out_path` is final
-    out_path: Path | None = None
-    rank: int = 0
-    world_size: int = 1
 
     @property
     def tokens_per_s(self) -> float:
@@ -217,100 +112,11 @@ class ContinuationSummary:
         text = f"rank {self.rank} of {self.world_size}: " if self.world_size > 1 else ""
         text += (f"continued {self.items} record(s): {self.tokens} tokens in {self.wall_s:.1f} s "
                 f"({self.tokens_per_s:.1f} tokens/s)")
-        if self.skipped:
-            reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(self.skipped.items()))
-            text += f"; skipped {sum(self.skipped.values())} ({reasons})"
-        if self.already_done:
-            text += f"; {self.already_done} done by an earlier run"
-        if self.duplicates:
-            text += f"; {self.duplicates} repeated id(s) left out"
-        if self.complete:
-            text += f"; complete: {self.out_path}"
-        else:
-            text += (f"; {self.remaining} record(s) still to do by other ranks (the last to "
-                     f"finish writes {self.out_path})")
+        text += self.status()
         return text
 
 
 # -- the job -----------------------------------------------------------------------------
-
-
-def _shard(rank, world_size, device: str) -> tuple[int, int, bool]:
-    """(rank, world size, whether a torch process group coordinates the ranks)."""
-    if rank is None and world_size is None:
-        from ..training import distributed
-
-        kind = "cpu" if device == "cpu" else "cuda" if device.startswith("cuda") else "auto"
-        info = distributed.init_distributed(kind)
-        return info.rank, info.world_size, info.enabled
-    if rank is None or world_size is None:
-        raise ConfigError("give both rank and world_size (or neither: torchrun's environment)")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ConfigError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
-    return int(rank), int(world_size), False
-
-
-def _device(device: str):
-    import torch
-
-    if device == "auto":
-        if torch.cuda.is_available():
-            from ..training import distributed
-
-            return torch.device("cuda", distributed.local_rank())
-        return torch.device("cpu")
-    return torch.device(device)
-
-
-def _read(path: Path) -> list[dict]:
-    """Records of a JSONL file that may be torn at its end or removed meanwhile (a merge by
-    another process): missing -> []."""
-    from ..jsonl import iter_jsonl
-
-    if not path.is_file():
-        return []
-    try:
-        return [record for _, record in iter_jsonl(path, tolerate_torn_tail=True)]
-    except FileNotFoundError:
-        return []
-
-
-def _done_ids(out: Path) -> set[str]:
-    """Ids finished (continued or skipped) in any part or in the final files."""
-    lines, skipped = _part_files(out)
-    paths = [*lines, *skipped, out, skipped_path(out)]
-    return {str(record.get("id")) for path in paths for record in _read(path)}
-
-
-def _merge(out: Path, ids: Sequence[str], settings: dict) -> dict | None:
-    """Merge parts (any world size) and any final files into `out` in manifest order and
-    mark the meta complete; None (nothing written) when some record is not done yet."""
-    from ..jsonl import write_jsonl
-
-    lines_parts, skipped_parts = _part_files(out)
-    # Parts first, the final files after: a concurrent merge writes the final files before
-    # removing parts, so a part gone missing here is already in them.
-    kept: dict[str, dict] = {}
-    dropped: dict[str, dict] = {}
-    for paths, into in ((lines_parts, kept), (skipped_parts, dropped),
-                        ([out], kept), ([skipped_path(out)], dropped)):
-        for path in paths:
-            for record in _read(path):
-                into.setdefault(str(record.get("id")), record)
-    if any(i not in kept and i not in dropped for i in ids):
-        return None
-    continued = [kept[i] for i in ids if i in kept]
-    skipped = [dropped[i] for i in ids if i not in kept and i in dropped]
-    write_jsonl(skipped_path(out), skipped)
-    write_jsonl(out, continued)
-    for path in (*lines_parts, *skipped_parts):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-    meta = {**settings, "complete": True, "items": len(continued),
-            "skipped": dict(sorted(Counter(r.get("reason") for r in skipped).items())),
-            "tokens": sum(int(r.get("continuation_tokens", 0)) for r in continued)}
-    _write_meta(out, meta)
-    return meta
 
 
 class _Continuer:
@@ -384,8 +190,6 @@ def build_continuations(llm_dir, manifest, out_path, *, instruction: str = CONTI
     embedded:LANG/SPLIT. chunk_size: records per appended chunk (default 8 batches).
     rank/world_size: this process's shard (default: torchrun's environment, else 0 of 1).
     """
-    from ..data.manifest import iter_manifest_lines
-    from ..jsonl import JsonlAppender
     from ..models.encoders import config_sha256, resolve_pretrained_dir
     from ..recipes.sources import resolve_manifest
     from ..training import distributed
@@ -398,7 +202,7 @@ def build_continuations(llm_dir, manifest, out_path, *, instruction: str = CONTI
             raise ConfigError(f"{name} must be >= 1, got {value}")
     started = time.perf_counter()
     out = Path(out_path)
-    rank, world, group = _shard(rank, world_size, str(device))
+    rank, world, group = shard(rank, world_size, str(device))
     tell = say if rank == 0 or not group else (lambda message: None)
     summary = ContinuationSummary(out_path=out, rank=rank, world_size=world)
 
@@ -414,83 +218,29 @@ def build_continuations(llm_dir, manifest, out_path, *, instruction: str = CONTI
                 "llm": str(llm_path), "llm_config_sha256": config_sha256(llm_path),
                 "template": template, "instruction": instruction,
                 "max_new_tokens": int(max_new_tokens), "max_prompt_tokens": int(max_prompt_tokens)}
+    job = RecordJob(out, settings, SETTINGS, "continuations", summary,
+                    totals=lambda lines: {"tokens": sum(int(r.get("continuation_tokens", 0))
+                                                        for r in lines)})
+    if prepare(job, rank, group, tell):
+        return summary
+    records = unique_records(manifest_path, summary)
 
-    # Every rank checks (so all raise alike, none waits at a barrier); one writes.
-    meta = _read_meta(out)
-    if meta is None:
-        if out.exists() or any(_part_files(out)):
-            raise SpeechLMError(f"{out} exists but has no {meta_path(out).name}, so it was not "
-                                f"written by this job (or its meta file was deleted); {_fix(out)}")
-    else:
-        _check_settings(out, meta, settings)
-        if meta.get("complete") and out.is_file():
-            tell(f"{out}: already complete ({meta.get('items')} continuations)")
-            summary.complete = True
-            return summary
-    if meta is None or meta.get("complete"):  # new, or complete but the output was deleted
-        if rank == 0 or not group:
-            _write_meta(out, {**settings, "complete": False})
-    if group:
-        distributed.barrier()
-
-    ids: list[str] = []
-    records: list[dict] = []
-    seen: set[str] = set()
-    for _, record in iter_manifest_lines(manifest_path, resolve=False):
-        rid = str(record["id"])
-        if rid in seen:
-            summary.duplicates += 1
-            continue
-        seen.add(rid)
-        ids.append(rid)
-        records.append(record)
-    done = _done_ids(out)
-    mine = records[rank::world]
-    todo = [r for r in mine if str(r["id"]) not in done]
-    summary.already_done = len(mine) - len(todo)
-    if todo:
-        where = _device(str(device))
-        tell(f"continuing {len(todo)} record(s) of {manifest_path} with {llm_path} on {where}"
+    def start(count: int):
+        where = job_device(str(device))
+        tell(f"continuing {count} record(s) of {manifest_path} with {llm_path} on {where}"
              + (f" ({world} ranks)" if world > 1 else "")
              + (f"; {summary.already_done} done by an earlier run" if summary.already_done else ""))
         continuer = _Continuer(llm_path, template, instruction, device=where,
                                max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
                                batch_size=batch_size)
-        chunk = chunk_size or batch_size * 8
-        bar = None
-        if progress and (rank == 0 or not group):
-            from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(todo), desc="continue", unit="record", dynamic_ncols=True)
-        try:
-            with JsonlAppender(part_path(out, rank, world)) as lines, \
-                    JsonlAppender(part_path(out, rank, world, skipped=True)) as skips:
-                for first in range(0, len(todo), chunk):
-                    part = todo[first:first + chunk]
-                    results, tokens = continuer.run(part)
-                    for line, reason in results:
-                        if reason is None:
-                            lines.write(line)
-                            summary.items += 1
-                        else:
-                            skips.write(line)
-                            summary.skipped[reason] += 1
-                    summary.tokens += tokens
-                    if bar is not None:
-                        bar.update(len(part))
-        finally:
-            if bar is not None:
-                bar.close()
-            summary.wall_s = time.perf_counter() - started
+        def work(part):
+            results, tokens = continuer.run(part)
+            summary.tokens += tokens
+            return results
 
-    if group:
-        distributed.barrier()
-        merged = _merge(out, ids, settings) is not None if rank == 0 else None
-        summary.complete = bool(distributed.broadcast_object(merged))
-    else:
-        summary.complete = _merge(out, ids, settings) is not None
-    if not summary.complete:
-        finished = _done_ids(out)
-        summary.remaining = sum(i not in finished for i in ids)
-    summary.wall_s = time.perf_counter() - started
-    return summary
+        return work
+
+    return run_records(job, records, start, rank=rank, world=world, group=group,
+                       chunk=chunk_size or batch_size * 8, progress=progress, desc="continue",
+                       started=started)

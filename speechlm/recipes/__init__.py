@@ -24,6 +24,7 @@ TASKS: dict[str, str] = {
     "self_training": "speechlm.recipes.self_training",
     "blsp": "speechlm.recipes.blsp",
     "inserter": "speechlm.recipes.inserter",
+    "speech_tokenizer": "speechlm.recipes.speech_tokenizer",
 }
 
 

@@ -166,28 +166,19 @@ class Config:
 
 def run(config: Config) -> dict:
     """Train per `config` (see the module doc); returns the results dict."""
-    from ..data.dataset import AudioDataset, SkipReport
+    from ..data.dataset import SkipReport
     from ..models.ctc import (
-        CharVocab,
-        build_char_vocab,
         frames_for_samples,
         load_ctc_model,
         save_ctc_model,
-        vocab_report,
     )
     from ..training import checkpoint, distributed
-    from ..training.objectives.ctc import CTCCollator, CTCObjective, prepare_ctc_records, say
+    from ..training.objectives.ctc import CTCCollator, CTCObjective, say
     from ..training.trainer import Trainer, seed_everything
 
     cfg = config
     data = cfg.data
-    if not data.train:
-        raise ConfigError("data.train: list at least one labelled manifest, e.g. "
-                          "[{manifest: data/train.jsonl, lang: en}]")
-    if not data.dev:
-        raise ConfigError("data.dev: give a held-out labelled manifest; it picks the best "
-                          "checkpoint and guards against blank collapse (a few hundred "
-                          "utterances are enough)")
+    check_labelled_data(data)
     if cfg.model.freeze_encoder_steps >= cfg.train.max_steps:
         raise ConfigError(f"model.freeze_encoder_steps={cfg.model.freeze_encoder_steps} >= "
                           f"train.max_steps={cfg.train.max_steps}: only the output layer would "
@@ -199,21 +190,7 @@ def run(config: Config) -> dict:
     train_langs = [source.lang for source in data.train]
 
     # 1. vocabulary
-    resume_dir = _resume_run_dir(cfg.train)
-    if resume_dir is not None and (resume_dir / "vocab.json").is_file():
-        vocab = CharVocab.load(resume_dir)  # the run's own vocabulary: the head must match
-    elif data.vocab:
-        vocab = CharVocab.load(data.vocab)
-    else:
-        vocab = build_char_vocab(paths["train"], train_langs, min_count=data.vocab_min_count)
-    eval_sources = {split: ([paths[split]], data.lang) for split in ("dev", "test")
-                    if paths.get(split)}
-    report = vocab_report(vocab, eval_sources, rare_below=data.rare_char_count)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        vocab.save(out)
-        report.write(out / "vocab_report.json")
-        say(report.summary())
+    vocab, report = training_vocab(data, cfg.train, paths, train_langs, dist.is_main, out)
 
     # 2. model
     seed_everything(cfg.train.seed)
@@ -233,38 +210,8 @@ def run(config: Config) -> dict:
     min_duration = _min_duration_for_masking(cfg, frames_for_duration)
 
     # 3. data
-    groups: dict[str, dict] = {}
-    reports = []
-    for pos, (source, path) in enumerate(zip(data.train, paths["train"], strict=True)):
-        records, rep = prepare_ctc_records(
-            path, vocab, lang=source.lang, frames_for_duration=frames_for_duration,
-            unknown=data.unknown_chars, min_duration=min_duration,
-            max_duration=data.max_duration, name=f"train[{pos}] {source.manifest}")
-        reports.append(rep)
-        lang = source.lang or _single_lang(records, f"data.train[{pos}] ({source.manifest})")
-        hours = sum(float(r["duration"]) for r in records) / 3600
-        group = groups.setdefault(lang, {"records": [], "hours": 0.0, "size": 0.0})
-        group["records"].extend(records)
-        group["hours"] += hours
-        group["size"] += (hours if data.size_by == "hours" else len(records)) * source.weight
-    eval_sets = {}
-    for split in ("dev", "test"):
-        if paths.get(split):
-            records, rep = prepare_ctc_records(paths[split], vocab, lang=data.lang,
-                                               training=False, name=split)
-            reports.append(rep)
-            eval_sets[split] = AudioDataset(records, sample_rate=sample_rate, strict=data.strict,
-                                            silence_dbfs=None)
-    if dist.is_main:
-        _write_json(out / "data_report.json", [rep.to_dict() for rep in reports])
-        for rep in reports:
-            say(rep.summary())
-
-    dataset, sampler, probabilities = _build_sampler(groups, data, cfg.train.seed, dist)
-    if dist.is_main and len(groups) > 1:
-        say("languages: " + ", ".join(
-            f"{lang} ({groups[lang]['hours']:.2f} h, p={p:.3f})"
-            for lang, p in probabilities.items()))
+    dataset, sampler, probabilities, eval_sets, reports = prepare_audio_data(
+        data, vocab, paths, frames_for_duration, min_duration, cfg.train.seed, dist, out)
 
     # 4. train
     train_cfg = _train_config(cfg, model)
@@ -337,6 +284,84 @@ def run(config: Config) -> dict:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def check_labelled_data(data: DataConfig) -> None:
+    if not data.train:
+        raise ConfigError("data.train: list at least one labelled manifest, e.g. "
+                          "[{manifest: data/train.jsonl, lang: en}]")
+    if not data.dev:
+        raise ConfigError("data.dev: give a held-out labelled manifest; it picks the best "
+                          "checkpoint and guards against blank collapse (a few hundred "
+                          "utterances are enough)")
+
+
+def training_vocab(data: DataConfig, train: TrainConfig, paths: dict, train_langs: list,
+                   is_main: bool, out: Path):
+    """(character vocabulary, its report): the resumed run's own vocabulary (the head must
+    match), data.vocab, or one built from the training transcripts. Rank 0 saves both."""
+    from ..models.ctc import CharVocab, build_char_vocab, vocab_report
+    from ..training.objectives.ctc import say
+
+    resume_dir = _resume_run_dir(train)
+    if resume_dir is not None and (resume_dir / "vocab.json").is_file():
+        vocab = CharVocab.load(resume_dir)
+    elif data.vocab:
+        vocab = CharVocab.load(data.vocab)
+    else:
+        vocab = build_char_vocab(paths["train"], train_langs, min_count=data.vocab_min_count)
+    eval_sources = {split: ([paths[split]], data.lang) for split in ("dev", "test")
+                    if paths.get(split)}
+    report = vocab_report(vocab, eval_sources, rare_below=data.rare_char_count)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        vocab.save(out)
+        report.write(out / "vocab_report.json")
+        say(report.summary())
+    return vocab, report
+
+
+def prepare_audio_data(data: DataConfig, vocab, paths: dict, frames_for_duration, min_duration,
+                       seed: int, dist, out: Path):
+    """(train dataset, batch sampler, language probabilities, {split: dev/test dataset},
+    data reports) for labelled audio: transcripts encoded and checked up front, skipped items
+    counted and written to out/data_report.json."""
+    from ..data.dataset import AudioDataset
+    from ..training.objectives.ctc import prepare_ctc_records, say
+
+    groups: dict[str, dict] = {}
+    reports = []
+    for pos, (source, path) in enumerate(zip(data.train, paths["train"], strict=True)):
+        records, rep = prepare_ctc_records(
+            path, vocab, lang=source.lang, frames_for_duration=frames_for_duration,
+            unknown=data.unknown_chars, min_duration=min_duration,
+            max_duration=data.max_duration, name=f"train[{pos}] {source.manifest}")
+        reports.append(rep)
+        lang = source.lang or _single_lang(records, f"data.train[{pos}] ({source.manifest})")
+        hours = sum(float(r["duration"]) for r in records) / 3600
+        group = groups.setdefault(lang, {"records": [], "hours": 0.0, "size": 0.0})
+        group["records"].extend(records)
+        group["hours"] += hours
+        group["size"] += (hours if data.size_by == "hours" else len(records)) * source.weight
+    eval_sets = {}
+    for split in ("dev", "test"):
+        if paths.get(split):
+            records, rep = prepare_ctc_records(paths[split], vocab, lang=data.lang,
+                                               training=False, name=split)
+            reports.append(rep)
+            eval_sets[split] = AudioDataset(records, sample_rate=data.sample_rate,
+                                            strict=data.strict, silence_dbfs=None)
+    if dist.is_main:
+        _write_json(out / "data_report.json", [rep.to_dict() for rep in reports])
+        for rep in reports:
+            say(rep.summary())
+    dataset, sampler, probabilities = _build_sampler(groups, data, seed, dist)
+    if dist.is_main and len(groups) > 1:
+        say("languages: " + ", ".join(
+            f"{lang} ({groups[lang]['hours']:.2f} h, p={p:.3f})"
+            for lang, p in probabilities.items()))
+    return dataset, sampler, probabilities, eval_sets, reports
+
 
 
 def _resolve_manifests(data: DataConfig, progress: bool, is_main: bool) -> dict:

@@ -1,0 +1,414 @@
+"""Supervised speech tokenizer (GLM-4-Voice style): a Whisper encoder cut in two by a VQ.
+
+    tok = SpeechTokenizer.build("scratch", vocab, TokenizerSettings(vq_layer=2, num_codes=512),
+                                scratch_config={"d_model": 128, "encoder_layers": 4, ...})
+    out = tok(audio, lengths)             # training: CTC log-probs over characters + VQOutput
+    loss = ctc_loss(out.log_probs, ...) + out.vq.commit_loss
+    units = tok.encode(audio, lengths)    # inference: list of code lists, 12.5 per second
+    save_speech_tokenizer(tok, "runs/tok/final"); tok = load_speech_tokenizer("runs/tok/final")
+
+Layout, after the paper: Whisper's conv front end and its first `vq_layer`
+transformer layers run at 50 Hz; an average pool (kernel `pool`, 4 -> 12.5 Hz)
+and a nearest-neighbour VQ with an EMA codebook (speechlm.models.vq) follow;
+at inference that is all (`encode`: the layers above the VQ are dropped).
+During training the codes go on through the remaining encoder layers to an
+ASR head, so the codes have to carry what the transcript needs.
+
+The ASR head is character CTC, not Whisper's attention decoder (GLM-4-Voice
+fine-tunes whisper-large-v3 with its own decoder). CTC trains a from-scratch
+encoder on a CPU in minutes and gives the units-to-text check a transcript
+straight from the codes. CTC needs at least one output frame per character,
+more than 12.5 Hz gives, so the codes are repeated `pool` times back to 50 Hz
+(with Whisper's position table added again: quantized vectors lose where they
+were) before the upper layers.
+
+Options the issue names: `causal_conv` (Whisper's two convolutions padded on
+the left only, same weights) and `attention_block` (block-causal attention,
+frames attend within their block and to earlier blocks; the released model
+uses 200 frames). Without `pad_to_window` every item is masked to its own
+length, so an item's codes never depend on the batch it is in; with it every
+input is padded to 30 s as Whisper was trained (use it with pretrained Whisper
+weights).
+
+Identity: `identity` hashes the settings and the codebook. Unit files record
+it, and whatever reads units (text-to-token training, interleaving) checks it,
+so units from two tokenizers are never mixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, SpeechLMError
+from .adapters import lengths_mask
+from .ctc import CharVocab
+from .vq import AvgPoolDownsample, CausalConv1d, VectorQuantizer, VQOutput, bits_per_second
+
+__all__ = [
+    "SETTINGS_FILE", "SpeechTokenizer", "TokenizerOutput", "TokenizerSettings",
+    "load_speech_tokenizer", "save_speech_tokenizer", "unit_statistics",
+]
+
+SETTINGS_FILE = "speech_tokenizer.json"
+WEIGHTS_FILE = "model.safetensors"
+SAMPLE_RATE = 16000
+HOP = 160                        # Whisper's mel hop: 100 mel frames per second
+WINDOW_SECONDS = 30.0            # Whisper's window; longer audio is cut into windows
+
+
+@dataclass
+class TokenizerSettings:
+    """What the tokenizer is, beyond the Whisper encoder's own config."""
+
+    vq_layer: int                        # the VQ sits after this many encoder layers (k)
+    pool: int = 4                        # average-pool kernel: 50 Hz / 4 = 12.5 Hz
+    num_codes: int = 16384
+    commitment: float = 0.25
+    ema_decay: float = 0.99
+    dead_code_threshold: float = 1.0     # EMA frames per batch under which a code restarts
+    kmeans_init: bool = True
+    causal_conv: bool = False
+    attention_block: int | None = None   # block-causal attention, in 50 Hz frames (GLM: 200)
+    pad_to_window: bool = False          # pad inputs to 30 s (pretrained Whisper expects it)
+
+    def __post_init__(self):
+        if self.vq_layer < 1:
+            raise ConfigError(f"vq_layer must be >= 1 (the VQ follows that many encoder "
+                              f"layers), got {self.vq_layer}")
+        if self.pool < 1 or self.num_codes < 2:
+            raise ConfigError(f"pool must be >= 1 and num_codes >= 2, got {self.pool} and "
+                              f"{self.num_codes}")
+        if self.attention_block is not None and self.attention_block < 1:
+            raise ConfigError(f"attention_block must be >= 1 frame or null, got "
+                              f"{self.attention_block}")
+
+    @property
+    def frame_rate(self) -> float:
+        """Units per second: 100 mel frames/s, conv stride 2, then the pool."""
+        return SAMPLE_RATE / HOP / 2 / self.pool
+
+    @property
+    def samples_per_unit(self) -> int:
+        return HOP * 2 * self.pool
+
+
+class TokenizerOutput(NamedTuple):
+    log_probs: torch.Tensor   # [B, T50, V] float32 CTC log-probs of the characters
+    frames: torch.Tensor      # [B] valid 50 Hz frames
+    vq: VQOutput | None       # None when the VQ was bypassed
+    unit_lengths: torch.Tensor  # [B] valid units
+
+
+class SpeechTokenizer(nn.Module):
+    """Whisper encoder layers + pool + VQ (+ upper layers and a CTC head for training)."""
+
+    def __init__(self, encoder: nn.Module, vocab: CharVocab, settings: TokenizerSettings):
+        super().__init__()
+        config = encoder.config
+        layers = len(encoder.layers)
+        if not settings.vq_layer < layers:
+            raise ConfigError(f"vq_layer={settings.vq_layer}: the encoder has {layers} layers; "
+                              "the VQ must leave at least one layer above it for the ASR head")
+        if settings.causal_conv:
+            encoder.conv1 = _causal_copy(encoder.conv1)
+            encoder.conv2 = _causal_copy(encoder.conv2)
+        self.encoder = encoder
+        self.settings = settings
+        self.vocab = vocab
+        self.pool = AvgPoolDownsample(settings.pool)
+        self.vq = VectorQuantizer(settings.num_codes, config.d_model,
+                                  commitment=settings.commitment, ema_decay=settings.ema_decay,
+                                  dead_code_threshold=settings.dead_code_threshold,
+                                  kmeans_init=settings.kmeans_init)
+        self.head = nn.Linear(config.d_model, len(vocab))
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, init: str | os.PathLike, vocab: CharVocab, settings: TokenizerSettings, *,
+              scratch_config: dict[str, Any] | None = None) -> SpeechTokenizer:
+        """From a Whisper checkpoint directory (encoder weights only) or "scratch" + config."""
+        from transformers import WhisperConfig
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        from .encoders import _load_whisper_encoder, quiet_transformers, resolve_pretrained_dir
+
+        if str(init) == "scratch":
+            try:
+                config = WhisperConfig(**dict(scratch_config or {}))
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"model.scratch: not a valid WhisperConfig: {e}") from None
+            with quiet_transformers():
+                encoder = WhisperEncoder(config)
+        else:
+            encoder = _load_whisper_encoder(resolve_pretrained_dir(init, what="Whisper model"),
+                                            None)
+        return cls(encoder.train(), vocab, settings)
+
+    # -- sizes ----------------------------------------------------------------------------
+
+    @property
+    def frame_rate(self) -> float:
+        return self.settings.frame_rate
+
+    @property
+    def max_samples(self) -> int:
+        return int(WINDOW_SECONDS * SAMPLE_RATE)
+
+    def frames_for_samples(self, samples):
+        """50 Hz encoder frames for audio lengths in samples: ceil(floor(n / 160) / 2) (the
+        log-mel has floor(n / 160) frames, as Whisper's 3000 for 30 s)."""
+        samples = torch.as_tensor(samples, dtype=torch.long)
+        mel = torch.div(samples, HOP, rounding_mode="floor")
+        return torch.div(mel + 1, 2, rounding_mode="floor")
+
+    def units_for_samples(self, samples):
+        frames = self.frames_for_samples(samples)
+        return torch.div(frames + self.settings.pool - 1, self.settings.pool, rounding_mode="floor")
+
+    @property
+    def identity(self) -> str:
+        """A short hash of the settings and the codebook: what makes units comparable."""
+        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self.settings),
+                                           sort_keys=True).encode())
+        digest.update(self.vq.codebook.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    # -- the encoder, in two halves ---------------------------------------------------------
+
+    def _lower(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """50 Hz hidden states after `vq_layer` layers [B, T, D] and valid frames [B]."""
+        from ..audio.features import log_mel_spectrogram
+
+        if audio.shape[-1] > self.max_samples:
+            raise SpeechLMError(f"SpeechTokenizer: {audio.shape[-1] / SAMPLE_RATE:.1f} s of audio in "
+                                f"one item; the encoder takes at most {WINDOW_SECONDS:.0f} s "
+                                "(encode() cuts long audio into windows)")
+        enc = self.encoder
+        window = self.settings.pad_to_window
+        longest = int(lengths.max()) if len(lengths) else 0
+        mel = log_mel_spectrogram(audio, enc.config.num_mel_bins, lengths=lengths,
+                                  pad_to=self.max_samples if window else max(longest, 401))
+        weight = enc.conv1.weight
+        mel_frames = torch.div(lengths, HOP, rounding_mode="floor").to(mel.device)
+        if not window:
+            # Zero what lies past an item's end, before and after the first convolution, as
+            # the convolutions' own zero padding would: an item's frames then do not depend
+            # on the batch it is in.
+            mel = mel * lengths_mask(mel_frames, mel.shape[-1])[:, None, :].to(mel.dtype)
+        x = F.gelu(enc.conv1(mel.to(weight.dtype)))
+        if not window:
+            x = x * lengths_mask(mel_frames, x.shape[-1])[:, None, :].to(x.dtype)
+        x = F.gelu(enc.conv2(x)).transpose(1, 2)
+        frames = torch.div(mel_frames + 1, 2, rounding_mode="floor").clamp(max=x.shape[1])
+        x = x + enc.embed_positions.weight[: x.shape[1]]
+        x = F.dropout(x, p=enc.dropout, training=self.training)
+        mask = self._attention_mask(frames, x.shape[1], x.dtype)
+        for layer in enc.layers[: self.settings.vq_layer]:
+            x = self._run_layer(layer, x, mask)
+        return x, frames
+
+    def _upper(self, units: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """CTC log-probs [B, T50, V] from quantized units [B, T', D] and 50 Hz lengths [B]."""
+        enc = self.encoder
+        x = units.repeat_interleave(self.settings.pool, dim=1)
+        width = int(frames.max()) if frames.numel() else 0
+        x = x[:, :width] + enc.embed_positions.weight[:width]
+        mask = self._attention_mask(frames, width, x.dtype)
+        for layer in enc.layers[self.settings.vq_layer:]:
+            x = self._run_layer(layer, x, mask)
+        x = enc.layer_norm(x)
+        return F.log_softmax(self.head(x).float(), dim=-1)
+
+    def _run_layer(self, layer, x, mask):
+        if self.training and self.encoder.layerdrop > 0 and \
+                float(torch.rand([])) < self.encoder.layerdrop:
+            return x
+        out = layer(x, mask)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _attention_mask(self, frames: torch.Tensor, width: int, dtype) -> torch.Tensor | None:
+        """Additive [B, 1, T, T] mask: padding keys hidden (unless inputs are padded to 30 s as
+        Whisper was trained) and, with attention_block, later blocks hidden."""
+        from .vq import block_causal_mask
+
+        block = self.settings.attention_block
+        if block is not None:
+            allowed = block_causal_mask(width, block, None if self.settings.pad_to_window
+                                        else frames)
+            if allowed.dim() == 2:
+                allowed = allowed[None, None]
+        elif self.settings.pad_to_window:
+            return None
+        else:
+            allowed = lengths_mask(frames, width)[:, None, None, :]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=frames.device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+    # -- training and inference -----------------------------------------------------------
+
+    def forward(self, audio: torch.Tensor, lengths: torch.Tensor, *,
+                quantize: bool = True) -> TokenizerOutput:
+        """Training / scoring pass. quantize=False bypasses the VQ (a warm-up before the
+        codebook is initialised by k-means on features worth clustering)."""
+        hidden, frames = self._lower(audio, lengths)
+        pooled = self.pool(hidden, frames)
+        vq = self.vq(pooled.hidden, pooled.lengths) if quantize else None
+        units = vq.quantized if vq is not None else pooled.hidden
+        return TokenizerOutput(self._upper(units, frames), frames, vq, pooled.lengths)
+
+    def log_probs_from_units(self, units: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """CTC log-probs of the characters from unit sequences alone (the units-to-text check)."""
+        lengths = torch.tensor([len(u) for u in units], dtype=torch.long)
+        codes = torch.full((len(units), int(lengths.max()) if len(units) else 0), -1,
+                           dtype=torch.long)
+        for i, u in enumerate(units):
+            codes[i, : len(u)] = torch.as_tensor(list(u), dtype=torch.long)
+        device = self.vq.codebook.device
+        vectors = self.vq.decode(codes.to(device))
+        frames = (lengths * self.settings.pool).to(device)
+        return self._upper(vectors.to(self.head.weight.dtype), frames), frames
+
+    @torch.no_grad()
+    def encode(self, audio: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+        """Units of each item (windows of 30 s for longer audio); only the layers below the
+        VQ run. The model should be in eval mode (train mode would update the codebook)."""
+        if self.training:
+            raise SpeechLMError("SpeechTokenizer.encode: call .eval() first; in training mode "
+                                "the codebook would learn from the audio being tokenized")
+        lengths = torch.as_tensor(lengths, dtype=torch.long)
+        window = self.max_samples
+        pieces: list[list[list[int]]] = [[] for _ in range(audio.shape[0])]
+        for start in range(0, max(int(lengths.max()), 1) if len(lengths) else 0, window):
+            chunk_lengths = (lengths - start).clamp(min=0, max=window)
+            rows = torch.nonzero(chunk_lengths > 0).flatten()
+            if not len(rows):
+                break
+            chunk = audio[rows, start: start + window]
+            hidden, frames = self._lower(chunk, chunk_lengths[rows].to(audio.device))
+            pooled = self.pool(hidden, frames)
+            codes = self.vq.encode(pooled.hidden, pooled.lengths)
+            for row, item_codes, n in zip(rows.tolist(), codes.cpu(), pooled.lengths.cpu(),
+                                          strict=True):
+                pieces[row].append(item_codes[: int(n)].tolist())
+        return [[c for piece in item for c in piece] for item in pieces]
+
+
+def _causal_copy(conv: nn.Conv1d) -> CausalConv1d:
+    """The same convolution, padded on the left only (GLM-4-Voice's causal encoder)."""
+    causal = CausalConv1d(conv.in_channels, conv.out_channels, conv.kernel_size[0],
+                          stride=conv.stride[0], dilation=conv.dilation[0])
+    causal.load_state_dict(conv.state_dict())
+    return causal
+
+
+# -- statistics ---------------------------------------------------------------------------
+
+
+def unit_statistics(units: Sequence[Sequence[int]], num_codes: int, frame_rate: float,
+                    dead: int | None = None) -> dict:
+    """Codebook usage of unit sequences: perplexity (exp entropy of the code histogram),
+    used / unused codes, the bitrate the codes could carry (log2 K x rate) and the entropy
+    rate they do carry (log2 perplexity x rate)."""
+    counts = torch.zeros(num_codes)
+    for seq in units:
+        if len(seq):
+            counts += torch.bincount(torch.as_tensor(list(seq), dtype=torch.long),
+                                     minlength=num_codes).float()[:num_codes]
+    total = float(counts.sum())
+    if total:
+        p = counts / total
+        entropy = float(-(p * torch.log(p.clamp(min=1e-12))).sum())
+    else:
+        entropy = 0.0
+    stats = {"units": int(total), "perplexity": math.exp(entropy),
+             "used_codes": int((counts > 0).sum()), "unused_codes": int((counts == 0).sum()),
+             "used_fraction": float((counts > 0).float().mean()),
+             "bits_per_second": bits_per_second(num_codes, frame_rate),
+             "entropy_bits_per_second": entropy / math.log(2) * frame_rate}
+    if dead is not None:
+        stats["dead_codes"] = int(dead)
+    return stats
+
+
+# -- saving and loading -------------------------------------------------------------------
+
+
+def save_speech_tokenizer(model: SpeechTokenizer, out_dir, *,
+                          metadata: dict[str, Any] | None = None) -> Path:
+    """Write config.json (the Whisper encoder's), model.safetensors, vocab.json and
+    speech_tokenizer.json to `out_dir.tmp`, then rename: `out_dir` is always complete."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.encoder.config.save_pretrained(tmp)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    model.vocab.save(tmp)
+    info = {"kind": "speech_tokenizer", "identity": model.identity,
+            "settings": dataclasses.asdict(model.settings), "frame_rate": model.frame_rate,
+            "num_codes": model.settings.num_codes,
+            "bits_per_second": bits_per_second(model.settings.num_codes, model.frame_rate),
+            **dict(metadata or {})}
+    (tmp / SETTINGS_FILE).write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n",
+                                     encoding="utf-8")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def read_tokenizer_info(model_dir) -> dict:
+    """speech_tokenizer.json of a saved tokenizer, with a clear error for other directories."""
+    path = Path(model_dir) / SETTINGS_FILE
+    if not path.is_file():
+        raise ConfigError(f"{model_dir}: not a speech tokenizer directory (no {SETTINGS_FILE}); "
+                          "train one with `speechlm train recipes/tiny/speech_tokenizer.yaml`")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_speech_tokenizer(model_dir, *, device: str | torch.device = "cpu") -> SpeechTokenizer:
+    """A saved tokenizer, in eval mode; its identity is checked against the one it was saved
+    with (a changed codebook would silently make other units)."""
+    from safetensors.torch import load_file
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from .encoders import quiet_transformers
+
+    model_dir = Path(model_dir)
+    info = read_tokenizer_info(model_dir)
+    settings = TokenizerSettings(**info["settings"])
+    vocab = CharVocab.load(model_dir)
+    config = WhisperConfig.from_pretrained(model_dir, local_files_only=True)
+    with quiet_transformers():
+        encoder = WhisperEncoder(config)
+    model = SpeechTokenizer(encoder, vocab, settings)
+    state = load_file(str(model_dir / WEIGHTS_FILE))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("embed_positions.weight")]
+    if missing or unexpected:
+        raise SpeechLMError(f"{model_dir}: weights do not fit the tokenizer (missing "
+                            f"{missing[:5]}, unexpected {unexpected[:5]})")
+    if model.identity != info["identity"]:
+        raise SpeechLMError(f"{model_dir}: the codebook does not match the identity saved in "
+                            f"{SETTINGS_FILE} ({info['identity']}); the weights were changed "
+                            "after saving; retrain or restore them")
+    return model.to(device).eval()

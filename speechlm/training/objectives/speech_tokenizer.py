@@ -1,0 +1,105 @@
+"""Supervised speech tokenizer training: character CTC through the VQ, plus its commitment loss.
+
+The CTC side (data preparation, loss, greedy dev transcripts, blank-collapse
+guard) is `CTCObjective`'s; this adds the VQ: the commitment loss (already
+weighted, 0.25 by default), the batch's code usage in the training log, an
+optional warm-up with the VQ bypassed (a from-scratch encoder's first
+features are not worth clustering: k-means runs on the first batch after
+`vq_start_step`), and the codebook usage of the dev set's units at each
+evaluation (perplexity, used and dead codes, bitrate).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ctc import CTCCollator, CTCObjective
+
+
+class SpeechTokenizerObjective(CTCObjective):
+    def __init__(self, model, vocab, *, vq_start_step: int = 0, usage_items: int | None = 100,
+                 **kwargs):
+        super().__init__(model, vocab, **kwargs)
+        self.vq_start_step = int(vq_start_step)
+        self.usage_items = usage_items
+        self._last_vq = None
+
+    def quantizing(self) -> bool:
+        return self.step is None or self.step >= self.vq_start_step
+
+    def _forward(self, model, batch):
+        out = model(batch["audio"], batch["audio_lengths"], quantize=self.quantizing())
+        self._last_vq = out.vq
+        return out.log_probs, out.frames
+
+    def loss(self, batch):
+        self._last_vq = None
+        result = super().loss(batch)
+        if result is None or self._last_vq is None:
+            return result
+        loss, metrics = result
+        vq = self._last_vq
+        metrics.update(ctc_loss=loss.detach(), commit_loss=vq.commit_loss.detach(),
+                       code_perplexity=vq.perplexity, codes_used=vq.used_fraction)
+        return loss + vq.commit_loss, metrics
+
+    def evaluate(self, model) -> dict[str, float]:
+        metrics = super().evaluate(model)
+        if self.dev is not None and self.quantizing():
+            stats = codebook_usage(model, self.dev, max_items=self.usage_items,
+                                   batch_duration=self.eval_batch_duration)
+            metrics.update({f"units_{k}": float(v) for k, v in stats.items()})
+        return metrics
+
+
+@torch.no_grad()
+def encode_dataset(model, dataset, *, max_items: int | None = None,
+                   batch_duration: float = 200.0) -> tuple[list[dict], int]:
+    """([{id, text, units}] for the items of an AudioDataset, how many could not be read).
+    Call with the model in eval mode."""
+    indices = list(range(len(dataset)))
+    if max_items is not None and len(indices) > max_items:
+        step = len(indices) / max_items
+        indices = [indices[int(i * step)] for i in range(max_items)]
+    records = dataset.records
+    indices.sort(key=lambda i: float(records[i].get("duration") or 0.0))
+    device = next(model.parameters()).device
+    collate = CTCCollator()
+    rows, skipped, batch = [], 0, []
+
+    def flush():
+        nonlocal skipped
+        data = collate([dataset[i] for i in batch])
+        skipped += len(data["skipped"])
+        if data["audio"].shape[0]:
+            units = model.encode(data["audio"].to(device), data["audio_lengths"].to(device))
+            for rid, text, seq in zip(data["ids"], data["text_norm"], units, strict=True):
+                rows.append({"id": rid, "text": text, "units": seq})
+        batch.clear()
+
+    for i in indices:
+        duration = max(float(records[i].get("duration") or 0.0), 1e-3)
+        if batch and (len(batch) + 1) * duration > batch_duration:
+            flush()
+        batch.append(i)
+    if batch:
+        flush()
+    return rows, skipped
+
+
+def codebook_usage(model, dataset, *, max_items: int | None = None,
+                   batch_duration: float = 200.0) -> dict:
+    """Usage statistics (speechlm.models.speech_tokenizer.unit_statistics) of the units of
+    `dataset`, with the codebook's dead codes. Puts the model in eval mode for the pass."""
+    from ...models.speech_tokenizer import unit_statistics
+
+    mode = model.training
+    model.eval()
+    try:
+        rows, _ = encode_dataset(model, dataset, max_items=max_items,
+                                 batch_duration=batch_duration)
+    finally:
+        model.train(mode)
+    vq = model.vq
+    dead = int((vq.ema_cluster_size < vq.dead_code_threshold).sum())
+    return unit_statistics([r["units"] for r in rows], vq.num_codes, model.frame_rate, dead=dead)
