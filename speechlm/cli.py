@@ -29,6 +29,7 @@ COMMANDS: dict[tuple[str | None, str], str] = {
     ("build", "continuations"): "speechlm.commands.build_continuations",
     ("build", "inserter"): "speechlm.commands.build_inserter",
     ("build", "tokenize"): "speechlm.commands.build_tokenize",
+    ("build", "interleave"): "speechlm.commands.build_interleave",
     ("tune", "lm"): "speechlm.commands.tune_lm",
     ("zoo", "list"): "speechlm.commands.zoo_list",
     ("zoo", "build"): "speechlm.commands.zoo_build",
