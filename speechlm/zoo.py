@@ -31,6 +31,10 @@ MEMBERS: dict[str, tuple[str, str]] = {
                     "pre-training"),
     "blsp_inserter_en": ("blsp_inserter_en.yaml", "speech LLM: blsp_en trained further with "
                          "InSerter"),
+    "speech_tokenizer_en": ("speech_tokenizer_en.yaml", "supervised VQ speech tokenizer, "
+                            "English, 12.5 units/s, 512 codes"),
+    "t2u_en": ("t2u_en.yaml", "text-to-token model: English text to speech_tokenizer_en's "
+               "units"),
 }
 
 

@@ -119,21 +119,57 @@ eval: {generate_items: 1, transfer_items: 2, speech_instruct_items: 2, batch_siz
 """
 
 
+TINY_TOKENIZER_RECIPE = """\
+task: speech_tokenizer
+model:
+  scratch: {d_model: 32, encoder_layers: 3, encoder_attention_heads: 2, encoder_ffn_dim: 64,
+            num_mel_bins: 80, decoder_layers: 1, decoder_attention_heads: 2,
+            decoder_ffn_dim: 32}
+  vq_layer: 2
+  num_codes: 16
+  vq_start_step: 1
+data:
+  train: [{manifest: "embedded:en/train", lang: en}]
+  dev: "embedded:en/dev"
+  lang: en
+  max_batch_duration: 30.0
+eval: {usage_items: 4}
+train: {max_steps: 3, lr: 3.0e-3, warmup_steps: 1, log_every: 1, tensorboard: false,
+        output_dir: runs/unused}
+"""
+
+
+TINY_T2U_RECIPE = """\
+task: text_to_token
+model: {decoder: ar, d_model: 32, num_heads: 2, encoder_layers: 1, decoder_layers: 1,
+        ff_dim: 64, dropout: 0.0}
+data: {tokenizer: "zoo:speech_tokenizer_en", manifest: "embedded:en/train", dev_items: 1}
+train: {max_steps: 3, lr: 3.0e-3, warmup_steps: 1, log_every: 1, tensorboard: false,
+        output_dir: runs/unused}
+eval: {max_items: 1}
+"""
+
+
 def tiny_zoo_recipe(monkeypatch, tmp_path, steps=4):
     """Point the zoo at tiny recipes: ctc_en a 1-layer CTC model of `steps` updates,
     llm_en_es a 1-layer LLM of 2 updates, blsp_en and inserter_en 2 updates on them,
-    blsp_inserter_en 2 InSerter updates from blsp_en."""
+    blsp_inserter_en 2 InSerter updates from blsp_en, speech_tokenizer_en a 3-update
+    tokenizer, t2u_en a 3-update text-to-token model on its units."""
     from speechlm import zoo
 
     paths = {"ctc_en": tmp_path / f"ctc_en_{steps}.yaml", "llm_en_es": tmp_path / "llm.yaml",
              "blsp_en": tmp_path / "blsp.yaml", "inserter_en": tmp_path / "inserter.yaml",
-             "blsp_inserter_en": tmp_path / "blsp_inserter.yaml"}
+             "blsp_inserter_en": tmp_path / "blsp_inserter.yaml",
+             "speech_tokenizer_en": tmp_path / "speech_tokenizer.yaml",
+             "t2u_en": tmp_path / "t2u.yaml"}
     paths["ctc_en"].write_text(TINY_RECIPE.replace("STEPS", str(steps)))
     paths["llm_en_es"].write_text(TINY_LLM_RECIPE)
     paths["blsp_en"].write_text(TINY_BLSP_RECIPE)
     paths["inserter_en"].write_text(TINY_INSERTER_RECIPE)
     paths["blsp_inserter_en"].write_text(TINY_INSERTER_RECIPE.replace(
         "task: inserter\n", 'task: inserter\ninit_from: "zoo:blsp_en"\n'))
+    paths["speech_tokenizer_en"].write_text(TINY_TOKENIZER_RECIPE)
+    paths["t2u_en"].write_text(TINY_T2U_RECIPE)
     monkeypatch.setattr(zoo, "recipe_path", lambda name: paths[name])
     return paths
 

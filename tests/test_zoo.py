@@ -58,7 +58,7 @@ def test_an_edited_recipe_trains_a_new_model(small_corpus, monkeypatch, tmp_path
 
 
 def test_unknown_member_is_rejected():
-    with pytest.raises(ConfigError, match="unknown zoo model 'ctc_fr'; known: ctc_en, llm_en_es, blsp_en, inserter_en, blsp_inserter_en"):
+    with pytest.raises(ConfigError, match="unknown zoo model 'ctc_fr'; known: ctc_en, llm_en_es, blsp_en, inserter_en, blsp_inserter_en, speech_tokenizer_en, t2u_en"):
         zoo.recipe_path("ctc_fr")
 
 
@@ -69,8 +69,8 @@ def test_cli_lists_builds_and_lists_again(tiny_zoo, capsys):
 
     assert main(["zoo", "list", "--json"]) == 0
     before = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert set(before) == {"ctc_en", "llm_en_es", "blsp_en", "inserter_en",
-                           "blsp_inserter_en"} and not before["ctc_en"]["built"]
+    assert set(before) == {"ctc_en", "llm_en_es", "blsp_en", "inserter_en", "blsp_inserter_en",
+                           "speech_tokenizer_en", "t2u_en"} and not before["ctc_en"]["built"]
     assert main(["zoo", "build", "ctc_en", "--no-progress"]) == 0
     assert "ctc_en: trained: " in capsys.readouterr().out
     assert main(["zoo", "build", "ctc_en", "--no-progress"]) == 0
@@ -95,3 +95,16 @@ def test_cache_key_follows_the_recipe_and_the_members_it_builds_on(tiny_zoo):
         "max_steps: 2", "max_steps: 3"))
     assert zoo.zoo_run_dir("llm_en_es") != llm and zoo.zoo_run_dir("blsp_en") != blsp
     assert zoo.zoo_run_dir("ctc_en") == ctc
+
+
+def test_t2u_builds_the_speech_tokenizer_and_trains_on_its_units(tiny_zoo):
+    assert zoo.dependencies("t2u_en") == {"speech_tokenizer_en"}
+    t2u = zoo.ensure("t2u_en", progress=False, say=lambda m: None)
+    tokenizer = zoo.cached("speech_tokenizer_en")
+    assert tokenizer is not None  # built on the way, into the zoo
+    from speechlm.models.speech_tokenizer import read_tokenizer_info
+    from speechlm.models.text_to_token import load_text_to_token
+
+    identity = read_tokenizer_info(tokenizer.model_dir)["identity"]
+    assert load_text_to_token(t2u.model_dir).tokenizer_identity == identity
+    assert t2u.results["tokenizer"] == identity and t2u.results["dev"]["scored"] == 1

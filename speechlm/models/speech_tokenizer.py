@@ -18,9 +18,9 @@ The ASR head is character CTC, not Whisper's attention decoder (GLM-4-Voice
 fine-tunes whisper-large-v3 with its own decoder). CTC trains a from-scratch
 encoder on a CPU in minutes and gives the units-to-text check a transcript
 straight from the codes. CTC needs at least one output frame per character,
-more than 12.5 Hz gives, so the codes are repeated `pool` times back to 50 Hz
-(with Whisper's position table added again: quantized vectors lose where they
-were) before the upper layers.
+more than 12.5 Hz gives, so each code is turned back into `pool` frames at 50 Hz
+by a learned upsampler (with Whisper's position table added again: quantized
+vectors lose where they were) before the upper layers.
 
 Options the issue names: `causal_conv` (Whisper's two convolutions padded on
 the left only, same weights) and `attention_block` (block-causal attention,
@@ -133,6 +133,10 @@ class SpeechTokenizer(nn.Module):
                                   commitment=settings.commitment, ema_decay=settings.ema_decay,
                                   dead_code_threshold=settings.dead_code_threshold,
                                   kmeans_init=settings.kmeans_init)
+        # each unit becomes `pool` different 50 Hz frames (a learned upsampler, a transposed
+        # convolution of stride and kernel `pool`): one unit often spans a consonant and a
+        # vowel, which repeated copies of one vector could not tell apart for CTC
+        self.upsample = nn.Linear(config.d_model, config.d_model * settings.pool)
         self.head = nn.Linear(config.d_model, len(vocab))
 
     # -- construction ---------------------------------------------------------------------
@@ -224,7 +228,8 @@ class SpeechTokenizer(nn.Module):
     def _upper(self, units: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """CTC log-probs [B, T50, V] from quantized units [B, T', D] and 50 Hz lengths [B]."""
         enc = self.encoder
-        x = units.repeat_interleave(self.settings.pool, dim=1)
+        batch, count, dim = units.shape
+        x = self.upsample(units).reshape(batch, count * self.settings.pool, dim)
         width = int(frames.max()) if frames.numel() else 0
         x = x[:, :width] + enc.embed_positions.weight[:width]
         mask = self._attention_mask(frames, width, x.dtype)

@@ -233,3 +233,29 @@ def read_units(path, *, tokenizer=None) -> list[dict]:
                 "one tokenizer")
         records.append(record)
     return records
+
+
+def cached_units(tokenizer, manifest, *, progress: bool = True,
+                 say: Callable[[str], None] = print) -> Path:
+    """Units of `manifest` (a path or embedded:LANG/SPLIT) by `tokenizer` (a directory or
+    zoo:NAME), tokenized into the cache on first use (a killed run resumes):
+    cache/units/<manifest name>-<sha of the manifest>-<tokenizer identity>.jsonl."""
+    from ..models.speech_tokenizer import read_tokenizer_info
+    from ..paths import cache_dir
+    from ..recipes.sources import resolve_manifest
+    from ..zoo import resolve_model_path
+
+    tokenizer_dir = Path(resolve_model_path(str(tokenizer), progress=progress, say=say))
+    identity = read_tokenizer_info(tokenizer_dir)["identity"]
+    manifest_path = resolve_manifest(manifest, progress=progress)
+    name = str(manifest).replace("embedded:", "embedded-").replace("/", "-")
+    name = Path(name).stem if not str(manifest).startswith("embedded:") else name
+    out = cache_dir() / "units" / f"{name}-{manifest_sha256(manifest_path)[:10]}-{identity}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary = build_tokenize(tokenizer_dir, manifest_path, out, progress=progress,
+                             rank=0, world_size=1, say=say)
+    if not summary.complete:
+        raise ConfigError(f"{out}: tokenization did not complete")
+    if summary.items:
+        say(summary.summary())
+    return out

@@ -24,7 +24,9 @@ TASKS: dict[str, str] = {
     "self_training": "speechlm.recipes.self_training",
     "blsp": "speechlm.recipes.blsp",
     "inserter": "speechlm.recipes.inserter",
+    "text_to_token": "speechlm.recipes.text_to_token",
     "speech_tokenizer": "speechlm.recipes.speech_tokenizer",
+    "interleaved": "speechlm.recipes.interleaved",
 }
 
 

@@ -102,6 +102,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def main_first(fn):
+    """fn() on the main process first, then on the others (after a barrier): work that
+    builds something into a shared cache (a zoo model, a dataset) happens once, and the
+    other ranks find it done."""
+    if not is_distributed():
+        return fn()
+    if is_main_process():
+        value = fn()
+        barrier()
+        return value
+    barrier()
+    return fn()
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean over ranks, in place (returns the tensor)."""
     if is_distributed():

@@ -1,0 +1,448 @@
+"""Recipe `task: interleaved`: GLM-4-Voice-style pre-training of an LLM on synthetic interleaved
+speech-unit / text data, mixed with plain text (and, optionally, real speech-text pairs).
+
+    task: interleaved
+    model: {llm_path: zoo:llm_en_es}
+    data:
+      interleaved: auto            # or a `speechlm build interleave` directory
+      build: {corpus: embedded:en, t2u: zoo:t2u_en, speech_share: 0.3, span_words: [4, 24]}
+      mixture: {interleaved: 1.0, text: 0.5, asr: 0.0}
+      speech_tokenizer: zoo:speech_tokenizer_en
+    train: {max_steps: 600, lr: 1.0e-3, ...}
+
+`run(config)`:
+1. loads the LLM and adds the speech units of the text-to-token model's tokenizer
+   (`<|begin_of_audio|>`, `<|audio_i|>`, `<|end_of_audio|>`; speechlm.models.unit_vocab);
+2. data, as packed `data.seq_len` sequences, one source per batch, drawn with the mixture
+   weights: `interleaved`, the shards of `speechlm build interleave` (text spans replaced by
+   the T2U's units; built into the cache from `data.build` when `auto`); `text`, the same
+   corpus with no speech; `asr`, real speech as units followed by its transcript (GLM-4-Voice
+   pre-trains on such pairs too; off by default, so what the table shows is what synthetic
+   interleaving alone does);
+3. evaluates the extended LLM before training, trains with the shared Trainer (exact resume)
+   and evaluates again: next-token loss on held-out text, on synthetic interleaved data made
+   from held-out text, and on held-out real speech (units from the speech tokenizer, then
+   the transcript); and prompted decoding of real speech units into text, in the ASR layout
+   (units, then the text) and with the LLM's own "repeat" instruction around the units;
+4. saves `output_dir/final/` (the extended LLM + tokenizer + unit_vocab.json) and
+   `results.json`; prints the before/after table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..training.trainer import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+FINAL_DIR = "final"
+RESULTS_FILE = "results.json"
+SOURCES = ("interleaved", "text", "asr")
+
+
+@dataclass
+class ModelConfig:
+    llm_path: str = "zoo:llm_en_es"       # local HF dir, hub id in the local cache, or zoo:NAME
+
+
+@dataclass
+class BuildConfig:
+    """How `data.interleaved: auto` builds the synthetic interleaved shards."""
+
+    corpus: str = "embedded:en"           # text file, JSONL with `text`, embedded:en / es
+    t2u: str = "zoo:t2u_en"               # text-to-token model: directory or zoo:NAME
+    t2u_method: str | None = None         # ar | maskgit | null (the model's default)
+    speech_share: float = 0.3
+    span_words: tuple[int, int] = (4, 24)
+    docs_per_shard: int = 2000
+
+
+@dataclass
+class DataConfig:
+    interleaved: str = "auto"
+    build: BuildConfig = field(default_factory=BuildConfig)
+    seq_len: int = 256
+    mixture: dict[str, float] = field(default_factory=lambda: {"interleaved": 1.0, "text": 0.5})
+    speech_tokenizer: str = "zoo:speech_tokenizer_en"  # makes the units of `asr` and of eval
+    asr_units: str = "auto"               # units JSONL (build tokenize); auto: embedded:en/train
+    batch_size: int = 16                  # sequences per batch (per process)
+    seed: int = 0
+
+    def __post_init__(self):
+        unknown = sorted(set(self.mixture) - set(SOURCES))
+        if unknown:
+            raise ConfigError(f"data.mixture: unknown source(s) {unknown}; use "
+                              f"{', '.join(SOURCES)}")
+        if not any(w > 0 for w in self.mixture.values()) or \
+                any(w < 0 for w in self.mixture.values()):
+            raise ConfigError(f"data.mixture: weights must be >= 0, one of them > 0, got "
+                              f"{self.mixture}")
+        if self.seq_len < 16 or self.batch_size < 1:
+            raise ConfigError(f"data.seq_len must be >= 16 and data.batch_size >= 1, got "
+                              f"{self.seq_len} and {self.batch_size}")
+
+
+@dataclass
+class EvalConfig:
+    units: str = "auto"                   # held-out real speech units; auto: embedded:en/dev
+    items: int = 100                      # held-out utterances (loss and decoding)
+    max_new_tokens: int = 48
+    batch_size: int = 32
+    examples: int = 3
+
+
+@dataclass
+class Config:
+    task: str = "interleaved"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def _cached_interleave(build: BuildConfig, t2u, t2u_dir: str, tokenizer, seq_len: int,
+                       speech_share: float, seed: int, progress: bool, say) -> Path:
+    """Interleaved (or, with speech_share 0, text-only) shards of build.corpus in the cache,
+    keyed by everything that decides their bytes; built (or resumed) when missing."""
+    from ..paths import cache_dir
+    from ..pipelines.interleave import InterleaveSettings, build_interleave, tokenizer_fingerprint
+
+    settings = InterleaveSettings(speech_share=speech_share, span_words=tuple(build.span_words),
+                                  seq_len=seq_len, docs_per_shard=build.docs_per_shard,
+                                  seed=seed)
+    key = json.dumps([build.corpus, asdict(settings), t2u.tokenizer_identity, t2u_dir,
+                      build.t2u_method, tokenizer_fingerprint(tokenizer)], sort_keys=True)
+    kind = "text" if speech_share == 0 else "interleaved"
+    name = f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    out = cache_dir() / "interleaved" / name
+    if not (out / "interleave.json").is_file() or \
+            not json.loads((out / "interleave.json").read_text()).get("finished"):
+        say(f"building {kind} sequences of {build.corpus} into {out}")
+        summary = build_interleave(build.corpus, out, t2u=t2u, tokenizer=tokenizer,
+                                   settings=settings, t2u_method=build.t2u_method,
+                                   progress=progress)
+        say(summary.summary())
+    return out
+
+
+def _check_interleave_dir(path: Path, vocab, tokenizer) -> None:
+    """A user-given interleave directory must use this LLM tokenizer and these unit ids."""
+    from ..models.unit_vocab import UnitVocab
+    from ..pipelines.interleave import tokenizer_fingerprint
+
+    meta = json.loads((path / "interleave.json").read_text(encoding="utf-8"))["settings"]
+    if UnitVocab.load(path) != vocab:
+        raise ConfigError(f"{path}: its unit ids ({path / 'unit_vocab.json'}) are not this "
+                          f"LLM's ({asdict(vocab)}); build it with this LLM and T2U")
+    if meta.get("llm_tokenizer") != tokenizer_fingerprint(tokenizer):
+        raise ConfigError(f"{path}: built with another LLM tokenizer; rebuild it with "
+                          "`speechlm build interleave --llm` this recipe's model.llm_path")
+
+
+def speech_text_documents(records, vocab, tokenizer) -> list[list[int]]:
+    """Real speech then its transcript: <|begin_of_audio|> units <|end_of_audio|> text EOS."""
+    from ..models.prompts import encode_continuing
+
+    eos = int(tokenizer.eos_token_id)
+    return [vocab.units_to_ids(r["units"]) + encode_continuing(tokenizer, " " + r["text"]) + [eos]
+            for r in records if r.get("units") and str(r.get("text", "")).strip()]
+
+
+def _sampler(sources: dict, weights: dict, batch_size: int, seed: int, dist):
+    """(dataset, batch sampler): each batch from one source, drawn with p ∝ weight."""
+    from ..data.mixture import TemperatureMixtureSampler
+    from ..data.sampler import RandomBatchSampler
+
+    samplers = {name: RandomBatchSampler([1.0] * len(data), max_batch_size=batch_size,
+                                         max_batch_duration=float(batch_size), seed=seed + i,
+                                         rank=dist.rank, world_size=dist.world_size)
+                for i, (name, data) in enumerate(sources.items())}
+    if len(sources) == 1:
+        name = next(iter(sources))
+        return sources[name], samplers[name]
+    mixture = TemperatureMixtureSampler(samplers, alpha=1.0, seed=seed,
+                                        sizes={name: weights[name] for name in sources})
+    return mixture.concat_datasets(sources), mixture
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+
+class HeldOut:
+    """Held-out evaluation sets and the metrics computed on them (before and after training)."""
+
+    def __init__(self, cfg: Config, vocab, tokenizer, records: list[dict], text_rows,
+                 interleaved_rows):
+        from ..data.instructions import TASKS
+        from ..models.prompts import get_template, pick_pad_id
+
+        self.cfg, self.vocab, self.tokenizer = cfg, vocab, tokenizer
+        self.records = records
+        self.text_rows, self.interleaved_rows = text_rows, interleaved_rows
+        self.pad_id = pick_pad_id(tokenizer)
+        self.asr_docs = speech_text_documents(records, vocab, tokenizer)
+        # the LLM's own "repeat" instruction, with the units where the text would be
+        template = get_template("blsp")
+        instruction = TASKS["repeat"].instructions[0]
+        self.repeat_prompts = [template.encode(tokenizer, instruction,
+                                               transcript=self._unit_string(r["units"]))
+                               .prompt_ids() for r in records]
+        self.asr_prompts = [vocab.units_to_ids(r["units"]) for r in records]
+
+    def _unit_string(self, units) -> str:
+        return self.tokenizer.decode(self.vocab.units_to_ids(units))
+
+    def _loss(self, model, items) -> float:
+        """Mean next-token loss over the learned tokens of (input_ids, labels) items."""
+        import torch
+
+        from ..training.objectives.causal_lm import CausalLMCollator, token_losses
+
+        collate = CausalLMCollator(self.pad_id)
+        total, count = 0.0, 0
+        device = next(model.parameters()).device
+        for start in range(0, len(items), self.cfg.eval.batch_size):
+            batch = collate(items[start: start + self.cfg.eval.batch_size])
+            with torch.no_grad():
+                losses, _, _ = token_losses(model, batch["input_ids"].to(device),
+                                            batch["attention_mask"].to(device),
+                                            batch["labels"].to(device))
+            total += float(losses.sum())
+            count += losses.numel()
+        return total / max(count, 1)
+
+    def _decode(self, model, prompts) -> list[str]:
+        from ..inference.text_generation import greedy_generate, stop_ids_of
+
+        out = greedy_generate(model, prompts, pad_id=self.pad_id,
+                              stop_ids=stop_ids_of(model, [self.tokenizer.eos_token_id]),
+                              max_new_tokens=self.cfg.eval.max_new_tokens,
+                              batch_size=self.cfg.eval.batch_size)
+        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out]
+
+    def evaluate(self, model) -> dict[str, float]:
+        from ..eval.metrics import cer, wer
+        from ..text.normalize import normalize_transcript
+
+        mode = model.training
+        model.eval()
+        try:
+            metrics = {"text_loss": self._loss(model, _items(self.text_rows))}
+            if len(self.interleaved_rows):
+                metrics["interleaved_loss"] = self._loss(model, _items(self.interleaved_rows))
+            # real speech: the transcript's loss given the units (units themselves not scored)
+            items = []
+            for doc, record in zip(self.asr_docs, self.records, strict=True):
+                prefix = len(self.vocab.units_to_ids(record["units"]))
+                items.append({"input_ids": doc, "labels": [-100] * prefix + doc[prefix:]})
+            metrics["speech_text_loss"] = self._loss(model, items)
+            # `loss` (train.best_metric's default): what the pre-training optimises, on held-out
+            # text
+            metrics["loss"] = metrics.get("interleaved_loss", metrics["text_loss"])
+            refs = [normalize_transcript(r["text"], r.get("lang") or "en") for r in self.records]
+            for name, prompts in (("asr", self.asr_prompts), ("repeat", self.repeat_prompts)):
+                hyps = [normalize_transcript(h, "en") for h in self._decode(model, prompts)]
+                metrics[f"{name}_wer"] = wer(refs, hyps)
+                metrics[f"{name}_cer"] = cer(refs, hyps)
+                if name == "asr":
+                    self.last_examples = list(zip(refs, hyps, strict=True))[: self.cfg.eval.examples]
+        finally:
+            model.train(mode)
+        return metrics
+
+
+# -- the runner ---------------------------------------------------------------------------------
+
+
+def run(config: Config) -> dict:
+    """Run interleaved pre-training per `config` (see the module doc); returns the results."""
+    import time
+
+    from ..data.packed import PackedSequences, pack_documents
+    from ..models.ctc import write_model_dir
+    from ..models.speech_lm import load_llm
+    from ..models.text_to_token import load_text_to_token
+    from ..models.unit_vocab import add_unit_tokens
+    from ..pipelines.interleave import iter_interleaved_shards
+    from ..pipelines.tokenize import cached_units, read_units
+    from ..training import distributed
+    from ..training.objectives.causal_lm import CausalLMCollator, CausalLMObjective
+    from ..training.trainer import Trainer, seed_everything
+    from ..zoo import resolve_model_path
+    from . import start_run
+
+    cfg = config
+    data = cfg.data
+    dist, out, say = start_run(cfg.train)
+    progress = dist.is_main and cfg.train.progress
+    weights = {name: float(data.mixture.get(name, 0.0)) for name in SOURCES}
+
+    # 1. models (rank 0 first, so a zoo member is trained once)
+    def resolve():
+        return (resolve_model_path(cfg.model.llm_path, progress=progress, say=say),
+                resolve_model_path(data.build.t2u, progress=progress, say=say))
+
+    llm_dir, t2u_dir = distributed.main_first(resolve)
+    seed_everything(cfg.train.seed)
+    llm, tokenizer = load_llm(llm_dir)
+    t2u = load_text_to_token(t2u_dir)
+    vocab = add_unit_tokens(llm, tokenizer, t2u.num_codes,
+                            tokenizer_identity=t2u.tokenizer_identity, seed=cfg.train.seed)
+    say(f"LLM {llm_dir}: {vocab.num_codes} speech units added (ids {vocab.unit_base}.."
+        f"{vocab.unit_base + vocab.num_codes - 1}, speech tokenizer {vocab.tokenizer_identity})")
+
+    # 2. data
+    def build_data():
+        paths: dict[str, Any] = {}
+        if weights["interleaved"] > 0:
+            if data.interleaved == "auto":
+                paths["interleaved"] = _cached_interleave(
+                    data.build, t2u, t2u_dir, tokenizer, data.seq_len, data.build.speech_share,
+                    data.seed, progress, say)
+            else:
+                paths["interleaved"] = Path(data.interleaved)
+                _check_interleave_dir(paths["interleaved"], vocab, tokenizer)
+        if weights["text"] > 0:
+            paths["text"] = _cached_interleave(data.build, t2u, t2u_dir, tokenizer,
+                                               data.seq_len, 0.0, data.seed, progress, say)
+        if weights["asr"] > 0:
+            paths["asr"] = (cached_units(data.speech_tokenizer, "embedded:en/train",
+                                         progress=progress, say=say)
+                            if data.asr_units == "auto" else Path(data.asr_units))
+        units = cfg.eval.units
+        paths["eval_units"] = (cached_units(data.speech_tokenizer, "embedded:en/dev",
+                                            progress=progress, say=say)
+                               if units == "auto" else Path(units))
+        return paths
+
+    paths = distributed.main_first(build_data)
+    sources = {}
+    for name in ("interleaved", "text"):
+        if name in paths:
+            sources[name] = PackedSequences(iter_interleaved_shards(paths[name]))
+    if "asr" in paths:
+        records = read_units(paths["asr"], tokenizer=vocab.tokenizer_identity)
+        rows = pack_documents(speech_text_documents(records, vocab, tokenizer), data.seq_len)
+        sources["asr"] = PackedSequences([rows])
+    for name, source in sources.items():
+        if len(source) == 0:
+            raise ConfigError(f"data source '{name}' has no full sequence of {data.seq_len} "
+                              "tokens; give more data or a smaller data.seq_len")
+    dataset, sampler = _sampler(sources, weights, data.batch_size, cfg.train.seed, dist)
+    say("data: " + ", ".join(f"{name} {len(s)} sequences of {data.seq_len} (weight "
+                             f"{weights[name]:g})" for name, s in sources.items()))
+
+    # held-out: real speech units of unseen voices and books, their texts, and the T2U's
+    # interleaving of those texts (the held-out books never enter the training corpus)
+    eval_records = read_units(paths["eval_units"], tokenizer=vocab.tokenizer_identity)
+    eval_records = eval_records[: cfg.eval.items]
+    eos = int(tokenizer.eos_token_id)
+    from ..models.prompts import encode_continuing
+
+    text_rows = [encode_continuing(tokenizer, " " + r["text"]) + [eos] for r in eval_records]
+    interleaved_rows = _heldout_interleaved(eval_records, t2u, tokenizer, cfg, out, progress)
+    held_out = HeldOut(cfg, vocab, tokenizer, eval_records, text_rows, interleaved_rows)
+
+    # 3. before, training, after
+    before = held_out.evaluate(llm)
+    say("before interleaved pre-training: " + _fmt(before))
+    objective = CausalLMObjective(llm, evaluate_fn=held_out.evaluate)
+    trainer = Trainer(cfg.train, objective, dataset, sampler,
+                      collate_fn=CausalLMCollator(held_out.pad_id), run_config=cfg)
+    start = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - start
+    after = held_out.evaluate(llm)
+
+    # 4. save, results
+    final = out / FINAL_DIR
+    results: dict[str, Any] = {
+        "step": result.step, "final_dir": str(final), "llm": str(llm_dir), "t2u": str(t2u_dir),
+        "unit_vocab": asdict(vocab), "data": {n: len(s) for n, s in sources.items()},
+        "mixture": weights, "train_seconds": seconds, "train": result.train_metrics,
+        "held_out_items": len(eval_records), "before": before, "after": after,
+        "examples": [{"ref": r, "hyp": h} for r, h in getattr(held_out, "last_examples", [])]}
+    if dist.is_main:
+        def extras(tmp: Path) -> None:
+            tokenizer.save_pretrained(tmp)
+            vocab.save(tmp)
+            source_meta = Path(llm_dir) / "speechlm.json"
+            if source_meta.is_file():  # the LLM's own metadata (its tasks) travels with it
+                (tmp / "llm_speechlm.json").write_text(source_meta.read_text())
+
+        write_model_dir(final, llm, {"kind": "interleaved_llm", "step": result.step,
+                                     "unit_vocab": asdict(vocab)}, extras)
+        from ..jsonl import atomic_write
+
+        with atomic_write(out / RESULTS_FILE) as f:
+            json.dump(results, f, indent=1, default=str)
+        say(results_table(results))
+    distributed.barrier()
+    return results
+
+
+def _heldout_interleaved(records, t2u, tokenizer, cfg: Config, out: Path, progress: bool):
+    """Packed synthetic interleaved sequences of the held-out texts (as training makes them)."""
+    from ..pipelines.interleave import (
+        InterleaveSettings,
+        build_interleave,
+        iter_interleaved_shards,
+    )
+
+    if not records:
+        return []
+    root = out / "heldout_interleaved"
+    root.mkdir(parents=True, exist_ok=True)
+    corpus = root / "texts.txt"
+    corpus.write_text("".join(r["text"].replace("\n", " ") + "\n" for r in records),
+                      encoding="utf-8")
+    b = cfg.data.build
+    # shorter rows than training: few held-out texts still give enough of them
+    settings = InterleaveSettings(speech_share=max(b.speech_share, 0.3),
+                                  span_words=tuple(b.span_words), seq_len=64,
+                                  docs_per_shard=len(records) + 1, seed=cfg.data.seed + 1)
+    build_interleave(str(corpus), root / "shards", t2u=t2u, tokenizer=tokenizer,
+                     settings=settings, t2u_method=b.t2u_method, progress=False)
+    return [row for block in iter_interleaved_shards(root / "shards") for row in block]
+
+
+def _items(rows) -> list[dict]:
+    """Causal-LM items learning every token of each row."""
+    return [{"input_ids": [int(t) for t in r], "labels": [int(t) for t in r]} for r in rows]
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+
+
+def results_table(results: dict) -> str:
+    before, after = results["before"], results["after"]
+    rows = [("text loss (held-out text)", "text_loss", "{:.3f}"),
+            ("interleaved loss (T2U units of held-out text)", "interleaved_loss", "{:.3f}"),
+            ("transcript loss given real speech units", "speech_text_loss", "{:.3f}"),
+            ("units -> text, ASR layout: WER", "asr_wer", "{:.1%}"),
+            ("units -> text, ASR layout: CER", "asr_cer", "{:.1%}"),
+            ("units -> text, 'repeat' instruction: WER", "repeat_wer", "{:.1%}"),
+            ("units -> text, 'repeat' instruction: CER", "repeat_cer", "{:.1%}")]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'held-out (' + str(results['held_out_items']) + ' utterances)':<{width}}  "
+             f"{'before':>8}  {'after':>8}"]
+    for label, key, fmt in rows:
+        if key in before:
+            lines.append(f"{label:<{width}}  {fmt.format(before[key]):>8}  "
+                         f"{fmt.format(after[key]):>8}")
+    for ex in results.get("examples", []):
+        lines.append(f"  ref: {ex['ref']}\n  hyp: {ex['hyp']}")
+    lines.append(f"model: {results['final_dir']} (step {results['step']}; mixture "
+                 f"{results['mixture']})")
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""`task: interleaved` end to end at toy size, on the real chain: a speech tokenizer tokenizes
+the (small) embedded corpus, a text-to-token model learns from its units, the zoo LLM gets
+the unit tokens and pre-trains on interleaved / text / speech-text sequences; the held-out
+interleaved loss falls, the saved model reloads with its unit tokens, and interleaved data
+made for another LLM is refused."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_zoo_recipe
+
+from speechlm.errors import ConfigError
+
+TOK = {"d_model": 32, "encoder_layers": 3, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
+       "num_mel_bins": 80, "max_source_positions": 1500, "decoder_layers": 1,
+       "decoder_attention_heads": 2, "decoder_ffn_dim": 32}
+
+
+@pytest.fixture
+def chain(small_corpus, monkeypatch, tmp_path):
+    """A random tiny speech tokenizer, a T2U trained briefly on its units of embedded:en/train,
+    the tiny zoo (its LLM), and a 60-verse text corpus."""
+    from speechlm.data.text_corpus import load_verses
+    from speechlm.models.ctc import CharVocab
+    from speechlm.models.speech_tokenizer import (
+        SpeechTokenizer,
+        TokenizerSettings,
+        save_speech_tokenizer,
+    )
+    from speechlm.recipes import load_recipe
+
+    tiny_zoo_recipe(monkeypatch, tmp_path)
+    torch.manual_seed(0)
+    tok = SpeechTokenizer.build("scratch", CharVocab(list("abcdefghijklmnopqrstuvwxyz'")),
+                                TokenizerSettings(vq_layer=2, num_codes=16), scratch_config=TOK)
+    tok_dir = save_speech_tokenizer(tok.eval(), tmp_path / "tok")
+    t2u_recipe = tmp_path / "t2u.yaml"
+    t2u_recipe.write_text(f"""\
+task: text_to_token
+model: {{decoder: ar, d_model: 32, num_heads: 2, encoder_layers: 1, decoder_layers: 1,
+        ff_dim: 64, dropout: 0.0}}
+data: {{tokenizer: "{tok_dir}", manifest: "embedded:en/train", dev_items: 1}}
+train: {{max_steps: 30, lr: 3.0e-3, warmup_steps: 1, log_every: 10, tensorboard: false,
+        output_dir: "{tmp_path / 't2u'}"}}
+eval: {{max_items: 1}}
+""")
+    module, config = load_recipe(t2u_recipe)
+    module.run(config)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(v.en + "\n" for v in load_verses()[:60]), encoding="utf-8")
+    return {"tok": tok_dir, "t2u": tmp_path / "t2u" / "final", "corpus": corpus,
+            "out": tmp_path / "run"}
+
+
+def _recipe(tmp_path, chain, extra_data="") -> str:
+    path = tmp_path / "interleaved.yaml"
+    path.write_text(f"""\
+task: interleaved
+model: {{llm_path: "zoo:llm_en_es"}}
+data:
+  interleaved: auto
+  build: {{corpus: "{chain['corpus']}", t2u: "{chain['t2u']}", speech_share: 0.5,
+          span_words: [2, 6], docs_per_shard: 20}}
+  seq_len: 32
+  mixture: {{interleaved: 1.0, text: 0.5, asr: 0.5}}
+  speech_tokenizer: "{chain['tok']}"
+  batch_size: 4
+{extra_data}eval: {{items: 4, max_new_tokens: 8, batch_size: 4}}
+train: {{max_steps: 12, lr: 1.0e-2, warmup_steps: 1, log_every: 1, eval_every: 100,
+        tensorboard: false, output_dir: "{chain['out']}"}}
+""")
+    return str(path)
+
+
+def test_interleaved_pretraining_learns_the_units_and_saves_an_extended_llm(tmp_path, chain,
+                                                                           capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from speechlm.models.unit_vocab import UnitVocab
+    from speechlm.recipes import load_recipe
+
+    module, config = load_recipe(_recipe(tmp_path, chain))
+    results = module.run(config)
+    before, after = results["before"], results["after"]
+    # the unit tokens start as near-mean rows: learning what follows them is most of the gain
+    assert after["interleaved_loss"] < before["interleaved_loss"] - 0.5, (before, after)
+    assert after["speech_text_loss"] < before["speech_text_loss"], (before, after)
+    assert set(results["data"]) == {"interleaved", "text", "asr"}
+    assert 0 <= after["asr_cer"] and 0 <= after["repeat_wer"]
+    final = chain["out"] / "final"
+    vocab = UnitVocab.load(final)
+    assert vocab.num_codes == 16 and vocab == UnitVocab(**results["unit_vocab"])
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert tokenizer.convert_tokens_to_ids("<|audio_15|>") == vocab.unit_id(15)
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert model.get_input_embeddings().weight.shape[0] > vocab.unit_id(15)
+    saved = json.loads((chain["out"] / "results.json").read_text())
+    assert saved["after"] == after
+    out = capsys.readouterr().out
+    assert "before" in out and "interleaved loss" in out
+
+
+def test_interleaved_data_built_for_another_llm_tokenizer_is_refused(tmp_path, chain):
+    from transformers import AutoTokenizer
+
+    from speechlm.models.text_to_token import load_text_to_token
+    from speechlm.pipelines.interleave import InterleaveSettings, build_interleave
+    from speechlm.recipes import load_recipe
+    from speechlm.testing.tiny_checkpoints import write_tiny_checkpoint
+
+    other = write_tiny_checkpoint("qwen2", tmp_path / "qwen")
+    shards = tmp_path / "other_shards"
+    build_interleave(str(chain["corpus"]), shards, t2u=load_text_to_token(chain["t2u"]),
+                     tokenizer=AutoTokenizer.from_pretrained(other),
+                     settings=InterleaveSettings(seq_len=32, docs_per_shard=20),
+                     progress=False)
+    module, config = load_recipe(_recipe(tmp_path, chain), [f"data.interleaved={shards}"])
+    with pytest.raises(ConfigError, match="not this LLM's|another LLM tokenizer"):
+        module.run(config)
