@@ -98,7 +98,7 @@ def test_interleaved_pretraining_learns_the_units_and_saves_an_extended_llm(tmp_
     saved = json.loads((chain["out"] / "results.json").read_text())
     assert saved["after"] == after
     out = capsys.readouterr().out
-    assert "before" in out and "interleaved loss" in out
+    assert "before" in out and "interleaved with T2U units" in out
 
 
 def test_interleaved_data_built_for_another_llm_tokenizer_is_refused(tmp_path, chain):

@@ -108,3 +108,5 @@ def test_t2u_builds_the_speech_tokenizer_and_trains_on_its_units(tiny_zoo):
     identity = read_tokenizer_info(tokenizer.model_dir)["identity"]
     assert load_text_to_token(t2u.model_dir).tokenizer_identity == identity
     assert t2u.results["tokenizer"] == identity and t2u.results["dev"]["scored"] == 1
+    # the units it generates are read back to text by the tokenizer's ASR head
+    assert set(t2u.results["dev"]["round_trip"]) == {"reference", "ar"}

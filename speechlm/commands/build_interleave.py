@@ -34,9 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text file (one document per line), JSONL with a 'text' field, or "
                              "embedded:en / embedded:es")
     parser.add_argument("--t2u", required=True, metavar="DIR",
-                        help="text-to-token model directory (speech units for text)")
+                        help="text-to-token model directory or zoo:t2u_en (speech units for text)")
     parser.add_argument("--llm", required=True, metavar="DIR",
-                        help="the LLM (or just its tokenizer) the data is for")
+                        help="the LLM (or just its tokenizer) the data is for: a directory or zoo:NAME")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output directory (shard-*.npy + .json, interleave.json, "
                              "unit_vocab.json)")
@@ -66,16 +66,21 @@ def run(args: argparse.Namespace) -> int:
     settings = InterleaveSettings(speech_share=args.speech_share, span_words=args.span_words,
                                   seq_len=args.seq_len, docs_per_shard=args.docs_per_shard,
                                   seed=args.seed)
-    for flag, path in (("--t2u", args.t2u), ("--llm", args.llm)):
-        if not Path(path).is_dir():
-            raise ConfigError(f"{flag} {path}: not a directory (give a local model directory)")
+    from speechlm.zoo import resolve_model_path
+
+    paths = {}
+    for flag, spec in (("--t2u", args.t2u), ("--llm", args.llm)):
+        paths[flag] = resolve_model_path(spec, progress=not args.no_progress)  # zoo:NAME too
+        if not Path(paths[flag]).is_dir():
+            raise ConfigError(f"{flag} {spec}: not a directory (give a local model directory "
+                              "or zoo:NAME)")
 
     from transformers import AutoTokenizer
 
     from speechlm.models.text_to_token import load_text_to_token
 
-    tokenizer = AutoTokenizer.from_pretrained(args.llm)
-    t2u = load_text_to_token(args.t2u, **({"device": args.device} if args.device else {}))
+    tokenizer = AutoTokenizer.from_pretrained(paths["--llm"])
+    t2u = load_text_to_token(paths["--t2u"], **({"device": args.device} if args.device else {}))
     summary = build_interleave(args.corpus, args.out, t2u=t2u, tokenizer=tokenizer,
                                settings=settings, t2u_batch=args.t2u_batch,
                                t2u_method=args.t2u_method, progress=not args.no_progress)

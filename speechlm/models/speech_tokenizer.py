@@ -288,6 +288,21 @@ class SpeechTokenizer(nn.Module):
         return self._upper(vectors.to(self.head.weight.dtype), frames), frames
 
     @torch.no_grad()
+    def transcribe_units(self, units: Sequence[Sequence[int]], *,
+                         batch_size: int = 32) -> list[str]:
+        """Text the ASR head reads from unit sequences alone (greedy CTC): how much of the
+        content units carry, whether they come from audio or from a text-to-token model."""
+        from ..inference.ctc import GreedyCTCDecoder
+
+        decoder = GreedyCTCDecoder(self.vocab.tokens)
+        texts: list[str] = []
+        for start in range(0, len(units), batch_size):
+            chunk = [list(u) if len(u) else [0] for u in units[start: start + batch_size]]
+            log_probs, frames = self.log_probs_from_units(chunk)
+            texts.extend(decoder.decode(log_probs, frames))
+        return texts
+
+    @torch.no_grad()
     def encode(self, audio: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
         """Units of each item (windows of 30 s for longer audio); only the layers below the
         VQ run. The model should be in eval mode (train mode would update the codebook)."""

@@ -246,6 +246,8 @@ class HeldOut:
                 prefix = len(self.vocab.units_to_ids(record["units"]))
                 items.append({"input_ids": doc, "labels": [-100] * prefix + doc[prefix:]})
             metrics["speech_text_loss"] = self._loss(model, items)
+            # what the real speech units are worth to the transcript after them
+            metrics["units_gain"] = metrics["text_loss"] - metrics["speech_text_loss"]
             # `loss` (train.best_metric's default): what the pre-training optimises, on held-out
             # text
             metrics["loss"] = metrics.get("interleaved_loss", metrics["text_loss"])
@@ -427,9 +429,10 @@ def _fmt(metrics: dict) -> str:
 
 def results_table(results: dict) -> str:
     before, after = results["before"], results["after"]
-    rows = [("text loss (held-out text)", "text_loss", "{:.3f}"),
-            ("interleaved loss (T2U units of held-out text)", "interleaved_loss", "{:.3f}"),
-            ("transcript loss given real speech units", "speech_text_loss", "{:.3f}"),
+    rows = [("loss: held-out verses as plain text", "text_loss", "{:.3f}"),
+            ("loss: the same verses after their real speech units", "speech_text_loss", "{:.3f}"),
+            ("  units' worth (plain - after units), nats/token", "units_gain", "{:+.3f}"),
+            ("loss: held-out verses interleaved with T2U units", "interleaved_loss", "{:.3f}"),
             ("units -> text, ASR layout: WER", "asr_wer", "{:.1%}"),
             ("units -> text, ASR layout: CER", "asr_cer", "{:.1%}"),
             ("units -> text, 'repeat' instruction: WER", "repeat_wer", "{:.1%}"),

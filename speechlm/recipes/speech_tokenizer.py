@@ -194,17 +194,11 @@ def score_units(tokenizer, dataset, batch_duration: float = 200.0) -> dict:
     """Audio -> units (encode) -> text (the ASR head, greedy CTC): WER/CER from the units
     alone, and the units' codebook usage."""
     from ..eval.metrics import cer, wer
-    from ..inference.ctc import GreedyCTCDecoder
     from ..models.speech_tokenizer import unit_statistics
     from ..training.objectives.speech_tokenizer import encode_dataset
 
     rows, skipped = encode_dataset(tokenizer, dataset, batch_duration=batch_duration)
-    decoder = GreedyCTCDecoder(tokenizer.vocab.tokens)
-    hyps = []
-    for start in range(0, len(rows), 32):
-        units = [r["units"] for r in rows[start: start + 32]]
-        log_probs, frames = tokenizer.log_probs_from_units(units)
-        hyps.extend(decoder.decode(log_probs, frames))
+    hyps = tokenizer.transcribe_units([r["units"] for r in rows])
     refs = [r["text"] for r in rows]
     vq = tokenizer.vq
     dead = int((vq.ema_cluster_size < vq.dead_code_threshold).sum())

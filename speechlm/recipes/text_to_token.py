@@ -286,6 +286,27 @@ def score_generation(model, texts: list[str], refs: list[list[int]], *, steps: i
     return scores, hyps
 
 
+def round_trip(tokenizer_spec: str, texts: list[str], units: dict[str, list[list[int]]]
+               ) -> dict[str, dict[str, float]]:
+    """CER / WER of the text the speech tokenizer's ASR head reads back from each set of unit
+    sequences (the references, and each decoder's): do the generated units say the text?
+    Unit error rate cannot tell: the same words spoken by two voices give different units."""
+    from ..eval.metrics import cer, wer
+    from ..models.speech_tokenizer import load_speech_tokenizer, read_tokenizer_info
+    from ..text.normalize import normalize_transcript
+    from ..zoo import resolve_model_path
+
+    directory = resolve_model_path(tokenizer_spec, progress=False)
+    tokenizer = load_speech_tokenizer(directory)
+    lang = read_tokenizer_info(directory).get("normalize_lang") or "en"  # as it was trained
+    refs = [normalize_transcript(t, lang) for t in texts]
+    out = {}
+    for name, seqs in units.items():
+        hyps = tokenizer.transcribe_units(seqs)
+        out[name] = {"cer": cer(refs, hyps), "wer": wer(refs, hyps)}
+    return out
+
+
 def length_errors(model, texts: list[str], refs: list[list[int]], batch_size: int) -> dict:
     """The length head on `texts`: mean absolute error (units, rounded as MaskGIT uses it),
     mean relative error and the fraction exactly right."""
@@ -478,6 +499,9 @@ def run(config: Config) -> dict:
             scores, hyps = score_generation(reloaded, texts, refs, steps=cfg.eval.steps,
                                             batch_size=cfg.eval.batch_size)
             lengths = length_errors(reloaded, texts, refs, cfg.eval.batch_size)
+            if cfg.data.tokenizer:
+                scores["round_trip"] = round_trip(cfg.data.tokenizer, texts,
+                                                  {"reference": refs, **hyps})
         else:
             logger.warning("no dev utterances: generation is not scored (set data.dev or "
                            "data.dev_items)")
@@ -534,4 +558,10 @@ def format_table(results: dict) -> str:
         length = dev["length"]
         lines.append(f"  length head: MAE {length['mae']:.2f} units ({100 * length['relative']:.1f}"
                      f"%), exact {100 * length['exact']:.0f}%")
+    if dev.get("round_trip"):
+        lines.append("  round trip, text -> units -> the speech tokenizer's ASR head -> text:")
+        for name, score in dev["round_trip"].items():
+            label = "reference units (from audio)" if name == "reference" else f"{name} units"
+            lines.append(f"    {label:<30} CER {100 * score['cer']:5.1f}%  WER "
+                         f"{100 * score['wer']:5.1f}%")
     return "\n".join(lines)
