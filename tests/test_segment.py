@@ -240,9 +240,13 @@ def test_segment_job_with_forced_alignment_keeps_text(tmp_path, long_recordings,
 
     manifest, _ = long_recordings
     model_dir = tiny_ckpt("wav2vec2", vocab=CTC_CHARACTERS)
-    report = segment_manifest(manifest, tmp_path / "aligned", max_segment_s=6.0,
-                              min_snr_db=None, align_with=model_dir, device="cpu",
-                              progress=False)
+    # The tiny checkpoint has no trained CTC head: loading it initialises one from the global
+    # RNG, which earlier tests leave in any state; seed it so the alignments are always these.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        report = segment_manifest(manifest, tmp_path / "aligned", max_segment_s=6.0,
+                                  min_snr_db=None, align_with=model_dir, device="cpu",
+                                  progress=False)
     assert report.aligned == 1 and report.failed == 1
     rows = [json.loads(line) for line in (tmp_path / "aligned" / "manifest.jsonl").read_text()
             .splitlines() if json.loads(line)["source"] == "lecture"]
