@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import ManifestError
+from .errors import ManifestError, SpeechLMError
 
 
 def _open_text(path: Path, mode: str):
@@ -170,3 +170,24 @@ def _truncate_torn_tail(path: Path) -> None:
                 return
             pos = start
         f.truncate(0)
+
+
+@contextlib.contextmanager
+def exclusive(lock_path, busy: str):
+    """Hold an advisory lock on `lock_path` (released when the process dies), or raise
+    SpeechLMError(busy) at once when another process holds it: one job per output, so a
+    stray temporary file is never a live one and two writers never interleave."""
+    with open(lock_path, "w") as f:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no advisory locks
+            yield
+            return
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SpeechLMError(busy) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -62,6 +62,23 @@ def edit_counts(refs: Sequence[str], hyps: Sequence[str], *, unit: str = "word",
     return counts
 
 
+def edit_distance(ref: Sequence, hyp: Sequence) -> int:
+    """Levenshtein distance between two sequences of any hashable items (words, characters,
+    speech units)."""
+    try:
+        from rapidfuzz.distance import Levenshtein  # comes with jiwer; C speed
+    except ImportError:  # pragma: no cover
+        Levenshtein = None
+    if Levenshtein is not None:
+        return int(Levenshtein.distance(list(ref), list(hyp)))
+    row = list(range(len(hyp) + 1))  # pragma: no cover
+    for i, r in enumerate(ref, 1):  # pragma: no cover
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1]  # pragma: no cover
+
+
 def _rate(counts: dict[str, int]) -> float:
     errors = counts["substitutions"] + counts["deletions"] + counts["insertions"]
     if counts["ref_len"] == 0:

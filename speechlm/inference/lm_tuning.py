@@ -16,24 +16,10 @@ from dataclasses import dataclass, field
 import torch
 
 from speechlm.errors import SpeechLMError
+from speechlm.eval.metrics import edit_distance
 
 DEFAULT_LM_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 DEFAULT_WORD_SCORES = (-2.0, -1.0, 0.0, 1.0, 2.0)
-
-
-def _edit_distance(ref: Sequence, hyp: Sequence) -> int:
-    try:
-        from rapidfuzz.distance import Levenshtein  # comes with jiwer; C speed
-    except ImportError:  # pragma: no cover
-        Levenshtein = None
-    if Levenshtein is not None:
-        return int(Levenshtein.distance(list(ref), list(hyp)))
-    row = list(range(len(hyp) + 1))  # pragma: no cover
-    for i, r in enumerate(ref, 1):  # pragma: no cover
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1]  # pragma: no cover
 
 
 def error_rates(refs: Sequence[str], hyps: Sequence[str]) -> tuple[float, float]:
@@ -42,10 +28,10 @@ def error_rates(refs: Sequence[str], hyps: Sequence[str]) -> tuple[float, float]
     word_errors = word_total = char_errors = char_total = 0
     for ref, hyp in zip(refs, hyps, strict=True):
         r, h = ref.split(), hyp.split()
-        word_errors += _edit_distance(r, h)
+        word_errors += edit_distance(r, h)
         word_total += len(r)
         rc, hc = " ".join(r), " ".join(h)
-        char_errors += _edit_distance(rc, hc)
+        char_errors += edit_distance(rc, hc)
         char_total += len(rc)
     return word_errors / max(1, word_total), char_errors / max(1, char_total)
 

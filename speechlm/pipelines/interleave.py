@@ -32,7 +32,6 @@ byte for byte.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
@@ -389,24 +388,12 @@ def _check_meta(out_dir: Path, settings: dict) -> None:
             "directory, or delete this one to rebuild")
 
 
-@contextlib.contextmanager
 def _exclusive(out_dir: Path):
-    """One job per output directory, so a stray temporary file is never a live one."""
-    with open(out_dir / ".interleave.lock", "w") as f:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows: no advisory locks
-            yield
-            return
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SpeechLMError(f"{out_dir}: another interleave job is writing here; wait for "
-                                "it or use another --out") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """One job per output directory."""
+    from ..jsonl import exclusive
+
+    return exclusive(out_dir / ".interleave.lock", f"{out_dir}: another interleave job is writing here; "
+                     "wait for it or use another --out")
 
 
 def _seed_t2u(seed: int, shard: int) -> None:

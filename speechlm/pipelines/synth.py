@@ -355,25 +355,12 @@ def _run_inprocess(tasks: Iterator[tuple], init_args: tuple) -> Iterator[tuple]:
 # The job
 
 
-@contextlib.contextmanager
 def _exclusive(out_dir: Path):
-    """One job per output directory: two writers would interleave the manifest."""
-    lock_path = out_dir / ".synth.lock"
-    with open(lock_path, "w") as f:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows: no advisory locks
-            yield
-            return
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SpeechLMError(f"{out_dir}: another synthesis job is writing here; wait for it "
-                                "or use another --out") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """One job per output directory."""
+    from ..jsonl import exclusive
+
+    return exclusive(out_dir / ".synth.lock", f"{out_dir}: another synthesis job is writing here; "
+                     "wait for it or use another --out")
 
 
 def done_ids(manifest: Path) -> set[str]:

@@ -240,23 +240,10 @@ def hold_out(utterances: list[Utterance], count: int) -> tuple[list[Utterance], 
 # -- scoring ----------------------------------------------------------------------------------
 
 
-def edit_distance(ref: Sequence[int], hyp: Sequence[int]) -> int:
-    try:
-        from rapidfuzz.distance import Levenshtein  # comes with jiwer; C speed
-    except ImportError:  # pragma: no cover
-        Levenshtein = None
-    if Levenshtein is not None:
-        return int(Levenshtein.distance(list(ref), list(hyp)))
-    row = list(range(len(hyp) + 1))  # pragma: no cover
-    for i, r in enumerate(ref, 1):  # pragma: no cover
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1]  # pragma: no cover
-
-
 def unit_error_rate(refs: Sequence[Sequence[int]], hyps: Sequence[Sequence[int]]) -> float:
     """Corpus unit error rate: summed edit distances / summed reference lengths."""
+    from ..eval.metrics import edit_distance
+
     if len(refs) != len(hyps):
         raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
     total = sum(len(r) for r in refs)
