@@ -41,25 +41,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip records whose prompt is longer (default 192)")
     parser.add_argument("--batch-size", type=int, default=32, metavar="N",
                         help="prompts per generate call (default 32)")
+    add_rank_job_options(parser)
+
+
+def add_rank_job_options(parser: argparse.ArgumentParser) -> None:
+    """--device and --no-progress of a job that shards records over torchrun ranks."""
     parser.add_argument("--device", default="auto",
                         help="auto (cuda:LOCAL_RANK when there is a GPU, else cpu), cpu, cuda, "
                              "cuda:1, ...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def run(args: argparse.Namespace) -> int:
-    from speechlm.data.instructions import CONTINUE_INSTRUCTION
-    from speechlm.pipelines.continuations import build_continuations
+def run_rank_job(job) -> int:
+    """Run `job()` (returning a summary), leave the process group it joined under torchrun,
+    print the summary."""
     from speechlm.training import distributed
 
     try:
-        summary = build_continuations(
-            args.llm, args.manifest, args.out,
-            instruction=CONTINUE_INSTRUCTION if args.instruction is None else args.instruction,
-            template=args.template, max_new_tokens=args.max_new_tokens,
-            max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
-            device=args.device, progress=not args.no_progress)
+        summary = job()
     finally:
-        distributed.cleanup()  # under torchrun: leave the process group the job joined
+        distributed.cleanup()
     print(summary.summary())
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from speechlm.data.instructions import CONTINUE_INSTRUCTION
+    from speechlm.pipelines.continuations import build_continuations
+
+    return run_rank_job(lambda: build_continuations(
+        args.llm, args.manifest, args.out,
+        instruction=CONTINUE_INSTRUCTION if args.instruction is None else args.instruction,
+        template=args.template, max_new_tokens=args.max_new_tokens,
+        max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
+        device=args.device, progress=not args.no_progress))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .build_continuations import add_rank_job_options, run_rank_job
+
 HELP = ("speech units of every recording of a manifest, with a trained speech tokenizer; "
         "resumable, shards over torchrun ranks")
 
@@ -32,21 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output JSONL (beside it: .meta.json, .skipped.jsonl)")
     parser.add_argument("--batch-duration", type=float, default=120.0, metavar="SECONDS",
                         help="padded audio seconds per batch (default 120)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (cuda:LOCAL_RANK when there is a GPU, else cpu), cpu, cuda, "
-                             "cuda:1, ...")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_rank_job_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from speechlm.pipelines.tokenize import build_tokenize
-    from speechlm.training import distributed
 
-    try:
-        summary = build_tokenize(args.tokenizer, args.manifest, args.out,
-                                 batch_duration=args.batch_duration, device=args.device,
-                                 progress=not args.no_progress)
-    finally:
-        distributed.cleanup()  # under torchrun: leave the process group the job joined
-    print(summary.summary())
-    return 0
+    return run_rank_job(lambda: build_tokenize(
+        args.tokenizer, args.manifest, args.out, batch_duration=args.batch_duration,
+        device=args.device, progress=not args.no_progress))
