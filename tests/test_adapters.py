@@ -18,8 +18,8 @@ def _adapter(name, **options):
 
 
 def _expected_lengths(name, n, options):
-    if name == "blsp":
-        for _ in range(3):
+    if name in ("blsp", "cif"):
+        for _ in range(3 if name == "blsp" else 2):
             n = (n - 1) // 2 + 1 if n > 0 else 0  # Conv1d(k=5, s=2, p=2)
         return n
     if name == "stack":
@@ -122,3 +122,69 @@ def test_registry_and_option_errors():
     assert isinstance(build_adapter("blsp", 4, 6, kernel_sizes=[3, 3]), BlspAdapter)
     rebuilt = build_adapter("qformer", 4, 8, **_adapter("qformer", window_frames=7).options())
     assert rebuilt.window_frames == 7
+
+
+# -- CIF (BLSP-KD's CFormer) ----------------------------------------------------------------
+
+
+def _sequential_cif(alpha, values, threshold=1.0):
+    """CIF's original frame-by-frame loop: accumulate weight; on reaching the threshold, fire
+    the integrated values and carry the rest of the frame's weight into the next token."""
+    fired, acc, state = [], 0.0, torch.zeros(values.shape[-1])
+    for a, v in zip(alpha.tolist(), values, strict=True):
+        if acc + a < threshold:
+            acc, state = acc + a, state + a * v
+            continue
+        used = threshold - acc
+        fired.append(state + used * v)
+        acc, state = a - used, (a - used) * v
+    return torch.stack(fired)
+
+
+def test_cif_weights_equal_the_sequential_integrate_and_fire_loop():
+    from speechlm.models.adapters import cif_weights
+
+    gen = torch.Generator().manual_seed(0)
+    alpha = torch.rand(1, 23, generator=gen) * 0.9
+    values = torch.randn(23, 5, generator=gen)
+    n = int(alpha.sum())  # tokens the loop fires completely
+    weights = cif_weights(alpha, torch.tensor([n]))[0]
+    expected = _sequential_cif(alpha[0], values)[:n]
+    # each complete token integrates exactly threshold 1 of weight, so the normalised
+    # matrix and the loop agree
+    assert torch.allclose(weights @ values, expected, atol=1e-5)
+    # conservation: with the sum rescaled to an integer, every frame's weight is spent
+    scaled = alpha * (n / alpha.sum())
+    w = cif_weights(scaled, torch.tensor([n]))[0]
+    assert torch.allclose(w.sum(0), scaled[0], atol=1e-5)
+
+
+def test_cif_fires_the_target_count_in_training_and_its_own_count_at_inference():
+    adapter = _adapter("cif", num_heads=4)
+    lengths = torch.tensor([64, 40, 9])
+    x = torch.randn(3, 64, D_ENC)
+    with torch.no_grad():
+        trained = adapter(x, lengths, target_lengths=torch.tensor([7, 3, 1]))
+        free = adapter(x, lengths)
+    assert trained.lengths.tolist() == [7, 3, 1] and trained.hidden.shape[1] == 7
+    # inference: the rounded unscaled weight sum, at least one, at most one per frame
+    expected = torch.floor(free.quantity + 0.5).long().clamp(min=1)
+    assert torch.equal(free.lengths, expected)
+    assert bool((free.lengths <= adapter.output_lengths(lengths)).all())
+    for out in (trained, free):
+        for row, n in enumerate(out.lengths.tolist()):
+            assert torch.all(out.hidden[row, n:] == 0)
+            assert torch.all(out.hidden[row, :n].abs().sum(-1) > 0)
+    # an item alone gets the same embeddings as inside the padded batch
+    with torch.no_grad():
+        alone = adapter(x[1:2, :40], lengths[1:2], target_lengths=torch.tensor([3]))
+    assert torch.allclose(alone.hidden[0], trained.hidden[1, :3], atol=1e-5)
+
+
+def test_cif_count_loss_reaches_the_firing_weights():
+    adapter = _adapter("cif").train()
+    out = adapter(torch.randn(2, 50, D_ENC), torch.tensor([50, 30]),
+                  target_lengths=torch.tensor([5, 2]))
+    (out.quantity - torch.tensor([5.0, 2.0])).abs().mean().backward()
+    assert adapter.convs[-1].weight.grad is not None
+    assert float(adapter.convs[-1].weight.grad.abs().sum()) > 0

@@ -11,13 +11,23 @@ import soundfile as sf
 import torch
 
 from speechlm.data.instructions import CONTINUE_INSTRUCTION
-from speechlm.errors import SpeechLMError
+from speechlm.errors import ConfigError, SpeechLMError
+from speechlm.models.adapters import AdapterOutput
 from speechlm.models.encoders import EncoderOutput
 from speechlm.models.prompts import IGNORE_INDEX, get_template
 from speechlm.models.speech_lm import SpeechLM, SpeechLMConfig
 from speechlm.recipes import load_recipe
 from speechlm.recipes.blsp_eval import SpeechSource, alignment_metrics, format_transfer_table
-from speechlm.training.objectives.blsp import BlspObjective, kd_loss, response_logits
+from speechlm.testing.tiny_tokenizers import CTC_CHARACTERS
+from speechlm.training.objectives.blsp import (
+    EMBED_LOSSES,
+    BlspObjective,
+    batch_speech,
+    embedding_loss,
+    kd_loss,
+    response_logits,
+    transcript_token_ids,
+)
 
 SR = 16000
 TEXTS = ["In the beginning God created the heaven and the earth.",
@@ -38,10 +48,10 @@ def model(tiny_ckpt):
     return SpeechLM.build(config)
 
 
-def _batch(model, n=3, seed=0):
+def _batch(model, n=3, seed=0, frames=40):
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, 40, model.encoder.output_dim, generator=gen)
-    lengths = torch.tensor([40, 31, 24][:n])
+    hidden = torch.randn(n, frames, model.encoder.output_dim, generator=gen)
+    lengths = torch.tensor([frames, frames * 3 // 4, frames // 2][:n])
     return {"encoder_hidden": hidden, "encoder_lengths": lengths, "texts": TEXTS[:n],
             "continuation": ["and it was good.", "darkness was upon the deep", "amen"][:n]}
 
@@ -49,7 +59,8 @@ def _batch(model, n=3, seed=0):
 def test_ce_labels_cover_the_continuation_and_eos_only(model):
     batch = _batch(model)
     objective = BlspObjective(model, loss="ce")
-    inputs = objective.student_inputs(batch, batch["continuation"])
+    inputs, extra = objective.student_inputs(batch, batch["continuation"])
+    assert extra == {}  # the BLSP adapter has no count or embedding loss
     tok = model.tokenizer
     for row, response in enumerate(batch["continuation"]):
         learned = inputs.labels[row][inputs.labels[row] != IGNORE_INDEX].tolist()
@@ -76,7 +87,7 @@ def test_kd_teacher_reads_the_transcript_and_aligns_token_by_token(model):
         ids = teacher.input_ids[row][teacher.attention_mask[row].bool()].tolist()
         assert ids[: len(prompt.prompt_ids())] == prompt.prompt_ids()
         assert not bool(teacher.speech_mask[row].any())
-    student = response_logits(model, objective.student_inputs(batch, batch["continuation"]))
+    student = response_logits(model, objective.student_inputs(batch, batch["continuation"])[0])
     with torch.no_grad():
         taught = response_logits(model, teacher, use_lora=False)
     assert torch.equal(student.targets, taught.targets)  # the same tokens in the same order
@@ -99,6 +110,79 @@ def test_only_the_adapter_gets_gradients(model, kind):
     assert with_grad == {"adapter"}
     assert all(p.grad is None for p in model.llm.parameters())
     model.zero_grad(set_to_none=True)
+
+
+@pytest.fixture(scope="module")
+def cif_model(tiny_ckpt):
+    config = SpeechLMConfig(encoder_path=str(tiny_ckpt("wav2vec2")),
+                            llm_path=str(tiny_ckpt("llama")), adapter="cif",
+                            adapter_options={"d_model": 32, "num_heads": 2}, template="blsp",
+                            instruction=CONTINUE_INSTRUCTION)
+    torch.manual_seed(0)
+    return SpeechLM.build(config)
+
+
+def test_cif_student_fires_one_embedding_per_transcript_token_in_the_teachers_place(cif_model):
+    """BLSP-KD with CIF: the speech takes exactly as many positions as the transcript's
+    tokens, so every response token sits at the same position in both passes."""
+    batch = _batch(cif_model, frames=200)  # CIF fires at most one token per 4 frames
+    objective = BlspObjective(cif_model, loss="kd", embed_weight=1.0)
+    inputs, extra = objective.student_inputs(batch, batch["continuation"])
+    teacher = objective.teacher_inputs(batch, batch["continuation"])
+    tokens = transcript_token_ids(cif_model, batch["texts"])
+    for row in range(3):
+        assert int(inputs.speech_mask[row].sum()) == len(tokens[row])
+        student_at = (inputs.labels[row] != IGNORE_INDEX).nonzero()[:, 0]
+        teacher_at = (teacher.labels[row] != IGNORE_INDEX).nonzero()[:, 0]
+        # the text prompt holds " transcript" as these very tokens (no merge at the join)
+        assert torch.equal(student_at, teacher_at)
+    speech = cif_model.encode_speech(**batch_speech(batch))
+    quantity = speech.quantity.detach()
+    target = torch.tensor([len(t) for t in tokens], dtype=torch.float)
+    assert float(extra["count"].detach()) == pytest.approx(float((quantity - target).abs().mean()), rel=1e-5)
+    loss, metrics = objective.loss(batch)
+    assert {"count_loss", "embed_loss", "kd"} <= set(metrics)
+    assert float(loss) == pytest.approx(metrics["count_loss"] + metrics["embed_loss"]
+                                        + metrics["kd"], rel=1e-4)
+
+
+def test_embedding_loss_is_least_for_the_tokens_own_embeddings(cif_model):
+    embed = cif_model.llm.get_input_embeddings()
+    ids = [[5, 9, 17], [30, 2]]
+    own = torch.zeros(2, 3, embed.weight.shape[1])
+    for row, tokens in enumerate(ids):
+        own[row, : len(tokens)] = embed.weight[tokens].detach()
+    shuffled = own[:, [2, 0, 1]]
+    for kind in EMBED_LOSSES:
+        exact = float(embedding_loss(AdapterOutput(own, torch.tensor([3, 2])), ids, embed, kind))
+        wrong = float(embedding_loss(AdapterOutput(shuffled, torch.tensor([3, 2])), ids, embed,
+                                     kind))
+        assert exact < wrong
+        if kind == "mse":
+            assert exact == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ConfigError, match="loss.embed_loss must be one of mse, ce, mse\\+ce"):
+        BlspObjective(cif_model, embed_loss="cosine")
+
+
+def test_cif_adapter_learns_the_count_and_the_embeddings(cif_model):
+    """A few updates on one batch lower the count error and the embedding loss."""
+    import copy
+
+    model = copy.deepcopy(cif_model)
+    batch = _batch(model, frames=200)
+    objective = BlspObjective(model, loss="kd", embed_weight=1.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    history = []
+    torch.manual_seed(0)
+    for _ in range(25):
+        loss, metrics = objective.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(metrics)
+    assert history[-1]["count_loss"] < 0.5 * history[0]["count_loss"]
+    assert history[-1]["embed_loss"] < 0.5 * history[0]["embed_loss"]
 
 
 def test_alignment_metrics_compare_speech_with_the_transcript(model):
@@ -170,14 +254,28 @@ def _overrides(tiny_ckpt, tmp_path, manifest, **more):
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def _ctc_checkpoint(tiny_ckpt, tmp_path):
+    """The tiny wav2vec2 with a character vocabulary, saved as a *ForCTC model (its head
+    starts random) like the zoo's ctc_en."""
+    import shutil
+
+    out = tmp_path / "ctc_encoder"
+    shutil.copytree(tiny_ckpt("wav2vec2", vocab=CTC_CHARACTERS), out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "architectures": ["Wav2Vec2ForCTC"]}))
+    return out
+
+
 def _train_losses(run_dir):
     return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").open())
             if r["split"] == "train"]
 
 
 def test_tiny_blsp_run_learns_saves_and_reports(tiny_ckpt, tmp_path, speech_data):
-    module, config = load_recipe("recipes/tiny/blsp.yaml",
-                                 _overrides(tiny_ckpt, tmp_path, speech_data))
+    # a CTC checkpoint as the encoder: the table gets the cascade through its own transcripts
+    encoder = _ctc_checkpoint(tiny_ckpt, tmp_path)
+    module, config = load_recipe("recipes/tiny/blsp.yaml", _overrides(
+        tiny_ckpt, tmp_path, speech_data, **{"model.encoder_path": str(encoder)}))
     results = module.run(config)
     run = tmp_path / "run"
     losses = _train_losses(run)
@@ -186,14 +284,16 @@ def test_tiny_blsp_run_learns_saves_and_reports(tiny_ckpt, tmp_path, speech_data
     conts = [json.loads(line) for line in (run / "continuations" / "train.jsonl").open()]
     assert [c["id"] for c in conts] == [f"u{i}" for i in range(6)]
     assert all(c["continuation"] for c in conts)
-    # the transfer table: three systems, both tasks, the cascade reads the reference text
+    # the transfer table: four systems, both tasks, the cascades read the reference text and
+    # the encoder's own CTC transcripts
     table = results["transfer"]
-    assert set(table) == {"untrained adapter", "BLSP (ce)", "cascade (reference text)"}
+    heard = "cascade (the encoder's CTC transcript)"
+    assert set(table) == {"untrained adapter", "BLSP (ce)", "cascade (reference text)", heard}
     assert set(table["BLSP (ce)"]) == {"repeat", "translate_es"}
     assert "cascade (reference text)" in format_transfer_table(table)
     assert {"align_kl", "align_agreement", "align_gen_chrf"} <= set(results["alignment"])
     hyps = [json.loads(line) for line in (run / "transfer_hyps.jsonl").open()]
-    assert len(hyps) == 3 * 2 * 6
+    assert len(hyps) == 4 * 2 * 6
     # the saved model holds the adapter only and reloads to the same continuation
     saved = SpeechLM.from_pretrained(run / "final")
     assert set(saved.trainable_state_dict()) == {
@@ -269,3 +369,13 @@ def test_noise_augmentation_has_the_asked_snr_and_is_repeatable(speech_data):
         assert torch.equal(noisy[i]["audio"], noisy[i]["audio"])  # the same noise again
     assert not torch.equal(noisy[0]["audio"] - clean[0]["audio"],
                            NoisyAudioDataset(clean, 10.0, seed=4)[0]["audio"] - clean[0]["audio"])
+
+
+def test_encoder_transcripts_only_for_ctc_checkpoints(tiny_ckpt, tmp_path, speech_data):
+    from speechlm.recipes.blsp import _manifest_records, encoder_transcripts
+
+    records = _manifest_records(speech_data)
+    heard = encoder_transcripts(_ctc_checkpoint(tiny_ckpt, tmp_path), records)
+    assert isinstance(heard, list) and len(heard) == len(records)
+    assert all(isinstance(text, str) for text in heard)
+    assert encoder_transcripts(tiny_ckpt("whisper"), records) is None  # no CTC head

@@ -119,7 +119,8 @@ def test_text_path_aligns_its_response_with_the_speech_path(tiny_ckpt):
 
 E2E = [("wav2vec2", "blsp", "llama"), ("wav2vec2", "stack", "qwen2"), ("wav2vec2", "qformer", "llama"),
        ("hubert", "blsp", "qwen2"), ("hubert", "stack", "llama"), ("hubert", "qformer", "qwen2"),
-       ("whisper", "blsp", "llama"), ("whisper", "stack", "qwen2"), ("whisper", "qformer", "llama")]
+       ("whisper", "blsp", "llama"), ("whisper", "stack", "qwen2"), ("whisper", "qformer", "llama"),
+       ("wav2vec2", "cif", "qwen2"), ("whisper", "cif", "llama")]
 
 
 @pytest.mark.parametrize("encoder,adapter,llm", E2E)
@@ -191,6 +192,8 @@ def _outputs(model, seed=5):
     dict(adapter="blsp", encoder_layer="weighted", lora=LoraSettings(r=2, dropout=0.0)),
     dict(adapter="qformer", llm="qwen2", plora=LoraSettings(r=2, dropout=0.0),
          encoder_lora=LoraSettings(r=2, dropout=0.0)),
+    # at inference a CIF adapter fires its own count: the reloaded one must fire the same
+    dict(adapter="cif", adapter_options={"num_layers": 1, "num_heads": 2}),
 ])
 def test_trained_model_saved_and_reloaded_gives_identical_outputs(tiny_ckpt, tmp_path, fields):
     fields = dict(fields)

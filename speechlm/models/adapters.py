@@ -39,18 +39,20 @@ from ..config import Registry
 from ..errors import ConfigError
 
 __all__ = [
-    "ADAPTERS", "Adapter", "AdapterOutput", "BlspAdapter", "QFormerAdapter", "StackAdapter",
-    "build_adapter",
+    "ADAPTERS", "Adapter", "AdapterOutput", "BlspAdapter", "CifAdapter", "QFormerAdapter",
+    "StackAdapter", "build_adapter",
 ]
 
 ADAPTERS: Registry[type[Adapter]] = Registry("adapter")
 
 
 class AdapterOutput(NamedTuple):
-    """LLM-space speech embeddings [B, F', D_llm] (zero at or after `lengths`) and lengths [B]."""
+    """LLM-space speech embeddings [B, F', D_llm] (zero at or after `lengths`) and lengths [B];
+    `quantity` [B]: a CIF adapter's unscaled firing-weight sum (its count loss), else None."""
 
     hidden: torch.Tensor
     lengths: torch.Tensor
+    quantity: torch.Tensor | None = None
 
 
 def build_adapter(name: str, input_dim: int, output_dim: int, *, input_rate: float = 50.0,
@@ -83,7 +85,12 @@ def _zero_padding(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 class Adapter(nn.Module):
-    """Base class: `forward(hidden [B, F, D_in], lengths [B]) -> AdapterOutput`."""
+    """Base class: `forward(hidden [B, F, D_in], lengths [B]) -> AdapterOutput`.
+
+    `emits_per_token`: True when the adapter emits one embedding per text token and, in
+    training, takes the tokens' count as `forward(..., target_lengths=)` (CIF)."""
+
+    emits_per_token = False
 
     def __init__(self, input_dim: int, output_dim: int, input_rate: float):
         super().__init__()
@@ -107,8 +114,65 @@ class Adapter(nn.Module):
 # -- BLSP -------------------------------------------------------------------------------
 
 
+def glu_convs(input_dim: int, mid: int, output_channels: int,
+              kernel_sizes: Sequence[int]) -> nn.ModuleList:
+    """BLSP's subsampler: Conv1d(kernel k, stride 2, padding k // 2) layers, each followed by a
+    GLU (which halves the channels): input_dim -> mid -> ... -> output_channels (pre-GLU)."""
+    n = len(kernel_sizes)
+    return nn.ModuleList(
+        nn.Conv1d(input_dim if i == 0 else mid // 2, mid if i < n - 1 else output_channels, k,
+                  stride=2, padding=k // 2)
+        for i, k in enumerate(kernel_sizes))
+
+
+def conv_lengths(lengths: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """Valid output frames of `conv` for `lengths` valid input frames (0 stays 0)."""
+    (k,), (s,), (p,) = conv.kernel_size, conv.stride, conv.padding
+    out = torch.div(lengths + 2 * p - k, s, rounding_mode="floor") + 1
+    return torch.where(lengths > 0, out.clamp(min=0), torch.zeros_like(out))
+
+
+def run_glu_convs(convs: nn.ModuleList, hidden: torch.Tensor, lengths: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [B, T, D] -> [B, T', C] and lengths', padding masked before each conv."""
+    x = _zero_padding(hidden, lengths).transpose(1, 2)  # [B, D, T]
+    for conv in convs:
+        x = F.glu(conv(x), dim=1)
+        lengths = conv_lengths(lengths, conv)
+        # zero what the next conv would read beyond the valid frames, exactly as
+        # the conv's own zero padding does for an item alone
+        x = x * lengths_mask(lengths, x.shape[-1])[:, None, :].to(x.dtype)
+    return x.transpose(1, 2), lengths
+
+
+def _check_kernel_sizes(name: str, kernel_sizes, mid: int) -> list[int]:
+    if mid % 2:
+        raise ConfigError(f"{name} adapter: mid_channels must be even (GLU halves it), got {mid}")
+    kernel_sizes = [int(k) for k in kernel_sizes]
+    if not kernel_sizes:
+        raise ConfigError(f"{name} adapter: kernel_sizes must name at least one conv layer")
+    return kernel_sizes
+
+
+class _GluConvAdapter(Adapter):
+    """An adapter whose front is `self.convs` (glu_convs): each halves the frame rate. For a
+    CIF adapter these are upper bounds: it fires at most one embedding per subsampled frame."""
+
+    convs: nn.ModuleList
+
+    def output_lengths(self, lengths):
+        lengths = torch.as_tensor(lengths, dtype=torch.long)
+        for conv in self.convs:
+            lengths = conv_lengths(lengths, conv)
+        return lengths
+
+    def output_frame_rate(self, input_rate=None):
+        rate = self.input_rate if input_rate is None else float(input_rate)
+        return rate / 2 ** len(self.convs)
+
+
 @ADAPTERS.register("blsp")
-class BlspAdapter(Adapter):
+class BlspAdapter(_GluConvAdapter):
     """BLSP: conv subsampler (GLU) -> residual bottleneck (no bias) -> LayerNorm."""
 
     def __init__(self, input_dim: int, output_dim: int, *, input_rate: float = 50.0,
@@ -116,50 +180,110 @@ class BlspAdapter(Adapter):
                  bottleneck_dim: int = 512):
         super().__init__(input_dim, output_dim, input_rate)
         mid = int(mid_channels) if mid_channels is not None else 2 * input_dim
-        if mid % 2:
-            raise ConfigError(f"blsp adapter: mid_channels must be even (GLU halves it), got {mid}")
-        kernel_sizes = [int(k) for k in kernel_sizes]
-        if not kernel_sizes:
-            raise ConfigError("blsp adapter: kernel_sizes must name at least one conv layer")
+        kernel_sizes = _check_kernel_sizes("blsp", kernel_sizes, mid)
         self._options = dict(kernel_sizes=kernel_sizes, mid_channels=mid,
                              bottleneck_dim=int(bottleneck_dim))
-        n = len(kernel_sizes)
-        self.convs = nn.ModuleList(
-            nn.Conv1d(input_dim if i == 0 else mid // 2,
-                      mid if i < n - 1 else 2 * output_dim, k, stride=2, padding=k // 2)
-            for i, k in enumerate(kernel_sizes))
+        self.convs = glu_convs(input_dim, mid, 2 * output_dim, kernel_sizes)
         self.fc1 = nn.Linear(output_dim, bottleneck_dim, bias=False)
         self.fc2 = nn.Linear(bottleneck_dim, output_dim, bias=False)
         self.norm = nn.LayerNorm(output_dim, eps=1e-5)
 
-    def _conv_lengths(self, lengths: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-        (k,), (s,), (p,) = conv.kernel_size, conv.stride, conv.padding
-        out = torch.div(lengths + 2 * p - k, s, rounding_mode="floor") + 1
-        return torch.where(lengths > 0, out.clamp(min=0), torch.zeros_like(out))
-
-    def output_lengths(self, lengths):
-        lengths = torch.as_tensor(lengths, dtype=torch.long)
-        for conv in self.convs:
-            lengths = self._conv_lengths(lengths, conv)
-        return lengths
-
-    def output_frame_rate(self, input_rate=None):
-        rate = self.input_rate if input_rate is None else float(input_rate)
-        return rate / 2 ** len(self.convs)
-
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> AdapterOutput:
-        lengths = lengths.to(hidden.device, torch.long)
-        x = _zero_padding(hidden, lengths).transpose(1, 2)  # [B, D, T]
-        for conv in self.convs:
-            x = F.glu(conv(x), dim=1)
-            lengths = self._conv_lengths(lengths, conv)
-            # zero what the next conv would read beyond the valid frames, exactly as
-            # the conv's own zero padding does for an item alone
-            x = x * lengths_mask(lengths, x.shape[-1])[:, None, :].to(x.dtype)
-        x = x.transpose(1, 2)
+        x, lengths = run_glu_convs(self.convs, hidden, lengths.to(hidden.device, torch.long))
         x = x + self.fc2(F.gelu(self.fc1(x)))
         x = self.norm(x)
         return AdapterOutput(_zero_padding(x, lengths), lengths)
+
+
+# -- CIF (BLSP-KD's CFormer) --------------------------------------------------------------
+
+
+def cif_weights(alpha: torch.Tensor, out_lengths: torch.Tensor) -> torch.Tensor:
+    """Integrate-and-fire as a matrix: W [B, K, T], the share of frame t in token k.
+
+    alpha [B, T]: firing weights (0 on padding); token k is the span [k, k+1) of the
+    running sum of alpha, and frame t covers [c_t - alpha_t, c_t), so W[k, t] is their
+    overlap: a frame that crosses an integer is split between two tokens, as in CIF's
+    sequential loop. Rows k >= out_lengths are 0; each other row is normalised to sum 1
+    (at inference the last token may be fired from a partial weight).
+    """
+    end = alpha.cumsum(dim=1)[:, None, :]                     # [B, 1, T]
+    start = end - alpha[:, None, :]
+    k = torch.arange(int(out_lengths.max()) if out_lengths.numel() else 0,
+                     device=alpha.device, dtype=alpha.dtype)[None, :, None]  # [1, K, 1]
+    w = (torch.minimum(end, k + 1) - torch.maximum(start, k)).clamp(min=0)
+    w = w * lengths_mask(out_lengths, w.shape[1])[..., None].to(w.dtype)
+    return w / w.sum(dim=-1, keepdim=True).clamp(min=1e-6)
+
+
+def _sinusoids(length: int, dim: int, device, dtype) -> torch.Tensor:
+    """Fixed sinusoidal positions [length, dim] (dim even)."""
+    position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    scale = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32)
+                      * (-math.log(10000.0) / dim))
+    out = torch.zeros(length, dim, device=device)
+    out[:, 0::2] = torch.sin(position * scale)
+    out[:, 1::2] = torch.cos(position * scale)
+    return out.to(dtype)
+
+
+@ADAPTERS.register("cif")
+class CifAdapter(_GluConvAdapter):
+    """CFormer: GLU conv subsampler -> continuous integrate-and-fire (one embedding per text
+    token) -> Transformer layers -> Linear -> LayerNorm.
+
+    The last subsampler channel, through a sigmoid, is each frame's firing weight; the
+    others are the values integrated. `forward(..., target_lengths=)` (training) rescales the
+    weights so an item fires exactly that many embeddings; without it the unscaled weight
+    sum, rounded (at least one), is the count.
+    """
+
+    emits_per_token = True
+
+    def __init__(self, input_dim: int, output_dim: int, *, input_rate: float = 50.0,
+                 kernel_sizes: Sequence[int] = (5, 5), mid_channels: int | None = None,
+                 d_model: int | None = None, num_layers: int = 1, num_heads: int = 4,
+                 ffn_dim: int | None = None, dropout: float = 0.0):
+        super().__init__(input_dim, output_dim, input_rate)
+        mid = int(mid_channels) if mid_channels is not None else 2 * input_dim
+        kernel_sizes = _check_kernel_sizes("cif", kernel_sizes, mid)
+        width = int(d_model) if d_model is not None else min(int(output_dim), 1024)
+        if width % num_heads or width % 2:
+            raise ConfigError(f"cif adapter: d_model {width} must be even and a multiple of "
+                              f"num_heads {num_heads}")
+        ffn = int(ffn_dim) if ffn_dim is not None else 4 * width
+        self._options = dict(kernel_sizes=kernel_sizes, mid_channels=mid, d_model=width,
+                             num_layers=int(num_layers), num_heads=int(num_heads), ffn_dim=ffn,
+                             dropout=float(dropout))
+        self.convs = glu_convs(input_dim, mid, 2 * (width + 1), kernel_sizes)
+        layer = nn.TransformerEncoderLayer(width, num_heads, ffn, dropout=dropout,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, int(num_layers), enable_nested_tensor=False) \
+            if num_layers > 0 else None
+        self.proj = nn.Linear(width, output_dim)
+        self.norm = nn.LayerNorm(output_dim, eps=1e-5)
+
+    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor,
+                target_lengths: torch.Tensor | None = None) -> AdapterOutput:
+        x, frames = run_glu_convs(self.convs, hidden, lengths.to(hidden.device, torch.long))
+        values, logit = x[..., :-1], x[..., -1]
+        alpha = torch.sigmoid(logit.float()) * lengths_mask(frames, x.shape[1])
+        quantity = alpha.sum(dim=1)
+        if target_lengths is not None:
+            target = torch.as_tensor(target_lengths, device=alpha.device).long()
+            alpha = alpha * (target / quantity.clamp(min=1e-6))[:, None]
+            out_lengths = torch.where(frames > 0, target, torch.zeros_like(target))
+        else:
+            out_lengths = torch.where(frames > 0, torch.floor(quantity + 0.5).long().clamp(min=1),
+                                      torch.zeros_like(frames))
+        tokens = torch.bmm(cif_weights(alpha, out_lengths).to(values.dtype), values)
+        valid = lengths_mask(out_lengths, tokens.shape[1])
+        if self.layers is not None and tokens.shape[1]:
+            tokens = tokens + _sinusoids(tokens.shape[1], tokens.shape[-1], tokens.device,
+                                         tokens.dtype)
+            tokens = self.layers(tokens, src_key_padding_mask=~valid)
+        out = self.norm(self.proj(tokens))
+        return AdapterOutput(_zero_padding(out, out_lengths), out_lengths, quantity)
 
 
 # -- frame stacking ---------------------------------------------------------------------

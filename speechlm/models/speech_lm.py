@@ -229,16 +229,23 @@ class SpeechLM(nn.Module):
 
     def encode_speech(self, audio: torch.Tensor | None = None,
                       audio_lengths: torch.Tensor | None = None, *,
-                      encoder_output: EncoderOutput | None = None) -> AdapterOutput:
-        """Audio (or cached encoder frames) -> LLM-space speech embeddings and lengths."""
+                      encoder_output: EncoderOutput | None = None,
+                      target_lengths: torch.Tensor | None = None) -> AdapterOutput:
+        """Audio (or cached encoder frames) -> LLM-space speech embeddings and lengths.
+
+        target_lengths: each clip's transcript token count, for an adapter that emits one
+        embedding per token (CIF, `adapter.emits_per_token`) in training; ignored otherwise."""
         if encoder_output is None:
             if audio is None:
                 raise ValueError("give audio (+ audio_lengths) or encoder_output")
             encoder_output = self.encoder(audio, audio_lengths)
         hidden, lengths = encoder_output
         weight = next(self.adapter.parameters())
-        out = self.adapter(hidden.to(weight.device, weight.dtype), lengths.to(weight.device))
-        return out
+        extra = {}
+        if target_lengths is not None and getattr(self.adapter, "emits_per_token", False):
+            extra["target_lengths"] = torch.as_tensor(target_lengths, device=weight.device)
+        return self.adapter(hidden.to(weight.device, weight.dtype), lengths.to(weight.device),
+                            **extra)
 
     # -- prompts and inputs ---------------------------------------------------------------
 
@@ -275,14 +282,17 @@ class SpeechLM(nn.Module):
                      responses: Sequence[str] | None = None,
                      prompts: Sequence[EncodedPrompt] | None = None,
                      encoder_output: EncoderOutput | None = None,
+                     speech: AdapterOutput | None = None,
                      padding_side: str = "right") -> LMInputs:
         """LLM inputs for a speech batch: embeddings with the speech spliced in, mask, labels.
 
         prompts: ready EncodedPrompts (e.g. multi-turn chat); their speech slots take
         the clips of the batch in order. Otherwise one prompt per clip from the
         template with `instructions` (default config.instruction) and `responses`.
+        speech: the adapter's output when the caller already ran `encode_speech`.
         """
-        speech = self.encode_speech(audio, audio_lengths, encoder_output=encoder_output)
+        if speech is None:
+            speech = self.encode_speech(audio, audio_lengths, encoder_output=encoder_output)
         if prompts is None:
             prompts = self.encode_prompts(speech.hidden.shape[0], instructions, responses)
         return build_inputs(prompts, self.llm.get_input_embeddings(), speech=speech.hidden,

@@ -79,6 +79,9 @@ class LossConfig:
     temperature: float = 2.0                  # KD temperature (BLSP-KD: 2)
     ce_weight: float = 1.0
     kd_weight: float = 1.0
+    count_weight: float = 1.0                 # CIF adapter: L1 on its token count
+    embed_weight: float = 0.0                 # CIF adapter: pull each output to its token's embedding
+    embed_loss: str = "mse+ce"                # ... by mse, ce (cosine, whole vocabulary) or both
 
     def __post_init__(self):
         from ..training.objectives.blsp import LOSSES
@@ -236,13 +239,35 @@ def _bound_systems(cfg, trained, untrained, source, records):
         return lambda ins, n: generate_from_speech(model, source, records, ins,
                                                    max_new_tokens=n, batch_size=bs)
 
-    transcripts = [r["text"] for r in records]
-    return {
+    def text(transcripts):
+        return lambda ins, n: generate_from_text(trained, transcripts, ins, max_new_tokens=n,
+                                                 batch_size=bs)
+
+    systems = {
         "untrained adapter": speech(untrained),
         f"BLSP ({cfg.loss.kind})": speech(trained),
-        "cascade (reference text)": lambda ins, n: generate_from_text(
-            trained, transcripts, ins, max_new_tokens=n, batch_size=bs),
+        "cascade (reference text)": text([r["text"] for r in records]),
     }
+    heard = encoder_transcripts(_encoder_dir(trained), records, device=cfg.train.device)
+    if heard is not None:
+        systems["cascade (the encoder's CTC transcript)"] = text(heard)
+    return systems
+
+
+def encoder_transcripts(encoder_dir: Path, records: list[dict], *, device: str = "auto"
+                        ) -> list[str] | None:
+    """The frozen encoder's own greedy CTC transcripts of `records` when its checkpoint is a
+    CTC model (the zoo's ctc_en is), else None. The LLM reading them is the realistic upper
+    bound of an adapter: it has only what the encoder heard, the reference text has more."""
+    config = encoder_dir / "config.json"
+    if not config.is_file() or not any(
+            str(a).endswith("ForCTC") for a in json.loads(config.read_text()).get("architectures")
+            or []):
+        return None
+    from ..inference.ctc import CTCTranscriber
+
+    rows = CTCTranscriber(encoder_dir, device=device).transcribe_files([r["audio"] for r in records])
+    return [row["text"] for row in rows]
 
 
 def cached_training_data(cfg, model, train_records, other_records, say) -> tuple:
@@ -344,7 +369,9 @@ def run(config: Config) -> dict:
 
     objective = BlspObjective(model, loss=cfg.loss.kind, temperature=cfg.loss.temperature,
                               ce_weight=cfg.loss.ce_weight, kd_weight=cfg.loss.kd_weight,
-                              evaluate_fn=evaluate)
+                              count_weight=cfg.loss.count_weight,
+                              embed_weight=cfg.loss.embed_weight,
+                              embed_loss=cfg.loss.embed_loss, evaluate_fn=evaluate)
     result, train_summary = fit(cfg, objective, dataset, collate, durations, dist,
                                 ("model", "loss"))
 

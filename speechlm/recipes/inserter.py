@@ -240,7 +240,10 @@ def run(config: Config) -> dict:
 
     objective = BlspObjective(model, loss=cfg.loss.kind, temperature=cfg.loss.temperature,
                               ce_weight=cfg.loss.ce_weight, kd_weight=cfg.loss.kd_weight,
-                              template=TRAIN_TEMPLATE, evaluate_fn=evaluate)
+                              count_weight=cfg.loss.count_weight,
+                              embed_weight=cfg.loss.embed_weight,
+                              embed_loss=cfg.loss.embed_loss, template=TRAIN_TEMPLATE,
+                              evaluate_fn=evaluate)
     result, train_summary = fit(cfg, objective, dataset, collate, durations, dist,
                                 ("model", "loss", "init_from"))
 

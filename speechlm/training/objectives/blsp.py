@@ -16,6 +16,11 @@ Losses (BLSP, arXiv 2309.00916; BLSP-KD, arXiv 2405.19041):
   Response tokens are the same ids in both prompts, so the i-th response
   position of a row lines up in the two passes.
 - `ce+kd`: their weighted sum.
+- With a CIF adapter (one embedding per token, `adapter.emits_per_token`), the
+  speech of each item fires exactly its transcript's token count, so the
+  student's response sits where the teacher's does, and an L1 loss on the
+  unscaled count (|sum of firing weights - tokens|, weight `count_weight`)
+  teaches the adapter to fire that many at inference (BLSP-KD).
 
 The LM head runs only on response positions (the prompt and speech are most of
 the sequence, and a real LLM's vocabulary makes full logits costly).
@@ -91,6 +96,46 @@ def batch_speech(batch: dict) -> dict:
     return {"audio": batch["audio"], "audio_lengths": batch["audio_lengths"]}
 
 
+def transcript_token_ids(model, transcripts: Sequence[str]) -> list[list[int]]:
+    """The tokens each transcript is in the text prompt, after the instruction and a space:
+    their count is what a per-token (CIF) adapter must fire for the student to line up with
+    the teacher, their embeddings what the embedding loss pulls its outputs towards."""
+    from ...models.prompts import encode_continuing
+
+    return [encode_continuing(model.tokenizer, " " + t.strip()) for t in transcripts]
+
+
+EMBED_LOSSES = ("mse", "ce", "mse+ce")
+COSINE_TEMPERATURE = 0.1
+
+
+def embedding_loss(speech, token_ids: Sequence[Sequence[int]], embed, kind: str = "mse+ce"
+                   ) -> torch.Tensor:
+    """How far each fired speech embedding e is from its token's LLM input embedding t.
+
+    mse: sum ||e - t||^2 / sum ||t||^2 over the batch's tokens (relative, so the LLM's
+    embedding scale does not matter); pulls e to t but, under doubt, towards the mean of
+    the likely tokens, i.e. frequent function words. ce: cross-entropy of the token among the
+    whole vocabulary scored against the LLM's embedding matrix, which makes e pick one
+    token (by cosine at temperature 0.1: the LLM normalises its inputs first, so the
+    direction is what it reads). mse+ce: both.
+    """
+    hidden = speech.hidden
+    ids = torch.tensor([t for row in token_ids for t in row], device=hidden.device)
+    rows = torch.tensor([i for i, row in enumerate(token_ids) for _ in row], device=hidden.device)
+    cols = torch.tensor([j for row in token_ids for j in range(len(row))], device=hidden.device)
+    fired = hidden[rows, cols].float()
+    table = embed.weight.detach().float()
+    total = fired.new_zeros(())
+    if kind in ("mse", "mse+ce"):
+        target = table[ids]
+        total = total + ((fired - target) ** 2).sum() / (target ** 2).sum().clamp(min=1e-6)
+    if kind in ("ce", "mse+ce"):
+        cosine = F.normalize(fired, dim=-1) @ F.normalize(table, dim=-1).T
+        total = total + F.cross_entropy(cosine / COSINE_TEMPERATURE, ids)
+    return total
+
+
 def batch_transcripts(batch: dict) -> list[str]:
     texts = batch.get("texts", batch.get("text"))
     if texts is None:
@@ -110,7 +155,8 @@ class BlspObjective:
     """
 
     def __init__(self, model, *, loss: str = "ce", temperature: float = 2.0,
-                 ce_weight: float = 1.0, kd_weight: float = 1.0, instruction: str | None = None,
+                 ce_weight: float = 1.0, kd_weight: float = 1.0, count_weight: float = 1.0,
+                 embed_weight: float = 0.0, embed_loss: str = "mse+ce", instruction: str | None = None,
                  template: str | None = None,
                  evaluate_fn: Callable[[torch.nn.Module], dict] | None = None):
         if loss not in LOSSES:
@@ -121,6 +167,11 @@ class BlspObjective:
         self.kind = loss
         self.temperature = float(temperature)
         self.ce_weight, self.kd_weight = float(ce_weight), float(kd_weight)
+        self.count_weight, self.embed_weight = float(count_weight), float(embed_weight)
+        if embed_loss not in EMBED_LOSSES:
+            raise ConfigError(f"loss.embed_loss must be one of {', '.join(EMBED_LOSSES)}, "
+                              f"got {embed_loss!r}")
+        self.embed_loss = embed_loss
         self.instruction = instruction
         self.template = template
         self.evaluate_fn = evaluate_fn
@@ -132,8 +183,21 @@ class BlspObjective:
         return list(own) if own is not None else self.instruction
 
     def student_inputs(self, batch: dict, responses: Sequence[str]):
-        return self.model.build_inputs(instructions=self.instructions(batch), responses=responses,
-                                       **batch_speech(batch))
+        """The speech-path inputs, and the per-token adapter's losses ({} for other
+        adapters): `count` (L1 on the firing count) and `embed` (embedding_loss)."""
+        speech, extra = None, {}
+        if getattr(self.model.adapter, "emits_per_token", False):
+            ids = transcript_token_ids(self.model, batch_transcripts(batch))
+            target = torch.tensor([len(row) for row in ids], dtype=torch.long)
+            speech = self.model.encode_speech(**batch_speech(batch), target_lengths=target)
+            extra["count"] = (speech.quantity - target.to(speech.quantity.device)).abs().mean()
+            if self.embed_weight:
+                extra["embed"] = embedding_loss(speech, ids, self.model.llm.get_input_embeddings(),
+                                                self.embed_loss)
+        inputs = self.model.build_inputs(instructions=self.instructions(batch),
+                                         responses=responses, speech=speech,
+                                         **batch_speech(batch))
+        return inputs, extra
 
     def teacher_inputs(self, batch: dict, responses: Sequence[str]):
         return self.model.build_text_inputs(batch_transcripts(batch),
@@ -148,9 +212,14 @@ class BlspObjective:
             return self._loss(batch, responses)
 
     def _loss(self, batch: dict, responses: Sequence[str]):
-        student = response_logits(self.model, self.student_inputs(batch, responses))
+        inputs, extra = self.student_inputs(batch, responses)
+        student = response_logits(self.model, inputs)
         metrics: dict[str, float] = {"response_tokens": float(student.targets.numel())}
         total = student.logits.new_zeros(())
+        weights = {"count": self.count_weight, "embed": self.embed_weight}
+        for name, value in extra.items():
+            metrics[f"{name}_loss"] = float(value.detach())
+            total = total + weights[name] * value
         if self.kind in ("ce", "ce+kd"):
             ce = F.cross_entropy(student.logits, student.targets)
             metrics["ce"] = float(ce.detach())
