@@ -379,3 +379,25 @@ def test_encoder_transcripts_only_for_ctc_checkpoints(tiny_ckpt, tmp_path, speec
     assert isinstance(heard, list) and len(heard) == len(records)
     assert all(isinstance(text, str) for text in heard)
     assert encoder_transcripts(tiny_ckpt("whisper"), records) is None  # no CTC head
+
+
+def test_token_ctc_loss_is_least_for_frames_that_spell_the_tokens_in_order(cif_model):
+    from speechlm.training.objectives.blsp import token_ctc_loss
+
+    embed = cif_model.llm.get_input_embeddings()
+    blank = cif_model.adapter.ctc_blank
+    ids = [[5, 9, 17], [30, 2]]
+
+    def frames(rows):  # token, blank, token, blank, ... padded to 6 frames
+        out = torch.zeros(2, 6, embed.weight.shape[1])
+        lengths = []
+        for r, tokens in enumerate(rows):
+            seq = [v for t in tokens for v in (embed.weight[t].detach(), blank)]
+            out[r, : len(seq)] = torch.stack(seq)
+            lengths.append(len(seq))
+        return AdapterOutput(out, torch.tensor(lengths), frames=out,
+                             frame_lengths=torch.tensor(lengths))
+
+    spelled = float(token_ctc_loss(frames(ids), ids, embed, blank))
+    reordered = float(token_ctc_loss(frames([row[::-1] for row in ids]), ids, embed, blank))
+    assert spelled < reordered

@@ -264,3 +264,20 @@ def test_missing_base_model_is_reported_and_can_be_overridden(tiny_ckpt, tmp_pat
         SpeechLM.from_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="lora and plora are exclusive"):
         _model(tiny_ckpt, lora=LoraSettings(), plora=LoraSettings())
+
+
+def test_adapter_output_scale_starts_speech_at_the_llms_embedding_scale(tiny_ckpt):
+    model = _model(tiny_ckpt, adapter="blsp", adapter_output_scale="llm")
+    weight = model.llm.get_input_embeddings().weight.detach()
+    rms = float(weight.pow(2).mean().sqrt())
+    assert torch.allclose(model.adapter.norm.weight, torch.full_like(model.adapter.norm.weight, rms))
+    audio, lengths = _batch()
+    with torch.no_grad():
+        speech = model.encode_speech(audio, lengths)
+    row = speech.hidden[0, : int(speech.lengths[0])]
+    # a LayerNorm (zero bias at init) outputs per-dimension RMS equal to its gain
+    assert float(row.pow(2).mean().sqrt()) == pytest.approx(rms, rel=2e-2)
+    default = _model(tiny_ckpt, adapter="blsp")
+    assert torch.all(default.adapter.norm.weight == 1.0)  # BLSP's own init
+    with pytest.raises(ConfigError, match="adapter_output_scale must be 'llm', a number or null"):
+        _model(tiny_ckpt, adapter="blsp", adapter_output_scale="tokens")

@@ -47,12 +47,17 @@ ADAPTERS: Registry[type[Adapter]] = Registry("adapter")
 
 
 class AdapterOutput(NamedTuple):
-    """LLM-space speech embeddings [B, F', D_llm] (zero at or after `lengths`) and lengths [B];
-    `quantity` [B]: a CIF adapter's unscaled firing-weight sum (its count loss), else None."""
+    """LLM-space speech embeddings [B, F', D_llm] (zero at or after `lengths`) and lengths [B].
+
+    A CIF adapter adds `quantity` [B], its unscaled firing-weight sum (the count loss), and
+    `frames` [B, T, D_llm] / `frame_lengths` [B], the subsampled frames before integration
+    projected into the LLM's space (an auxiliary CTC loss over LLM tokens reads them)."""
 
     hidden: torch.Tensor
     lengths: torch.Tensor
     quantity: torch.Tensor | None = None
+    frames: torch.Tensor | None = None
+    frame_lengths: torch.Tensor | None = None
 
 
 def build_adapter(name: str, input_dim: int, output_dim: int, *, input_rate: float = 50.0,
@@ -109,6 +114,16 @@ class Adapter(nn.Module):
     def options(self) -> dict:
         """The keyword options that rebuild this adapter with `build_adapter`."""
         return dict(self._options)
+
+    def set_output_scale(self, rms: float) -> None:
+        """Start the output at per-dimension RMS `rms` (the LLM's token embeddings' scale):
+        an adapter ending in a LayerNorm sets its gain. A LayerNorm's unit output is, in a
+        small LLM, many times a token embedding, and the layers then barely move the speech
+        positions' residual stream. Adapters without an output norm keep their init."""
+        norm = getattr(self, "norm", None)
+        if isinstance(norm, nn.LayerNorm) and norm.weight is not None:
+            with torch.no_grad():
+                norm.weight.fill_(rms)
 
 
 # -- BLSP -------------------------------------------------------------------------------
@@ -262,6 +277,10 @@ class CifAdapter(_GluConvAdapter):
             if num_layers > 0 else None
         self.proj = nn.Linear(width, output_dim)
         self.norm = nn.LayerNorm(output_dim, eps=1e-5)
+        # the CTC blank's direction in the LLM space (the auxiliary CTC loss's extra class):
+        # fixed and the same in every process, so a resumed or reloaded adapter keeps it
+        blank = torch.randn(output_dim, generator=torch.Generator().manual_seed(0))
+        self.register_buffer("ctc_blank", blank / blank.norm(), persistent=False)
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor,
                 target_lengths: torch.Tensor | None = None) -> AdapterOutput:
@@ -283,7 +302,9 @@ class CifAdapter(_GluConvAdapter):
                                          tokens.dtype)
             tokens = self.layers(tokens, src_key_padding_mask=~valid)
         out = self.norm(self.proj(tokens))
-        return AdapterOutput(_zero_padding(out, out_lengths), out_lengths, quantity)
+        projected = self.norm(self.proj(values)) if self.training else None
+        return AdapterOutput(_zero_padding(out, out_lengths), out_lengths, quantity, projected,
+                             frames)
 
 
 # -- frame stacking ---------------------------------------------------------------------

@@ -74,7 +74,10 @@ class SpeechLMConfig:
     encoder_path / llm_path: local transformers directories (or hub ids already in
     the local HF cache). encoder: "auto" or a registered kind. encoder_layer:
     None (last), an int index into hidden_states, or "weighted". adapter /
-    adapter_options: a registered adapter and its options. template: "blsp" or
+    adapter_options: a registered adapter and its options. adapter_output_scale: the
+    starting scale of the adapter's output norm: "llm" (the RMS of the LLM's input
+    embeddings, so speech embeddings start as large as token embeddings), a number, or
+    None (the norm's default 1.0, as BLSP's code). template: "blsp" or
     "chat" (with system_prompt, speech_first). instruction: the default
     instruction when none is given per item. lora / plora / encoder_lora: LoRA
     settings or None (lora and plora are exclusive). freeze_llm /
@@ -90,6 +93,7 @@ class SpeechLMConfig:
     freeze_encoder: bool = True
     adapter: str = "blsp"
     adapter_options: dict[str, Any] = field(default_factory=dict)
+    adapter_output_scale: str | float | None = None
     template: str = "blsp"
     system_prompt: str | None = None
     speech_first: bool = False
@@ -199,6 +203,15 @@ class SpeechLM(nn.Module):
         adapter = build_adapter(config.adapter, encoder.output_dim,
                                 llm.get_input_embeddings().embedding_dim,
                                 input_rate=encoder.frame_rate, **config.adapter_options)
+        scale = config.adapter_output_scale
+        if isinstance(scale, str) and scale != "llm":
+            raise ConfigError(f"model.adapter_output_scale must be 'llm', a number or null, "
+                              f"got {scale!r}")
+        if scale is not None:
+            if scale == "llm":
+                weight = llm.get_input_embeddings().weight.detach().float()
+                scale = float(weight.pow(2).mean().sqrt())
+            adapter.set_output_scale(float(scale))
         model = cls(encoder, adapter, llm, tokenizer, config)
         model.base_hashes = {
             "encoder": config_sha256(resolve_pretrained_dir(config.encoder_path)),

@@ -82,6 +82,7 @@ class LossConfig:
     count_weight: float = 1.0                 # CIF adapter: L1 on its token count
     embed_weight: float = 0.0                 # CIF adapter: pull each output to its token's embedding
     embed_loss: str = "mse+ce"                # ... by mse, ce (cosine, whole vocabulary) or both
+    ctc_weight: float = 0.0                   # CIF adapter: CTC of the tokens over its frames
 
     def __post_init__(self):
         from ..training.objectives.blsp import LOSSES
@@ -371,7 +372,8 @@ def run(config: Config) -> dict:
                               ce_weight=cfg.loss.ce_weight, kd_weight=cfg.loss.kd_weight,
                               count_weight=cfg.loss.count_weight,
                               embed_weight=cfg.loss.embed_weight,
-                              embed_loss=cfg.loss.embed_loss, evaluate_fn=evaluate)
+                              embed_loss=cfg.loss.embed_loss,
+                              ctc_weight=cfg.loss.ctc_weight, evaluate_fn=evaluate)
     result, train_summary = fit(cfg, objective, dataset, collate, durations, dist,
                                 ("model", "loss"))
 

@@ -242,7 +242,8 @@ def run(config: Config) -> dict:
                               ce_weight=cfg.loss.ce_weight, kd_weight=cfg.loss.kd_weight,
                               count_weight=cfg.loss.count_weight,
                               embed_weight=cfg.loss.embed_weight,
-                              embed_loss=cfg.loss.embed_loss, template=TRAIN_TEMPLATE,
+                              embed_loss=cfg.loss.embed_loss,
+                              ctc_weight=cfg.loss.ctc_weight, template=TRAIN_TEMPLATE,
                               evaluate_fn=evaluate)
     result, train_summary = fit(cfg, objective, dataset, collate, durations, dist,
                                 ("model", "loss", "init_from"))
