@@ -340,12 +340,18 @@ def test_continuations_of_another_manifest_are_refused(tiny_ckpt, tmp_path, spee
 
 @pytest.mark.parametrize("recipe", ["recipes/tiny/blsp.yaml",
                                     "recipes/blsp/whisper_small_qwen2.5_1.5b.yaml",
-                                    "recipes/blsp/whisper_large_v3_qwen2.5_7b_lora.yaml"])
+                                    "recipes/blsp/whisper_large_v3_qwen2.5_7b_lora.yaml",
+                                    "recipes/blsp/whisper_large_v3_qwen2.5_7b_cformer.yaml"])
 def test_shipped_recipes_validate(recipe):
+    from speechlm.models.adapters import build_adapter
+
     _, config = load_recipe(recipe)
-    assert config.model.adapter == "blsp" and config.loss.kind in ("ce", "kd")
+    assert config.model.adapter in ("blsp", "cif") and config.loss.kind in ("ce", "kd")
     if "7b" in recipe:
-        assert config.model.lora.r == 16 and config.loss.temperature == 2.0
+        lora = config.model.lora or config.model.plora
+        assert lora.r == 16 and config.loss.temperature == 2.0
+    # the adapter options build (small stand-in widths; the real ones are the models')
+    build_adapter(config.model.adapter, 64, 96, **config.model.adapter_options)
 
 
 def test_unknown_loss_is_rejected_with_the_choices():
