@@ -88,6 +88,8 @@ def test_interleaved_pretraining_learns_the_units_and_saves_an_extended_llm(tmp_
     assert after["speech_text_loss"] < before["speech_text_loss"], (before, after)
     assert set(results["data"]) == {"interleaved", "text", "asr"}
     assert 0 <= after["asr_cer"] and 0 <= after["repeat_wer"]
+    # the control decodes each reference's neighbour's units: the gain is the CER difference
+    assert after["asr_units_gain"] == pytest.approx(after["asr_wrong_units_cer"] - after["asr_cer"])
     final = chain["out"] / "final"
     vocab = UnitVocab.load(final)
     assert vocab.num_codes == 16 and vocab == UnitVocab(**results["unit_vocab"])
@@ -99,6 +101,7 @@ def test_interleaved_pretraining_learns_the_units_and_saves_an_extended_llm(tmp_
     assert saved["after"] == after
     out = capsys.readouterr().out
     assert "before" in out and "interleaved with T2U units" in out
+    assert "with the next utterance's units" in out
 
 
 def test_interleaved_data_built_for_another_llm_tokenizer_is_refused(tmp_path, chain):

@@ -252,12 +252,19 @@ class HeldOut:
             # text
             metrics["loss"] = metrics.get("interleaved_loss", metrics["text_loss"])
             refs = [normalize_transcript(r["text"], r.get("lang") or "en") for r in self.records]
-            for name, prompts in (("asr", self.asr_prompts), ("repeat", self.repeat_prompts)):
+            # the control: each utterance's reference against the next utterance's units. A
+            # model that reads the units scores clearly worse on it than with the right ones;
+            # one that writes generic text scores the same
+            wrong = self.asr_prompts[1:] + self.asr_prompts[:1]
+            for name, prompts in (("asr", self.asr_prompts), ("repeat", self.repeat_prompts),
+                                  ("asr_wrong_units", wrong)):
                 hyps = [normalize_transcript(h, "en") for h in self._decode(model, prompts)]
                 metrics[f"{name}_wer"] = wer(refs, hyps)
                 metrics[f"{name}_cer"] = cer(refs, hyps)
                 if name == "asr":
                     self.last_examples = list(zip(refs, hyps, strict=True))[: self.cfg.eval.examples]
+            # what reading the right units is worth to ASR decoding, in CER points
+            metrics["asr_units_gain"] = metrics["asr_wrong_units_cer"] - metrics["asr_cer"]
         finally:
             model.train(mode)
         return metrics
@@ -435,6 +442,8 @@ def results_table(results: dict) -> str:
             ("loss: held-out verses interleaved with T2U units", "interleaved_loss", "{:.3f}"),
             ("units -> text, ASR layout: WER", "asr_wer", "{:.1%}"),
             ("units -> text, ASR layout: CER", "asr_cer", "{:.1%}"),
+            ("  the same with the next utterance's units: CER", "asr_wrong_units_cer", "{:.1%}"),
+            ("  right units' worth (wrong - right CER)", "asr_units_gain", "{:+.1%}"),
             ("units -> text, 'repeat' instruction: WER", "repeat_wer", "{:.1%}"),
             ("units -> text, 'repeat' instruction: CER", "repeat_cer", "{:.1%}")]
     width = max(len(r[0]) for r in rows)
