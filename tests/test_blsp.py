@@ -378,13 +378,29 @@ def test_noise_augmentation_has_the_asked_snr_and_is_repeatable(speech_data):
 
 
 def test_encoder_transcripts_only_for_ctc_checkpoints(tiny_ckpt, tmp_path, speech_data):
-    from speechlm.recipes.blsp import _manifest_records, encoder_transcripts
+    from speechlm.recipes.blsp import _manifest_records
+    from speechlm.recipes.blsp_eval import encoder_transcripts
 
     records = _manifest_records(speech_data)
-    heard = encoder_transcripts(_ctc_checkpoint(tiny_ckpt, tmp_path), records)
+    encoder = _ctc_checkpoint(tiny_ckpt, tmp_path)
+    torch.manual_seed(0)  # the CTC head is initialised at load
+    heard = encoder_transcripts(encoder, records)
     assert isinstance(heard, list) and len(heard) == len(records)
     assert all(isinstance(text, str) for text in heard)
     assert encoder_transcripts(tiny_ckpt("whisper"), records) is None  # no CTC head
+
+    from types import SimpleNamespace
+
+    from speechlm.recipes.blsp_eval import HEARD_CASCADE, REFERENCE_CASCADE, cascade_texts
+
+    def model(encoder):
+        return SimpleNamespace(config=SimpleNamespace(encoder_path=str(encoder)))
+
+    torch.manual_seed(0)
+    both = cascade_texts(model(encoder), records)
+    assert list(both) == [REFERENCE_CASCADE, HEARD_CASCADE]
+    assert both[REFERENCE_CASCADE] == [r["text"] for r in records] and both[HEARD_CASCADE] == heard
+    assert list(cascade_texts(model(tiny_ckpt("whisper")), records)) == [REFERENCE_CASCADE]
 
 
 def test_token_ctc_loss_is_least_for_frames_that_spell_the_tokens_in_order(cif_model):

@@ -232,7 +232,7 @@ def build_model(cfg: Config, *, seed: int):
 
 def _bound_systems(cfg, trained, untrained, source, records):
     """The transfer-table systems: name -> respond(instruction, max_new_tokens)."""
-    from .blsp_eval import generate_from_speech, generate_from_text
+    from .blsp_eval import cascade_texts, generate_from_speech, generate_from_text
 
     bs = cfg.eval.batch_size
 
@@ -244,31 +244,10 @@ def _bound_systems(cfg, trained, untrained, source, records):
         return lambda ins, n: generate_from_text(trained, transcripts, ins, max_new_tokens=n,
                                                  batch_size=bs)
 
-    systems = {
-        "untrained adapter": speech(untrained),
-        f"BLSP ({cfg.loss.kind})": speech(trained),
-        "cascade (reference text)": text([r["text"] for r in records]),
-    }
-    heard = encoder_transcripts(_encoder_dir(trained), records, device=cfg.train.device)
-    if heard is not None:
-        systems["cascade (the encoder's CTC transcript)"] = text(heard)
+    systems = {"untrained adapter": speech(untrained), f"BLSP ({cfg.loss.kind})": speech(trained)}
+    for name, texts in cascade_texts(trained, records, device=cfg.train.device).items():
+        systems[name] = text(texts)
     return systems
-
-
-def encoder_transcripts(encoder_dir: Path, records: list[dict], *, device: str = "auto"
-                        ) -> list[str] | None:
-    """The frozen encoder's own greedy CTC transcripts of `records` when its checkpoint is a
-    CTC model (the zoo's ctc_en is), else None. The LLM reading them is the realistic upper
-    bound of an adapter: it has only what the encoder heard, the reference text has more."""
-    config = encoder_dir / "config.json"
-    if not config.is_file() or not any(
-            str(a).endswith("ForCTC") for a in json.loads(config.read_text()).get("architectures")
-            or []):
-        return None
-    from ..inference.ctc import CTCTranscriber
-
-    rows = CTCTranscriber(encoder_dir, device=device).transcribe_files([r["audio"] for r in records])
-    return [row["text"] for row in rows]
 
 
 def cached_training_data(cfg, model, train_records, other_records, say) -> tuple:

@@ -15,13 +15,16 @@ zero-shot transfer table.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SpeechSource", "alignment_metrics", "format_transfer_table", "generate_from_speech",
-           "generate_from_text", "task_references", "transfer_scores"]
+__all__ = ["HEARD_CASCADE", "REFERENCE_CASCADE", "SpeechSource", "alignment_metrics",
+           "cascade_texts", "encoder_transcripts", "format_transfer_table",
+           "generate_from_speech", "generate_from_text", "task_references", "transfer_scores"]
 
 
 class SpeechSource:
@@ -216,3 +219,37 @@ def format_transfer_table(table: dict) -> str:
         lines.append(s.ljust(width) + "".join(v.rjust(c) for v, c in zip(cells[s], cols,
                                                                           strict=True)))
     return "\n".join(lines)
+
+
+REFERENCE_CASCADE = "cascade (reference text)"
+HEARD_CASCADE = "cascade (the encoder's CTC transcript)"
+
+
+def cascade_texts(model, records: Sequence[dict], *, device: str = "auto") -> dict:
+    """What the cascades feed the LLM of `model` (a SpeechLM) for `records`: {system name:
+    texts}. The reference text always; the frozen encoder's own greedy CTC transcript too
+    when the encoder checkpoint is a CTC model (the zoo's ctc_en is)."""
+    from ..models.encoders import resolve_pretrained_dir
+
+    texts = {REFERENCE_CASCADE: [r["text"] for r in records]}
+    heard = encoder_transcripts(Path(resolve_pretrained_dir(model.config.encoder_path)),
+                                list(records), device=device)
+    if heard is not None:
+        texts[HEARD_CASCADE] = heard
+    return texts
+
+
+def encoder_transcripts(encoder_dir: Path, records: list[dict], *, device: str = "auto"
+                        ) -> list[str] | None:
+    """The frozen encoder's own greedy CTC transcripts of `records` when its checkpoint is a
+    CTC model (the zoo's ctc_en is), else None. The LLM reading them is the realistic upper
+    bound of an adapter: it has only what the encoder heard, the reference text has more."""
+    config = encoder_dir / "config.json"
+    if not config.is_file() or not any(
+            str(a).endswith("ForCTC") for a in json.loads(config.read_text()).get("architectures")
+            or []):
+        return None
+    from ..inference.ctc import CTCTranscriber
+
+    rows = CTCTranscriber(encoder_dir, device=device).transcribe_files([r["audio"] for r in records])
+    return [row["text"] for row in rows]

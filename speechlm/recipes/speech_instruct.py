@@ -86,10 +86,11 @@ def evaluate_systems(systems: dict, source, transfer_records: Sequence[dict],
                      transfer_tasks: Sequence[str], instruct_records: Sequence[dict], *,
                      batch_size: int = 32, hyps_out: list | None = None) -> dict:
     """{"transfer": table, "speech_instruct": table} for SpeechLMs `systems` (name -> model)
-    plus the cascade (the last system's LLM reading the reference text); a table is
-    {system: {task: scores}}. Every system answers in its model's own template."""
+    plus the cascades (the last system's LLM reading the reference text, and the encoder's
+    own transcript when it is a CTC model); a table is {system: {task: scores}}. Every
+    system answers in its model's own template."""
     from ..data.instructions import TASKS
-    from .blsp_eval import generate_from_text, transfer_scores
+    from .blsp_eval import cascade_texts, generate_from_text, transfer_scores
 
     if not systems:
         raise ValueError("no systems to evaluate")
@@ -98,24 +99,27 @@ def evaluate_systems(systems: dict, source, transfer_records: Sequence[dict],
     if transfer_records:
         bound = {name: _speech_system(m, source, transfer_records, batch_size)
                  for name, m in systems.items()}
-        transcripts = [r["text"] for r in transfer_records]
-        bound["cascade (reference text)"] = lambda ins, n: generate_from_text(
-            text_model, transcripts, ins, max_new_tokens=n, batch_size=batch_size)
+        for name, texts in cascade_texts(text_model, transfer_records).items():
+            bound[name] = lambda ins, n, texts=texts: generate_from_text(
+                text_model, texts, ins, max_new_tokens=n, batch_size=batch_size)
         rows: list[dict] = []
         out["transfer"] = transfer_scores(bound, transfer_records, transfer_tasks, hyps_out=rows)
         if hyps_out is not None:
             hyps_out += [{"setting": "transfer", **r} for r in rows]
     if instruct_records:
-        table: dict[str, dict] = {name: {} for name in [*systems, "cascade (reference text)"]}
+        cascades = cascade_texts(text_model, instruct_records)
+        table: dict[str, dict] = {name: {} for name in [*systems, *cascades]}
         for name in dict.fromkeys(r["task"] for r in instruct_records):
             task = TASKS[name]
-            recs = [r for r in instruct_records if r["task"] == name]
+            picked = [i for i, r in enumerate(instruct_records) if r["task"] == name]
+            recs = [instruct_records[i] for i in picked]
             refs = [r["reference"] for r in recs]
             answers = {s: _respond_speech(m, source, recs, "", task.max_new_tokens, batch_size)
                        for s, m in systems.items()}
-            answers["cascade (reference text)"] = generate_from_text(
-                text_model, [r["text"] for r in recs], "", max_new_tokens=task.max_new_tokens,
-                batch_size=batch_size)
+            for system, texts in cascades.items():
+                answers[system] = generate_from_text(
+                    text_model, [texts[i] for i in picked], "",
+                    max_new_tokens=task.max_new_tokens, batch_size=batch_size)
             for system, hyps in answers.items():
                 scores = task.score(refs, hyps, [r["input"] for r in recs])
                 scores["n"] = len(recs)
