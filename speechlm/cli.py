@@ -20,6 +20,7 @@ COMMANDS: dict[tuple[str | None, str], str] = {
     (None, "train"): "speechlm.commands.train",
     (None, "infer"): "speechlm.commands.infer",
     (None, "eval"): "speechlm.commands.eval",
+    (None, "transfer"): "speechlm.commands.transfer",
     ("data", "validate"): "speechlm.commands.data_validate",
     ("data", "stats"): "speechlm.commands.data_stats",
     ("data", "import"): "speechlm.commands.data_import",

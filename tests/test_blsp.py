@@ -423,3 +423,36 @@ def test_token_ctc_loss_is_least_for_frames_that_spell_the_tokens_in_order(cif_m
     spelled = float(token_ctc_loss(frames(ids), ids, embed, blank))
     reordered = float(token_ctc_loss(frames([row[::-1] for row in ids]), ids, embed, blank))
     assert spelled < reordered
+
+
+def test_transfer_command_tables_saved_models_with_both_cascades(tiny_ckpt, tmp_path,
+                                                                 speech_data, capsys):
+    from speechlm.cli import main
+
+    config = SpeechLMConfig(encoder_path=str(_ctc_checkpoint(tiny_ckpt, tmp_path)),
+                            llm_path=str(_llm(tiny_ckpt)), adapter="blsp",
+                            adapter_options={"bottleneck_dim": 16}, template="blsp")
+    torch.manual_seed(0)
+    saved = SpeechLM.build(config).save_pretrained(tmp_path / "model")
+    hyps = tmp_path / "hyps.jsonl"
+    rc = main(["transfer", "--model", f"mine={saved}", "--manifest", str(speech_data),
+               "--tasks", "repeat,translate_es", "--untrained", "--items", "4",
+               "--out", str(hyps), "--json"])
+    assert rc == 0
+    table = json.loads(capsys.readouterr().out)
+    assert list(table) == ["untrained adapter", "mine", "cascade (reference text)",
+                           "cascade (the encoder's CTC transcript)"]
+    assert all(set(scores) == {"repeat", "translate_es"} for scores in table.values())
+    assert table["mine"]["repeat"]["n"] == 4
+    rows = [json.loads(line) for line in hyps.open()]
+    assert len(rows) == 4 * 2 * 4
+    # the untrained adapter is the first model's, freshly initialised: the same weights
+    assert table["untrained adapter"] == table["mine"]
+
+
+def test_transfer_command_rejects_a_name_given_twice(tmp_path, speech_data, capsys):
+    from speechlm.cli import main
+
+    rc = main(["transfer", "--model", "a=x", "--model", "a=y", "--manifest", str(speech_data)])
+    assert rc != 0
+    assert "the name 'a' is given twice" in capsys.readouterr().err
