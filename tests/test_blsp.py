@@ -164,6 +164,13 @@ def test_embedding_loss_is_least_for_the_tokens_own_embeddings(cif_model):
         BlspObjective(cif_model, embed_loss="cosine")
 
 
+def test_per_token_losses_need_a_cif_adapter(model):
+    for weights in ({"embed_weight": 1.0}, {"ctc_weight": 0.5}):
+        with pytest.raises(ConfigError, match="need an adapter that emits one embedding per "
+                                              "token: set model.adapter: cif"):
+            BlspObjective(model, loss="kd", **weights)
+
+
 def test_cif_adapter_learns_the_count_and_the_embeddings(cif_model):
     """A few updates on one batch lower the count error and the embedding loss."""
     import copy

@@ -131,9 +131,13 @@ def embedding_loss(speech, token_ids: Sequence[Sequence[int]], embed, kind: str 
         target = table[ids]
         total = total + ((fired - target) ** 2).sum() / (target ** 2).sum().clamp(min=1e-6)
     if kind in ("ce", "mse+ce"):
-        cosine = F.normalize(fired, dim=-1) @ F.normalize(table, dim=-1).T
-        total = total + F.cross_entropy(cosine / COSINE_TEMPERATURE, ids)
+        total = total + F.cross_entropy(_cosine_logits(fired, table), ids)
     return total
+
+
+def _cosine_logits(vectors: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """[..., V]: each vector's cosine with each row of `table`, at COSINE_TEMPERATURE."""
+    return F.normalize(vectors, dim=-1) @ F.normalize(table, dim=-1).T / COSINE_TEMPERATURE
 
 
 def token_ctc_loss(speech, token_ids: Sequence[Sequence[int]], embed, blank: torch.Tensor
@@ -144,8 +148,7 @@ def token_ctc_loss(speech, token_ids: Sequence[Sequence[int]], embed, blank: tor
     hold and where, which CIF's count loss alone does not: the standard CIF + CTC pairing."""
     frames = speech.frames.float()
     table = torch.cat([embed.weight.detach().float(), blank.float()[None]], dim=0)
-    cosine = F.normalize(frames, dim=-1) @ F.normalize(table, dim=-1).T
-    log_probs = F.log_softmax(cosine / COSINE_TEMPERATURE, dim=-1).transpose(0, 1)
+    log_probs = F.log_softmax(_cosine_logits(frames, table), dim=-1).transpose(0, 1)
     targets = torch.tensor([t for row in token_ids for t in row], device=frames.device)
     target_lengths = torch.tensor([len(row) for row in token_ids], device=frames.device)
     return F.ctc_loss(log_probs, targets, speech.frame_lengths, target_lengths,
@@ -190,6 +193,11 @@ class BlspObjective:
             raise ConfigError(f"loss.embed_loss must be one of {', '.join(EMBED_LOSSES)}, "
                               f"got {embed_loss!r}")
         self.embed_loss = embed_loss
+        if (self.embed_weight or self.ctc_weight) and \
+                not getattr(model.adapter, "emits_per_token", False):
+            raise ConfigError("loss.embed_weight and loss.ctc_weight need an adapter that emits "
+                              "one embedding per token: set model.adapter: cif, or set both "
+                              "weights to 0")
         self.instruction = instruction
         self.template = template
         self.evaluate_fn = evaluate_fn
@@ -202,7 +210,8 @@ class BlspObjective:
 
     def student_inputs(self, batch: dict, responses: Sequence[str]):
         """The speech-path inputs, and the per-token adapter's losses ({} for other
-        adapters): `count` (L1 on the firing count) and `embed` (embedding_loss)."""
+        adapters): `count` (L1 on the firing count), `embed` (embedding_loss) and `ctc`
+        (token_ctc_loss) when their weights are set."""
         speech, extra = None, {}
         if getattr(self.model.adapter, "emits_per_token", False):
             ids = transcript_token_ids(self.model, batch_transcripts(batch))
