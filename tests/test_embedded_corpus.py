@@ -37,3 +37,28 @@ def test_items_carry_the_translation_for_speech_translation():
     item = plan_split(EMBEDDED["en"], "test")[0]
     verse = next(v for v in load_verses() if v.ref == item["ref"])
     assert item["text"] == verse.en and item["translation"] == verse.es
+
+
+def test_more_training_speech_keeps_out_held_out_books_texts_and_voices():
+    import dataclasses
+
+    import pytest
+
+    from speechlm.pipelines.embedded_corpus import more_training_speech_spec
+
+    spec = more_training_speech_spec("en", 30077)  # every training-book verse of 1-60 words
+    items = plan_split(spec, "train")
+    assert len(items) == 30077 and len({it["id"] for it in items}) == len(items)
+    base = EMBEDDED["en"]
+    assert {it["voice"] for it in items} == set(base.splits["train"].voices)
+    for held_out in ("dev", "test"):
+        plan = plan_split(base, held_out)
+        assert not {normalized_key(it["text"]) for it in items} & \
+            {normalized_key(it["text"]) for it in plan}
+        assert not {it["ref"].rsplit(" ", 1)[0] for it in items} & set(base.splits[held_out].books)
+    # the training books' verses, longer ones included, beyond the 3000 of the train split
+    assert max(len(it["text"].split()) for it in items) > 25
+    too_many = dataclasses.replace(spec, splits={"train": dataclasses.replace(
+        spec.splits["train"], size=30078)})
+    with pytest.raises(ValueError, match="only 30077 verses qualify"):
+        plan_split(too_many, "train")

@@ -121,3 +121,47 @@ def test_interleaved_data_built_for_another_llm_tokenizer_is_refused(tmp_path, c
     module, config = load_recipe(_recipe(tmp_path, chain), [f"data.interleaved={shards}"])
     with pytest.raises(ConfigError, match="not this LLM's|another LLM tokenizer"):
         module.run(config)
+
+
+def test_more_spoken_verses_as_pairs_that_teach_reading_the_units_alone(tmp_path, chain):
+    """data.asr_more_speech speaks more training-book verses into the cache and adds them as
+    pairs; with data.asr_learn_units false only the transcripts are learned."""
+    from speechlm.recipes import load_recipe
+
+    overrides = ["data.mixture.interleaved=0", "data.mixture.text=0", "data.mixture.asr=1.0",
+                 "data.seq_len=128", "data.asr_more_speech=6", "data.asr_learn_units=false"]
+    module, config = load_recipe(_recipe(tmp_path, chain), overrides)
+    results = module.run(config)
+    assert results["asr_pairs"] == 12 + 6  # the small corpus's train split and 6 more
+    assert set(results["data"]) == {"asr"}
+    # a row of 128 holds about two pairs: units (context only) are most of it
+    assert 0 < results["train"]["label_tokens"] < 0.6 * 4 * 128
+    assert results["after"]["speech_text_loss"] < results["before"]["speech_text_loss"]
+    # a second run reuses the spoken verses and their units (nothing is synthesized again)
+    manifests = list((tmp_path / "cache" / "corpus").glob("en-more-train-*/train/manifest.jsonl"))
+    assert len(manifests) == 1
+    stamp = manifests[0].stat().st_mtime_ns
+    module, config = load_recipe(_recipe(tmp_path, chain), overrides + [
+        f"train.output_dir={tmp_path / 'run2'}"])
+    assert module.run(config)["asr_pairs"] == 18 and manifests[0].stat().st_mtime_ns == stamp
+
+
+def test_more_spoken_verses_than_the_training_books_hold_are_refused(tmp_path, chain):
+    from speechlm.recipes import load_recipe
+
+    module, config = load_recipe(_recipe(tmp_path, chain), ["data.asr_more_speech=40000"])
+    with pytest.raises(ConfigError, match=r"data.asr_more_speech: .*only 30077 verses qualify"
+                                          r".*ask for fewer"):
+        module.run(config)
+
+
+@pytest.mark.parametrize("recipe", ["recipes/tiny/interleaved.yaml",
+                                    "recipes/tiny/interleaved_pairs.yaml"])
+def test_shipped_interleaved_recipes_validate(recipe):
+    from speechlm.recipes import load_recipe
+
+    _, config = load_recipe(recipe)
+    assert config.task == "interleaved" and config.data.speech_tokenizer.startswith("zoo:")
+    if recipe.endswith("_pairs.yaml"):  # the many real pairs, their transcripts learned alone
+        assert config.data.asr_more_speech == 30077 and not config.data.asr_learn_units
+        assert config.data.mixture["asr"] > 0

@@ -186,6 +186,31 @@ def build_corpus(spec: CorpusSpec, *, jobs: int | None = None,
     return BuiltCorpus(root, manifests, newly_built=True)
 
 
+def more_training_speech_spec(lang: str, size: int) -> CorpusSpec:
+    """`size` more verses of the training books (1-60 words), spoken by the training voices:
+    more real speech-text pairs than the embedded train split holds, held-out books (and so
+    held-out texts) excluded. Texts may repeat train's, with new voices, rates and pitches."""
+    base = EMBEDDED[lang]
+    held_out = {b for name, s in base.splits.items() if name != "train" for b in s.books}
+    train = base.splits["train"]
+    books = tuple(sorted({v.book for v in load_verses()} - held_out))
+    return CorpusSpec(name=f"{lang}-more-train", lang=lang, min_words=1, max_words=60,
+                      seed=base.seed, splits={"train": SplitSpec(
+                          size=size, voices=train.voices, books=books, rate=train.rate,
+                          pitch=train.pitch)})
+
+
+def build_more_training_speech(lang: str, size: int, *, jobs: int | None = None,
+                               progress: bool = True) -> Path:
+    """Synthesize `more_training_speech_spec(lang, size)` into the cache once (resumable);
+    returns its manifest."""
+    if lang not in EMBEDDED:
+        raise ValueError(f"no embedded corpus for language {lang!r}; use one of "
+                         f"{sorted(EMBEDDED)}")
+    return build_corpus(more_training_speech_spec(lang, size), jobs=jobs,
+                        progress=progress).manifests["train"]
+
+
 def _report_summary(report) -> dict:
     fields = getattr(report, "__dataclass_fields__", None)
     if fields:

@@ -18,7 +18,10 @@ speech-unit / text data, mixed with plain text (and, optionally, real speech-tex
    the T2U's units; built into the cache from `data.build` when `auto`); `text`, the same
    corpus with no speech; `asr`, real speech as units followed by its transcript (GLM-4-Voice
    pre-trains on such pairs too; off by default, so what the table shows is what synthetic
-   interleaving alone does);
+   interleaving alone does). `data.asr_more_speech: N` adds N more training-book verses
+   spoken by the training voices (synthesized and tokenized into the cache once);
+   `data.asr_learn_units: false` makes the pairs' units context only, so their whole
+   gradient teaches reading the units;
 3. evaluates the extended LLM before training, trains with the shared Trainer (exact resume)
    and evaluates again: next-token loss on held-out text, on synthetic interleaved data made
    from held-out text, and on held-out real speech (units from the speech tokenizer, then
@@ -72,6 +75,12 @@ class DataConfig:
     mixture: dict[str, float] = field(default_factory=lambda: {"interleaved": 1.0, "text": 0.5})
     speech_tokenizer: str = "zoo:speech_tokenizer_en"  # makes the units of `asr` and of eval
     asr_units: str = "auto"               # units JSONL (build tokenize); auto: embedded:en/train
+    # plus this many more training-book verses spoken by the training voices (up to 30077;
+    # synthesized and tokenized into the cache once): more real pairs than the corpus has
+    asr_more_speech: int = 0
+    # learn the units of the real pairs too (GLM-4-Voice's plain LM loss); false: they are
+    # context only and the pairs teach reading them alone
+    asr_learn_units: bool = True
     batch_size: int = 16                  # sequences per batch (per process)
     seed: int = 0
 
@@ -84,6 +93,8 @@ class DataConfig:
                 any(w < 0 for w in self.mixture.values()):
             raise ConfigError(f"data.mixture: weights must be >= 0, one of them > 0, got "
                               f"{self.mixture}")
+        if self.asr_more_speech < 0:
+            raise ConfigError(f"data.asr_more_speech must be >= 0, got {self.asr_more_speech}")
         if self.seq_len < 16 or self.batch_size < 1:
             raise ConfigError(f"data.seq_len must be >= 16 and data.batch_size >= 1, got "
                               f"{self.seq_len} and {self.batch_size}")
@@ -149,13 +160,26 @@ def _check_interleave_dir(path: Path, vocab, tokenizer) -> None:
                           "`speechlm build interleave --llm` this recipe's model.llm_path")
 
 
-def speech_text_documents(records, vocab, tokenizer) -> list[list[int]]:
-    """Real speech then its transcript: <|begin_of_audio|> units <|end_of_audio|> text EOS."""
+def speech_text_pairs(records, vocab, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """Real speech and its transcript, (<|begin_of_audio|> units <|end_of_audio|>, text EOS)."""
     from ..models.prompts import encode_continuing
 
     eos = int(tokenizer.eos_token_id)
-    return [vocab.units_to_ids(r["units"]) + encode_continuing(tokenizer, " " + r["text"]) + [eos]
+    return [(vocab.units_to_ids(r["units"]), encode_continuing(tokenizer, " " + r["text"]) + [eos])
             for r in records if r.get("units") and str(r.get("text", "")).strip()]
+
+
+def _more_speech_units(data: DataConfig, progress: bool, say) -> Path:
+    """Units of data.asr_more_speech more training-book verses, spoken into the cache."""
+    from ..pipelines.embedded_corpus import build_more_training_speech
+    from ..pipelines.tokenize import cached_units
+
+    say(f"speaking {data.asr_more_speech} more training-book verses (cached once)")
+    try:
+        manifest = build_more_training_speech("en", data.asr_more_speech, progress=progress)
+    except ValueError as exc:
+        raise ConfigError(f"data.asr_more_speech: {exc}; ask for fewer") from exc
+    return cached_units(data.speech_tokenizer, manifest, progress=progress, say=say)
 
 
 def _sampler(sources: dict, weights: dict, batch_size: int, seed: int, dist):
@@ -190,7 +214,7 @@ class HeldOut:
         self.records = records
         self.text_rows, self.interleaved_rows = text_rows, interleaved_rows
         self.pad_id = pick_pad_id(tokenizer)
-        self.asr_docs = speech_text_documents(records, vocab, tokenizer)
+        self.asr_pairs = speech_text_pairs(records, vocab, tokenizer)
         # the LLM's own "repeat" instruction, with the units where the text would be
         template = get_template("blsp")
         instruction = TASKS["repeat"].instructions[0]
@@ -241,10 +265,8 @@ class HeldOut:
             if len(self.interleaved_rows):
                 metrics["interleaved_loss"] = self._loss(model, _items(self.interleaved_rows))
             # real speech: the transcript's loss given the units (units themselves not scored)
-            items = []
-            for doc, record in zip(self.asr_docs, self.records, strict=True):
-                prefix = len(self.vocab.units_to_ids(record["units"]))
-                items.append({"input_ids": doc, "labels": [-100] * prefix + doc[prefix:]})
+            items = [{"input_ids": units + text, "labels": [-100] * len(units) + text}
+                     for units, text in self.asr_pairs]
             metrics["speech_text_loss"] = self._loss(model, items)
             # what the real speech units are worth to the transcript after them
             metrics["units_gain"] = metrics["text_loss"] - metrics["speech_text_loss"]
@@ -325,9 +347,11 @@ def run(config: Config) -> dict:
             paths["text"] = _cached_interleave(data.build, t2u, t2u_dir, tokenizer,
                                                data.seq_len, 0.0, data.seed, progress, say)
         if weights["asr"] > 0:
-            paths["asr"] = (cached_units(data.speech_tokenizer, "embedded:en/train",
+            paths["asr"] = [cached_units(data.speech_tokenizer, "embedded:en/train",
                                          progress=progress, say=say)
-                            if data.asr_units == "auto" else Path(data.asr_units))
+                            if data.asr_units == "auto" else Path(data.asr_units)]
+            if data.asr_more_speech:
+                paths["asr"].append(_more_speech_units(data, progress, say))
         units = cfg.eval.units
         paths["eval_units"] = (cached_units(data.speech_tokenizer, "embedded:en/dev",
                                             progress=progress, say=say)
@@ -335,14 +359,20 @@ def run(config: Config) -> dict:
         return paths
 
     paths = distributed.main_first(build_data)
-    sources = {}
+    sources, asr_pairs = {}, 0
     for name in ("interleaved", "text"):
         if name in paths:
             sources[name] = PackedSequences(iter_interleaved_shards(paths[name]))
     if "asr" in paths:
-        records = read_units(paths["asr"], tokenizer=vocab.tokenizer_identity)
-        rows = pack_documents(speech_text_documents(records, vocab, tokenizer), data.seq_len)
-        sources["asr"] = PackedSequences([rows])
+        records = [r for path in paths["asr"]
+                   for r in read_units(path, tokenizer=vocab.tokenizer_identity)]
+        pairs = speech_text_pairs(records, vocab, tokenizer)
+        asr_pairs = len(pairs)
+        docs = [units + text for units, text in pairs]
+        learned = [[data.asr_learn_units] * len(units) + [True] * len(text)
+                   for units, text in pairs]
+        rows, labels = pack_documents(docs, data.seq_len, learned=learned)
+        sources["asr"] = PackedSequences([rows], labels=[labels])
     for name, source in sources.items():
         if len(source) == 0:
             raise ConfigError(f"data source '{name}' has no full sequence of {data.seq_len} "
@@ -378,6 +408,7 @@ def run(config: Config) -> dict:
     results: dict[str, Any] = {
         "step": result.step, "final_dir": str(final), "llm": str(llm_dir), "t2u": str(t2u_dir),
         "unit_vocab": asdict(vocab), "data": {n: len(s) for n, s in sources.items()},
+        "asr_pairs": asr_pairs,
         "mixture": weights, "train_seconds": seconds, "train": result.train_metrics,
         "held_out_items": len(eval_records), "before": before, "after": after,
         "examples": [{"ref": r, "hyp": h} for r, h in getattr(held_out, "last_examples", [])]}
