@@ -90,6 +90,8 @@ def test_interleaved_pretraining_learns_the_units_and_saves_an_extended_llm(tmp_
     assert 0 <= after["asr_cer"] and 0 <= after["repeat_wer"]
     # the control decodes each reference's neighbour's units: the gain is the CER difference
     assert after["asr_units_gain"] == pytest.approx(after["asr_wrong_units_cer"] - after["asr_cer"])
+    # spoken QA from the units, and its bound with the transcript as text
+    assert {"last_word_acc", "last_word_text_acc"} <= set(after)
     final = chain["out"] / "final"
     vocab = UnitVocab.load(final)
     assert vocab.num_codes == 16 and vocab == UnitVocab(**results["unit_vocab"])
@@ -101,7 +103,7 @@ def test_interleaved_pretraining_learns_the_units_and_saves_an_extended_llm(tmp_
     assert saved["after"] == after
     out = capsys.readouterr().out
     assert "before" in out and "interleaved with T2U units" in out
-    assert "with the next utterance's units" in out
+    assert "with the next utterance's units" in out and "last word of the units" in out
 
 
 def test_interleaved_data_built_for_another_llm_tokenizer_is_refused(tmp_path, chain):
@@ -165,3 +167,28 @@ def test_shipped_interleaved_recipes_validate(recipe):
     if recipe.endswith("_pairs.yaml"):  # the many real pairs, their transcripts learned alone
         assert config.data.asr_more_speech == 30077 and not config.data.asr_learn_units
         assert config.data.mixture["asr"] > 0
+
+
+def test_instruction_replay_is_a_source_and_bad_settings_name_the_field(tmp_path, chain):
+    from speechlm.recipes import load_recipe
+
+    module, config = load_recipe(_recipe(tmp_path, chain), [
+        "data.mixture.interleaved=0", "data.mixture.text=0", "data.mixture.asr=0",
+        "data.mixture.instruct=1.0", "data.instruct_tasks={last_word: 1.0, repeat: 1.0}",
+        "data.instruct_examples=40", "data.seq_len=320"])
+    results = module.run(config)
+    assert set(results["data"]) == {"instruct"} and results["data"]["instruct"] >= 30
+    assert results["after"]["last_word_text_acc"] >= 0
+    # prompts are masked, as the LLM learned the tasks: only the answers are learned
+    from transformers import AutoTokenizer
+
+    items = module._instruct_items(config.data, AutoTokenizer.from_pretrained(
+        chain["out"] / "final"), 0, print)
+    for item in items:
+        learned = sum(label != -100 for label in item["labels"])
+        assert 0 < learned < len(item["input_ids"]) / 2
+    with pytest.raises(ConfigError, match="data.mixture.instruct > 0 needs data.instruct_tasks"):
+        load_recipe(_recipe(tmp_path, chain), ["data.mixture.instruct=1.0"])
+    with pytest.raises(ConfigError, match="data.instruct_tasks: unknown task.*sing"):
+        load_recipe(_recipe(tmp_path, chain), ["data.mixture.instruct=1.0",
+                                               "data.instruct_tasks={sing: 1.0}"])

@@ -21,12 +21,15 @@ speech-unit / text data, mixed with plain text (and, optionally, real speech-tex
    interleaving alone does). `data.asr_more_speech: N` adds N more training-book verses
    spoken by the training voices (synthesized and tokenized into the cache once);
    `data.asr_learn_units: false` makes the pairs' units context only, so their whole
-   gradient teaches reading the units;
+   gradient teaches reading the units; `instruct`, the LLM's own instruction tasks
+   (`data.instruct_tasks`) as text, replayed so that it keeps following instructions;
 3. evaluates the extended LLM before training, trains with the shared Trainer (exact resume)
    and evaluates again: next-token loss on held-out text, on synthetic interleaved data made
    from held-out text, and on held-out real speech (units from the speech tokenizer, then
    the transcript); and prompted decoding of real speech units into text, in the ASR layout
    (units, then the text) and with the LLM's own "repeat" instruction around the units;
+   spoken QA: the LLM's "last word" question about the units (the same question about the
+   transcript as text is its upper bound);
 4. saves `output_dir/final/` (the extended LLM + tokenizer + unit_vocab.json) and
    `results.json`; prints the before/after table.
 """
@@ -47,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 FINAL_DIR = "final"
 RESULTS_FILE = "results.json"
-SOURCES = ("interleaved", "text", "asr")
+SOURCES = ("interleaved", "text", "asr", "instruct")
 
 
 @dataclass
@@ -81,6 +84,11 @@ class DataConfig:
     # learn the units of the real pairs too (GLM-4-Voice's plain LM loss); false: they are
     # context only and the pairs teach reading them alone
     asr_learn_units: bool = True
+    # the `instruct` source: the LLM's own instruction tasks (speechlm.data.instructions.TASKS
+    # -> weight) on training-book verses, as text. Replaying them keeps the LLM following
+    # instructions, which plain pre-training makes it forget
+    instruct_tasks: dict[str, float] = field(default_factory=dict)
+    instruct_examples: int = 20000
     batch_size: int = 16                  # sequences per batch (per process)
     seed: int = 0
 
@@ -93,6 +101,15 @@ class DataConfig:
                 any(w < 0 for w in self.mixture.values()):
             raise ConfigError(f"data.mixture: weights must be >= 0, one of them > 0, got "
                               f"{self.mixture}")
+        from .text_lm import _check_mixture
+
+        _check_mixture(self.instruct_tasks, "data.instruct_tasks", allow_empty=True)
+        if self.mixture.get("instruct", 0) > 0 and not self.instruct_tasks:
+            raise ConfigError("data.mixture.instruct > 0 needs data.instruct_tasks, the tasks to "
+                              "replay and their weights, e.g. {repeat: 1.0, last_word: 1.0}")
+        if self.instruct_examples < 1:
+            raise ConfigError(f"data.instruct_examples must be >= 1, got "
+                              f"{self.instruct_examples}")
         if self.asr_more_speech < 0:
             raise ConfigError(f"data.asr_more_speech must be >= 0, got {self.asr_more_speech}")
         if self.seq_len < 16 or self.batch_size < 1:
@@ -169,6 +186,21 @@ def speech_text_pairs(records, vocab, tokenizer) -> list[tuple[list[int], list[i
             for r in records if r.get("units") and str(r.get("text", "")).strip()]
 
 
+def _instruct_items(data: DataConfig, tokenizer, seed: int, say):
+    """The LLM's instruction tasks on training-book verses, prompts masked (as it learned them)."""
+    from ..data.instructions import build_examples, split_training_verses
+    from ..training.objectives.causal_lm import TokenDataset
+    from .text_lm import encode_for_training
+
+    verses, _ = split_training_verses()
+    # inputs of at most 40 words, as the zoo LLM learned its tasks
+    examples = build_examples(data.instruct_tasks, verses, data.instruct_examples, seed=seed,
+                              max_input_words=40)
+    items, summary = encode_for_training(tokenizer, examples, data.seq_len)
+    say("instruction replay: " + ", ".join(f"{t} {s['examples']}" for t, s in summary.items()))
+    return TokenDataset([{"input_ids": it["input_ids"], "labels": it["labels"]} for it in items])
+
+
 def _more_speech_units(data: DataConfig, progress: bool, say) -> Path:
     """Units of data.asr_more_speech more training-book verses, spoken into the cache."""
     from ..pipelines.embedded_corpus import build_more_training_speech
@@ -215,12 +247,19 @@ class HeldOut:
         self.text_rows, self.interleaved_rows = text_rows, interleaved_rows
         self.pad_id = pick_pad_id(tokenizer)
         self.asr_pairs = speech_text_pairs(records, vocab, tokenizer)
-        # the LLM's own "repeat" instruction, with the units where the text would be
+        # the LLM's own instructions, with the units where the text would be: "repeat" (ASR)
+        # and "last_word" (spoken QA; with the transcript as text, its upper bound)
         template = get_template("blsp")
-        instruction = TASKS["repeat"].instructions[0]
-        self.repeat_prompts = [template.encode(tokenizer, instruction,
-                                               transcript=self._unit_string(r["units"]))
-                               .prompt_ids() for r in records]
+
+        def prompts(task: str, as_text: bool = False) -> list[list[int]]:
+            instruction = TASKS[task].instructions[0]
+            return [template.encode(tokenizer, instruction, transcript=r["text"] if as_text
+                                    else self._unit_string(r["units"])).prompt_ids()
+                    for r in records]
+
+        self.repeat_prompts = prompts("repeat")
+        self.qa_prompts = {"last_word": prompts("last_word"),
+                           "last_word_text": prompts("last_word", as_text=True)}
         self.asr_prompts = [vocab.units_to_ids(r["units"]) for r in records]
 
     def _unit_string(self, units) -> str:
@@ -245,16 +284,17 @@ class HeldOut:
             count += losses.numel()
         return total / max(count, 1)
 
-    def _decode(self, model, prompts) -> list[str]:
+    def _decode(self, model, prompts, max_new_tokens: int | None = None) -> list[str]:
         from ..inference.text_generation import greedy_generate, stop_ids_of
 
         out = greedy_generate(model, prompts, pad_id=self.pad_id,
                               stop_ids=stop_ids_of(model, [self.tokenizer.eos_token_id]),
-                              max_new_tokens=self.cfg.eval.max_new_tokens,
+                              max_new_tokens=max_new_tokens or self.cfg.eval.max_new_tokens,
                               batch_size=self.cfg.eval.batch_size)
         return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out]
 
     def evaluate(self, model) -> dict[str, float]:
+        from ..data.instructions import TASKS, last_word
         from ..eval.metrics import cer, wer
         from ..text.normalize import normalize_transcript
 
@@ -287,6 +327,12 @@ class HeldOut:
                     self.last_examples = list(zip(refs, hyps, strict=True))[: self.cfg.eval.examples]
             # what reading the right units is worth to ASR decoding, in CER points
             metrics["asr_units_gain"] = metrics["asr_wrong_units_cer"] - metrics["asr_cer"]
+            # spoken QA from the units, scored as the text task is (exact last word)
+            task = TASKS["last_word"]
+            answers = [last_word(r["text"]) for r in self.records]
+            for name, prompts in self.qa_prompts.items():
+                hyps = self._decode(model, prompts, task.max_new_tokens)
+                metrics[f"{name}_acc"] = task.score(answers, hyps)["accuracy"]
         finally:
             model.train(mode)
         return metrics
@@ -373,6 +419,8 @@ def run(config: Config) -> dict:
                    for units, text in pairs]
         rows, labels = pack_documents(docs, data.seq_len, learned=learned)
         sources["asr"] = PackedSequences([rows], labels=[labels])
+    if weights["instruct"] > 0:
+        sources["instruct"] = _instruct_items(data, tokenizer, cfg.train.seed, say)
     for name, source in sources.items():
         if len(source) == 0:
             raise ConfigError(f"data source '{name}' has no full sequence of {data.seq_len} "
@@ -476,7 +524,9 @@ def results_table(results: dict) -> str:
             ("  the same with the next utterance's units: CER", "asr_wrong_units_cer", "{:.1%}"),
             ("  right units' worth (wrong - right CER)", "asr_units_gain", "{:+.1%}"),
             ("units -> text, 'repeat' instruction: WER", "repeat_wer", "{:.1%}"),
-            ("units -> text, 'repeat' instruction: CER", "repeat_cer", "{:.1%}")]
+            ("units -> text, 'repeat' instruction: CER", "repeat_cer", "{:.1%}"),
+            ("spoken QA, last word of the units: accuracy", "last_word_acc", "{:.1%}"),
+            ("  the same with the transcript as text (bound)", "last_word_text_acc", "{:.1%}")]
     width = max(len(r[0]) for r in rows)
     lines = [f"{'held-out (' + str(results['held_out_items']) + ' utterances)':<{width}}  "
              f"{'before':>8}  {'after':>8}"]
