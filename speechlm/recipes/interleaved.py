@@ -101,9 +101,9 @@ class DataConfig:
                 any(w < 0 for w in self.mixture.values()):
             raise ConfigError(f"data.mixture: weights must be >= 0, one of them > 0, got "
                               f"{self.mixture}")
-        from .text_lm import _check_mixture
+        from .text_lm import check_task_mixture
 
-        _check_mixture(self.instruct_tasks, "data.instruct_tasks", allow_empty=True)
+        check_task_mixture(self.instruct_tasks, "data.instruct_tasks", allow_empty=True)
         if self.mixture.get("instruct", 0) > 0 and not self.instruct_tasks:
             raise ConfigError("data.mixture.instruct > 0 needs data.instruct_tasks, the tasks to "
                               "replay and their weights, e.g. {repeat: 1.0, last_word: 1.0}")

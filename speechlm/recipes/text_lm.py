@@ -99,10 +99,10 @@ class WarmupConfig:
         if bool(self.mixture) != bool(self.steps):
             raise ConfigError("data.warmup.mixture and data.warmup.steps go together: give both "
                               "(or neither, for no warm-up phase)")
-        _check_mixture(self.mixture, "data.warmup.mixture", allow_empty=True)
+        check_task_mixture(self.mixture, "data.warmup.mixture", allow_empty=True)
 
 
-def _check_mixture(mixture: dict[str, float], where: str, *, allow_empty: bool = False) -> None:
+def check_task_mixture(mixture: dict[str, float], where: str, *, allow_empty: bool = False) -> None:
     from ..data.instructions import PLAIN_TEXT, TASKS
 
     unknown = [k for k in mixture if k != PLAIN_TEXT and k not in TASKS]
@@ -138,7 +138,7 @@ class DataConfig:
                               "must fit in a batch")
         if not 0 <= self.paraphrase_prob <= 1:
             raise ConfigError("data.paraphrase_prob must be in [0, 1]")
-        _check_mixture(self.mixture, "data.mixture")
+        check_task_mixture(self.mixture, "data.mixture")
 
 
 @dataclass
