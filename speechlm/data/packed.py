@@ -49,10 +49,10 @@ class PackedSequences:
         return np.asarray(self.blocks[block][i])
 
     def __getitem__(self, index: int) -> dict:
-        ids = self.row(int(index)).astype(np.int64).tolist()
+        block, i = self._where(int(index))
+        ids = np.asarray(self.blocks[block][i]).astype(np.int64).tolist()
         if self.label_blocks is None:
             return {"input_ids": ids, "labels": ids}
-        block, i = self._where(int(index))
         return {"input_ids": ids,
                 "labels": np.asarray(self.label_blocks[block][i]).astype(np.int64).tolist()}
 
