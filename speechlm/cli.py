@@ -32,6 +32,10 @@ COMMANDS: dict[tuple[str | None, str], str] = {
     ("build", "tokenize"): "speechlm.commands.build_tokenize",
     ("build", "interleave"): "speechlm.commands.build_interleave",
     ("tune", "lm"): "speechlm.commands.tune_lm",
+    ("models", "list"): "speechlm.commands.models_list",
+    ("models", "get"): "speechlm.commands.models_get",
+    ("convert", "ct2-whisper"): "speechlm.commands.convert_ct2_whisper",
+    ("convert", "gguf"): "speechlm.commands.convert_gguf",
     ("zoo", "list"): "speechlm.commands.zoo_list",
     ("zoo", "build"): "speechlm.commands.zoo_build",
 }
@@ -41,6 +45,9 @@ GROUP_HELP = {
     "build": "offline data jobs (synthesis, n-gram LM, segmentation, BLSP continuations, InSerter "
              "samples, GLM-4-Voice interleaved sequences)",
     "tune": "tune decoding settings on a dev set",
+    "models": "models by name: pretrained packages, the zoo, local directories",
+    "convert": "convert checkpoints of other formats (CTranslate2 Whisper, GGUF) to transformers "
+               "directories",
     "zoo": "the embedded zoo: models the toolkit trains itself on the embedded corpus",
 }
 

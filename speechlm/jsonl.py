@@ -2,7 +2,8 @@
 
 Three ways to write, for three jobs:
 - `atomic_write` / `write_jsonl`: the whole file appears at once (temporary
-  name in the same directory, fsync, rename) or not at all.
+  name in the same directory, fsync, rename) or not at all; `atomic_directory`
+  does the same for a directory of files (a converted model).
 - `JsonlAppender`: a long job appends one record per finished item and
   flushes it, so a killed job loses at most the line it was writing;
   `read_jsonl(..., tolerate_torn_tail=True)` ignores that torn last line and
@@ -89,6 +90,32 @@ def atomic_write(path, mode: str = "w"):
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path):
+    """Yield a fresh temporary directory beside `path`; on success rename it to `path`.
+
+    `path` must not exist yet. If the block raises, the temporary directory is
+    removed; after a kill it is left as `.NAME.*.tmp` beside `path`, which no
+    reader takes for the finished directory (callers may sweep such leftovers).
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        # mkdtemp makes 0700 (and some writers 0600 files): give what mkdir/open would
+        umask = os.umask(0)
+        os.umask(umask)
+        for item in [tmp, *tmp.rglob("*")]:
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -187,6 +214,23 @@ def exclusive(lock_path, busy: str):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise SpeechLMError(busy) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def blocking_lock(lock_path):
+    """Hold an exclusive advisory lock on `lock_path`, waiting for another holder to finish
+    (released when the process dies): one process builds a cached thing, the others wait."""
+    with open(lock_path, "w") as f:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no advisory locks
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:

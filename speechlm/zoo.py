@@ -19,8 +19,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .paths import cache_dir, resource
-
-ZOO_PREFIX = "zoo:"  # `zoo:llm_en_es` in a recipe or CLI option names a zoo model
+from .pretrained.resolve import ZOO_PREFIX  # `zoo:llm_en_es` names a zoo model
 
 # name -> (recipe file under resources/zoo, what it is)
 MEMBERS: dict[str, tuple[str, str]] = {
@@ -81,16 +80,6 @@ def dependencies(name: str) -> set[str]:
     return {n for n in found if n in MEMBERS and n != name}
 
 
-def resolve_model_path(spec: str, *, progress: bool = True,
-                       say: Callable[[str], None] = print) -> str:
-    """`zoo:NAME` -> the zoo model's directory (trained now if not cached); any other
-    spec (a local directory) is returned as it is."""
-    text = str(spec)
-    if not text.startswith(ZOO_PREFIX):
-        return text
-    return str(ensure(text[len(ZOO_PREFIX):], progress=progress, say=say).model_dir)
-
-
 def cached(name: str) -> ZooModel | None:
     """The zoo model `name` if the cache holds a finished build of its current recipe."""
     run_dir = zoo_run_dir(name)
@@ -108,7 +97,9 @@ def ensure(name: str, *, progress: bool = True,
     run_dir = zoo_run_dir(name)
     done = run_dir / "zoo.json"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(run_dir.with_suffix(".lock")):
+    from .jsonl import blocking_lock
+
+    with blocking_lock(run_dir.with_suffix(".lock")):
         if done.is_file():  # another process finished it while we waited
             return _finished(name, run_dir, newly_trained=False)
         from .recipes import load_recipe
@@ -134,23 +125,3 @@ def _finished(name: str, run_dir: Path, *, newly_trained: bool) -> ZooModel:
     results = json.loads((run_dir / "results.json").read_text())
     return ZooModel(name=name, model_dir=run_dir / "final", run_dir=run_dir, results=results,
                     newly_trained=newly_trained, seconds=float(meta["seconds"]))
-
-
-class _lock:
-    """An exclusive advisory lock on `path` (released when the process dies)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        import fcntl
-
-        self._file = open(self.path, "w")
-        fcntl.flock(self._file, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        import fcntl
-
-        fcntl.flock(self._file, fcntl.LOCK_UN)
-        self._file.close()

@@ -210,7 +210,7 @@ def test_ctc_checkpoint_with_another_vocabulary_keeps_shared_rows(tmp_path, voca
 
 
 def test_model_errors_are_clear(tmp_path, vocab):
-    with pytest.raises(ConfigError, match="not in the local Hugging Face cache.*never downloads"):
+    with pytest.raises(ConfigError, match="nor in the local Hugging Face cache.*never downloads"):
         load_ctc_model("nobody/no-such-model", vocab)
     with pytest.raises(ConfigError, match="directory not found"):
         load_ctc_model(str(tmp_path / "missing"), vocab)

@@ -64,6 +64,7 @@ def test_exact_output_lengths(encoders, kind, one_second):
 
 
 def test_whisper_matches_transformers_feature_extractor_and_encoder(encoders, tiny_ckpt):
+    """With pad_to_window the clip runs through transformers' own 30 s path."""
     from transformers import WhisperFeatureExtractor, WhisperModel
 
     path = tiny_ckpt("whisper")
@@ -72,9 +73,27 @@ def test_whisper_matches_transformers_feature_extractor_and_encoder(encoders, ti
         wave.numpy(), sampling_rate=16000, return_tensors="pt").input_features
     with torch.no_grad():
         ref = WhisperModel.from_pretrained(path).encoder(features).last_hidden_state
-        out = encoders("whisper")(wave[None], torch.tensor([wave.numel()]))
-    assert out.lengths.tolist() == [65]  # 1.3 s -> 130 mel frames -> 65
+        out = encoders("whisper", pad_to_window=True)(wave[None], torch.tensor([wave.numel()]))
+        own = encoders("whisper")(wave[None], torch.tensor([wave.numel()]))
+    assert out.lengths.tolist() == own.lengths.tolist() == [65]  # 1.3 s -> 130 mel frames -> 65
     torch.testing.assert_close(out.hidden[0], ref[0, :65], atol=2e-4, rtol=1e-4)
+    # the clip at its own length sees no 28.7 s of silence: close to, not equal to, the window
+    assert not torch.allclose(own.hidden, out.hidden, atol=1e-3)
+    assert (own.hidden - out.hidden).abs().mean() < 0.2 * out.hidden.abs().mean()
+
+
+def test_whisper_own_length_path_is_the_encoder_on_a_full_window(tiny_ckpt):
+    """On exactly 30 s nothing is cut or masked: every hidden state equals transformers'."""
+    from speechlm.audio.features import log_mel_spectrogram
+
+    enc = load_encoder("auto", tiny_ckpt("whisper"))
+    mel = log_mel_spectrogram(_audio(30.0, seed=11)[None], 80)
+    with torch.no_grad():
+        ref = enc.backbone(mel, output_hidden_states=True).hidden_states
+        ours = enc._encode_unpadded(mel, torch.tensor([3000]), all_layers=True)
+    assert len(ours) == len(ref) == enc.num_hidden_states
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_wav2vec2_matches_transformers_pipeline_and_loads_a_ctc_dir(encoders, tiny_ckpt, tmp_path):
@@ -105,11 +124,13 @@ def test_wav2vec2_matches_transformers_pipeline_and_loads_a_ctc_dir(encoders, ti
         torch.testing.assert_close(from_ctc(audio, torch.tensor([16000, 9600])).hidden, out.hidden)
 
 
-@pytest.mark.parametrize("kind", ["wav2vec2", "whisper"])
-def test_batch_padding_does_not_change_an_items_frames(encoders, kind):
-    """wav2vec2 with a layer-norm stack gets an attention mask; Whisper pads every item
-    to 30 s anyway: either way an item's frames are the same alone or in a batch."""
-    enc = encoders(kind)
+@pytest.mark.parametrize("kind,options", [("wav2vec2", {}), ("whisper", {}),
+                                          ("whisper", {"pad_to_window": True})])
+def test_batch_padding_does_not_change_an_items_frames(encoders, kind, options):
+    """wav2vec2 with a layer-norm stack and Whisper at each clip's own length mask the
+    batch's padding; Whisper on 30 s windows pads every item anyway: either way an item's
+    frames are the same alone or in a batch."""
+    enc = encoders(kind, **options)
     short, long = _audio(0.5, 4), _audio(1.5, 5)
     audio = torch.stack([torch.nn.functional.pad(short, (0, long.numel() - short.numel())), long])
     with torch.no_grad():
@@ -137,8 +158,9 @@ def test_hubert_sees_padding_unless_unpadded(encoders):
         assert same is invariant
 
 
-def test_whisper_long_audio_runs_in_30s_windows(encoders):
-    enc = encoders("whisper")
+@pytest.mark.parametrize("pad_to_window", [False, True])
+def test_whisper_long_audio_runs_in_30s_windows(encoders, pad_to_window):
+    enc = encoders("whisper", pad_to_window=pad_to_window)
     wave = _audio(31.0, 8)
     with torch.no_grad():
         out = enc(wave[None], torch.tensor([wave.numel()]))

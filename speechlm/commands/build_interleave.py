@@ -58,22 +58,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
-    from speechlm.errors import ConfigError
     from speechlm.pipelines.interleave import InterleaveSettings, build_interleave
 
     settings = InterleaveSettings(speech_share=args.speech_share, span_words=args.span_words,
                                   seq_len=args.seq_len, docs_per_shard=args.docs_per_shard,
                                   seed=args.seed)
-    from speechlm.zoo import resolve_model_path
+    from speechlm.pretrained.resolve import resolve_model_dir
 
     paths = {}
     for flag, spec in (("--t2u", args.t2u), ("--llm", args.llm)):
-        paths[flag] = resolve_model_path(spec, progress=not args.no_progress)  # zoo:NAME too
-        if not Path(paths[flag]).is_dir():
-            raise ConfigError(f"{flag} {spec}: not a directory (give a local model directory "
-                              "or zoo:NAME)")
+        paths[flag] = resolve_model_dir(spec, what=f"{flag} model", expect=None,
+                                        progress=not args.no_progress)  # zoo:NAME too
 
     from transformers import AutoTokenizer
 

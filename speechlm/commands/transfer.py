@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..jsonl import write_jsonl
     from ..models.speech_lm import SpeechLM
+    from ..pretrained.resolve import resolve_model_dir
     from ..recipes.blsp import _manifest_records
     from ..recipes.blsp_eval import (
         SpeechSource,
@@ -69,12 +70,11 @@ def run(args: argparse.Namespace) -> int:
         transfer_scores,
     )
     from ..recipes.sources import resolve_manifest
-    from ..zoo import resolve_model_path
 
     specs = parse_models(args.model)
     records = _manifest_records(resolve_manifest(args.manifest), args.items)
     source = SpeechSource()
-    loaded = {name: SpeechLM.from_pretrained(resolve_model_path(path)).eval()
+    loaded = {name: SpeechLM.from_pretrained(resolve_model_dir(path, expect=None)).eval()
               for name, path in specs.items()}
 
     def speech(model):

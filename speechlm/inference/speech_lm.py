@@ -446,7 +446,7 @@ class SpeechLMGenerator:
         seconds = [w.numel() / self.sample_rate for w in waves]
         limit = self.max_segment_s
         if prompt.segmentable and limit is not None and seconds[0] > limit:
-            from .ctc import segment_ranges
+            from .transcriber import segment_ranges
 
             ranges = segment_ranges(waves[0], self.sample_rate, limit)
             parts = [[waves[0][a:b]] for a, b in ranges]
@@ -528,7 +528,7 @@ class SpeechLMGenerator:
         on a CPU that outweighs what a bigger batch saves.
         """
         encoder = self.model.encoder
-        if getattr(encoder, "kind", "") == "whisper":
+        if getattr(encoder, "pad_to_window", False):  # every clip costs a whole window anyway
             return [list(range(len(samples)))]
         if getattr(encoder, "use_attention_mask", True) is False \
                 and not getattr(encoder, "unpadded", False):

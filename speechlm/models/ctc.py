@@ -304,36 +304,6 @@ SCRATCH_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def resolve_model_dir(init: str | os.PathLike) -> Path:
-    """A local directory for `init`: the path itself, or a hub id found in the local HF cache.
-
-    Never downloads; a missing model is a ConfigError that says how to get it.
-    """
-    path = Path(init).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model.init={init}: {path} has no config.json; point it at a "
-                              "Hugging Face model directory (config.json + weights)")
-        return path
-    if path.exists():
-        raise ConfigError(f"model.init={init}: expected a model directory, got a file")
-    text = str(init)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(text, local_files_only=True))
-        except Exception:  # noqa: BLE001 - not in the cache (or no hub library): say what to do
-            pass
-        raise ConfigError(
-            f"model.init={init}: not a local directory and not in the local Hugging Face cache "
-            f"(speechlm never downloads models). On a machine with network run "
-            f"`huggingface-cli download {init}` (or save it with save_pretrained) and point "
-            f"model.init at the directory or set HF_HOME to the cache that holds it")
-    raise ConfigError(f"model.init={init}: directory not found; give a local HF model "
-                      "directory, a hub id present in the local HF cache, or 'scratch'")
-
-
 def _ctc_config_fields(vocab: CharVocab, overrides: Mapping[str, Any]) -> dict[str, Any]:
     return {**dict(overrides), "vocab_size": len(vocab), "pad_token_id": vocab.blank_id,
             "bos_token_id": 1, "eos_token_id": 2, "ctc_zero_infinity": True}
@@ -382,7 +352,11 @@ def load_ctc_model(init: str | os.PathLike, vocab: CharVocab, *,
     if scratch_config:
         raise ConfigError("model.scratch is only used with model.init=scratch; remove it or "
                           "set model.init: scratch")
-    return _load_pretrained(resolve_model_dir(init), vocab, overrides)
+    from ..pretrained.resolve import resolve_model_dir
+
+    directory = resolve_model_dir(init, what=f"model.init={init}",
+                                  hint="or model.init: scratch to train from scratch")
+    return _load_pretrained(directory, vocab, overrides)
 
 
 def _load_pretrained(path: Path, vocab: CharVocab, overrides: dict):

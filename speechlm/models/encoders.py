@@ -18,11 +18,16 @@ hub id present in the local HF cache; nothing is ever downloaded):
   item; `unpadded=True` runs every item on its own to avoid that.
 - `WhisperSpeechEncoder` ("whisper"): the encoder of a WhisperModel /
   WhisperForConditionalGeneration directory (the decoder is never loaded).
-  Features are our `log_mel_spectrogram` with the checkpoint's mel bins,
-  padded to the 30 s the encoder insists on; outputs are cut to the true
-  length ceil(mel_frames / 2), and longer audio runs in 30 s windows whose
-  frames are concatenated. Because every window is padded to 30 s, an item's
-  frames do not depend on the rest of the batch.
+  Features are our `log_mel_spectrogram` with the checkpoint's mel bins.
+  By default each clip is encoded at its own length (the encoder's layers
+  called with the position table cut to the clip, padding masked out of
+  attention, as SLAM-LLM does): a 5 s clip costs a sixth of a 30 s window.
+  `pad_to_window=True` pads every clip to the 30 s window Whisper was trained
+  on instead (transformers' own path; slower, and the outputs differ a little:
+  docs/results/whisper_encoder.md measures how much). Either way outputs are
+  cut to the true length ceil(mel_frames / 2), longer audio runs in 30 s
+  windows whose frames are concatenated, and an item's frames do not depend on
+  the rest of the batch.
 
 Common options: `layer` (None = the model's last hidden state, an int = index
 into the model's `hidden_states` tuple (0 = input embeddings), "weighted" =
@@ -49,11 +54,11 @@ from torch import nn
 
 from ..config import Registry
 from ..errors import AudioTooShortError, ConfigError, SpeechLMError
+from ..pretrained.resolve import resolve_model_dir
 
 __all__ = [
     "ENCODERS", "EncoderOutput", "SpeechEncoder", "SSLEncoder", "WhisperSpeechEncoder",
     "config_sha256", "detect_encoder_kind", "load_encoder", "quiet_transformers",
-    "resolve_pretrained_dir",
 ]
 
 ENCODERS: Registry[type[SpeechEncoder]] = Registry("speech encoder")
@@ -92,35 +97,6 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def resolve_pretrained_dir(name_or_path: str | os.PathLike, *, what: str = "model",
-                           hint: str = "") -> Path:
-    """A local model directory for a path or a hub id already in the local HF cache.
-
-    Never downloads. A missing directory is a ConfigError that names the path,
-    says what it should hold and (with `hint`) how to point elsewhere.
-    """
-    path = Path(name_or_path).expanduser()
-    suffix = f"; {hint}" if hint else ""
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{what} directory {path} has no config.json; point it at a "
-                              f"transformers model directory (config.json + weights){suffix}")
-        return path
-    text = str(name_or_path)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists():
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(text, local_files_only=True))
-        except Exception:  # noqa: BLE001 - not cached: fall through to the message below
-            pass
-        raise ConfigError(
-            f"{what} '{text}' is neither a local directory nor in the local Hugging Face cache "
-            f"(speechlm never downloads models); run `huggingface-cli download {text}` on a "
-            f"machine with network or give a local directory{suffix}")
-    raise ConfigError(f"{what} directory not found: {path}{suffix}")
 
 
 def config_sha256(model_dir: str | os.PathLike) -> str:
@@ -176,7 +152,7 @@ def load_encoder(kind: str, path: str | os.PathLike, *, layer: int | str | None 
     dtype (e.g. torch.bfloat16); default float32. options: per kind, e.g.
     `max_window_s`, `unpadded` for SSL encoders.
     """
-    model_dir = resolve_pretrained_dir(path, what="speech encoder")
+    model_dir = resolve_model_dir(path, what="speech encoder")
     detected = detect_encoder_kind(model_dir)
     if kind == "auto":
         kind = detected
@@ -448,12 +424,13 @@ class SSLEncoder(SpeechEncoder):
 
 @ENCODERS.register("whisper")
 class WhisperSpeechEncoder(SpeechEncoder):
-    """The Whisper encoder on 30 s log-mel windows, cut to each item's true length."""
+    """The Whisper encoder on each clip's own length (default) or on padded 30 s windows."""
 
     kind = "whisper"
     model_types = ("whisper",)
 
-    def __init__(self, backbone: nn.Module, *, layer: int | str | None = None, frozen: bool = True):
+    def __init__(self, backbone: nn.Module, *, layer: int | str | None = None, frozen: bool = True,
+                 pad_to_window: bool = False):
         config = backbone.config
         self.n_mels = config.num_mel_bins
         # mel frames per window (3000) and the encoder's stride over them (2)
@@ -463,10 +440,13 @@ class WhisperSpeechEncoder(SpeechEncoder):
                          frame_rate=SAMPLE_RATE / 160 / 2,
                          num_hidden_states=config.encoder_layers + 1, layer=layer, frozen=frozen,
                          window_samples=window)
+        self.pad_to_window = bool(pad_to_window)
 
     @classmethod
-    def from_dir(cls, model_dir: Path, *, layer=None, frozen=True, dtype=None) -> WhisperSpeechEncoder:
-        return cls(_load_whisper_encoder(model_dir, dtype), layer=layer, frozen=frozen)
+    def from_dir(cls, model_dir: Path, *, layer=None, frozen=True, dtype=None,
+                 pad_to_window: bool = False) -> WhisperSpeechEncoder:
+        return cls(_load_whisper_encoder(model_dir, dtype), layer=layer, frozen=frozen,
+                   pad_to_window=pad_to_window)
 
     def _window_lengths(self, lengths):
         """ceil(mel_frames / 2): the encoder's stride-2 conv over ceil(samples / 160) mel frames."""
@@ -477,10 +457,40 @@ class WhisperSpeechEncoder(SpeechEncoder):
     def _hidden_states(self, audio, lengths, all_layers):
         from ..audio.features import log_mel_spectrogram
 
-        mel = log_mel_spectrogram(audio, self.n_mels, lengths=lengths,
-                                  pad_to=self.window_samples)
-        out = self.backbone(mel.to(self.dtype), output_hidden_states=all_layers)
-        return out.hidden_states if all_layers else out.last_hidden_state
+        if self.pad_to_window:
+            mel = log_mel_spectrogram(audio, self.n_mels, lengths=lengths,
+                                      pad_to=self.window_samples)
+            out = self.backbone(mel.to(self.dtype), output_hidden_states=all_layers)
+            return out.hidden_states if all_layers else out.last_hidden_state
+        mel_lengths = torch.div(lengths + 159, 160, rounding_mode="floor")
+        width = int(mel_lengths.max()) + int(mel_lengths.max()) % 2  # even: stride-2 conv
+        mel = log_mel_spectrogram(audio, self.n_mels, lengths=lengths, pad_to=width * 160)
+        return self._encode_unpadded(mel.to(self.dtype), mel_lengths, all_layers)
+
+    def _encode_unpadded(self, mel: torch.Tensor, mel_lengths: torch.Tensor, all_layers: bool):
+        """WhisperEncoder.forward without the 3000-frame check: positions cut to the clip,
+        the batch's padding zeroed before each conv (as the conv's own zero padding is for
+        a clip alone) and masked out of attention, so an item's frames ignore the batch."""
+        encoder = self.backbone
+        gelu = nn.functional.gelu
+        frames = torch.arange(mel.shape[-1], device=mel.device)
+        mel = mel * (frames < mel_lengths[:, None])[:, None, :].to(mel.dtype)
+        x = gelu(encoder.conv1(mel))
+        x = x * (frames < mel_lengths[:, None])[:, None, :].to(x.dtype)
+        x = gelu(encoder.conv2(x)).transpose(1, 2)
+        out_lengths = torch.div(mel_lengths + 1, 2, rounding_mode="floor")
+        x = x + encoder.embed_positions.weight[: x.shape[1]].to(x.dtype)
+        mask = None
+        if bool((out_lengths < x.shape[1]).any()):
+            keep = torch.arange(x.shape[1], device=x.device)[None, :] < out_lengths[:, None]
+            mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
+            mask = mask.masked_fill(~keep, torch.finfo(x.dtype).min)[:, None, None, :]
+        states = [x]
+        for layer in encoder.layers:
+            x = layer(x, mask)
+            states.append(x)
+        states[-1] = encoder.layer_norm(x)  # as transformers: the last state is normed
+        return tuple(states) if all_layers else states[-1]
 
 
 def _load_whisper_encoder(model_dir: Path, dtype: torch.dtype | None) -> nn.Module:

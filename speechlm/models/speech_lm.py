@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, SpeechLMError
+from ..pretrained.resolve import resolve_model_dir
 from .adapters import AdapterOutput, build_adapter
 from .encoders import (
     EncoderOutput,
@@ -43,7 +44,6 @@ from .encoders import (
     config_sha256,
     load_encoder,
     quiet_transformers,
-    resolve_pretrained_dir,
     warn_missing_weights,
 )
 from .lora import LoraSettings, apply_encoder_lora, apply_llm_lora, has_llm_lora, merge_llm_lora
@@ -71,8 +71,10 @@ FORMAT_VERSION = 1
 class SpeechLMConfig:
     """Everything that defines a SpeechLM besides its weights (a recipe's `model` section).
 
-    encoder_path / llm_path: local transformers directories (or hub ids already in
-    the local HF cache). encoder: "auto" or a registered kind. encoder_layer:
+    encoder_path / llm_path: any model name the resolver takes (a local directory, a
+    hub id already in the local HF cache, `models:NAME`, `zoo:NAME`). encoder: "auto"
+    or a registered kind. encoder_pad_to_window: a Whisper encoder pads every clip to
+    its 30 s window instead of encoding the clip's own length. encoder_layer:
     None (last), an int index into hidden_states, or "weighted". adapter /
     adapter_options: a registered adapter and its options. adapter_output_scale: the
     starting scale of the adapter's output norm: "llm" (the RMS of the LLM's input
@@ -90,6 +92,7 @@ class SpeechLMConfig:
     encoder_layer: int | str | None = None
     encoder_max_window_s: float | None = None
     encoder_unpadded: bool = False
+    encoder_pad_to_window: bool = False
     freeze_encoder: bool = True
     adapter: str = "blsp"
     adapter_options: dict[str, Any] = field(default_factory=dict)
@@ -124,7 +127,7 @@ def load_llm(path: str | os.PathLike, *, trust_remote_code: bool = False,
     """(causal LM, tokenizer) from a local directory (or a hub id in the local cache)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = resolve_pretrained_dir(path, what="LLM")
+    model_dir = resolve_model_dir(path, what="LLM")
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
                                                   trust_remote_code=trust_remote_code)
@@ -197,6 +200,8 @@ class SpeechLM(nn.Module):
             encoder_options["max_window_s"] = config.encoder_max_window_s
         if config.encoder_unpadded:
             encoder_options["unpadded"] = True
+        if config.encoder_pad_to_window:
+            encoder_options["pad_to_window"] = True
         encoder = load_encoder(config.encoder, config.encoder_path, layer=config.encoder_layer,
                                frozen=config.freeze_encoder, dtype=dtype, **encoder_options)
         llm, tokenizer = load_llm(config.llm_path, trust_remote_code=trust_remote_code, dtype=dtype)
@@ -214,8 +219,8 @@ class SpeechLM(nn.Module):
             adapter.set_output_scale(float(scale))
         model = cls(encoder, adapter, llm, tokenizer, config)
         model.base_hashes = {
-            "encoder": config_sha256(resolve_pretrained_dir(config.encoder_path)),
-            "llm": config_sha256(resolve_pretrained_dir(config.llm_path)),
+            "encoder": config_sha256(resolve_model_dir(config.encoder_path)),
+            "llm": config_sha256(resolve_model_dir(config.llm_path)),
         }
         return model
 
@@ -519,7 +524,7 @@ class SpeechLM(nn.Module):
         for role, path, option in (("encoder", config.encoder_path, "encoder_path"),
                                    ("LLM", config.llm_path, "llm_path")):
             try:
-                resolve_pretrained_dir(path, what=f"base {role}")
+                resolve_model_dir(path, what=f"base {role}")
             except ConfigError as e:
                 raise ConfigError(
                     f"{e}. The checkpoint {ckpt_dir} was trained on this base {role}; if it moved, "

@@ -148,7 +148,8 @@ class SpeechTokenizer(nn.Module):
         from transformers import WhisperConfig
         from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-        from .encoders import _load_whisper_encoder, quiet_transformers, resolve_pretrained_dir
+        from ..pretrained.resolve import resolve_model_dir
+        from .encoders import _load_whisper_encoder, quiet_transformers
 
         if str(init) == "scratch":
             try:
@@ -158,7 +159,7 @@ class SpeechTokenizer(nn.Module):
             with quiet_transformers():
                 encoder = WhisperEncoder(config)
         else:
-            encoder = _load_whisper_encoder(resolve_pretrained_dir(init, what="Whisper model"),
+            encoder = _load_whisper_encoder(resolve_model_dir(init, what="Whisper model"),
                                             None)
         return cls(encoder.train(), vocab, settings)
 

@@ -190,10 +190,10 @@ def build_continuations(llm_dir, manifest, out_path, *, instruction: str = CONTI
     embedded:LANG/SPLIT. chunk_size: records per appended chunk (default 8 batches).
     rank/world_size: this process's shard (default: torchrun's environment, else 0 of 1).
     """
-    from ..models.encoders import config_sha256, resolve_pretrained_dir
+    from ..models.encoders import config_sha256
+    from ..pretrained.resolve import resolve_model_dir
     from ..recipes.sources import resolve_manifest
     from ..training import distributed
-    from ..zoo import resolve_model_path
 
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
                         ("max_prompt_tokens", max_prompt_tokens),
@@ -209,8 +209,8 @@ def build_continuations(llm_dir, manifest, out_path, *, instruction: str = CONTI
     # Rank 0 resolves first, so a zoo model or the embedded corpus is built only once.
     if group and rank != 0:
         distributed.barrier()
-    llm_path = resolve_pretrained_dir(resolve_model_path(str(llm_dir), progress=progress, say=tell),
-                                      what="LLM").resolve()
+    llm_path = resolve_model_dir(str(llm_dir), progress=progress, say=tell,
+                                 what="LLM").resolve()
     manifest_path = resolve_manifest(manifest, progress=progress).resolve()
     if group and rank == 0:
         distributed.barrier()

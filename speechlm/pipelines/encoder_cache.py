@@ -87,11 +87,9 @@ def _file_sha256(path: Path) -> str:
     stat = path.stat()
     memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if memo not in _FILE_HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        _FILE_HASHES[memo] = digest.hexdigest()
+        from ..paths import file_sha256
+
+        _FILE_HASHES[memo] = file_sha256(path)
     return _FILE_HASHES[memo]
 
 
@@ -112,6 +110,7 @@ def _encoder_settings(encoder) -> dict:
         "layer": layer,
         "window_samples": encoder.window_samples,
         "unpadded": bool(getattr(encoder, "unpadded", False)),
+        "pad_to_window": bool(getattr(encoder, "pad_to_window", False)),
         "do_normalize": getattr(encoder, "do_normalize", None),
         "use_attention_mask": getattr(encoder, "use_attention_mask", None),
         "sample_rate": int(encoder.sample_rate),
@@ -132,14 +131,15 @@ def encoder_identity(encoder, model_dir=None) -> dict:
     but not hashed (see `identity_digest`), so a copied checkpoint keeps its
     identity.
     """
-    from ..models.encoders import config_sha256, resolve_pretrained_dir
+    from ..models.encoders import config_sha256
+    from ..pretrained.resolve import resolve_model_dir
 
     if model_dir is None:
         model_dir = getattr(encoder, "source_path", None)
         if model_dir is None:
             raise ConfigError("encoder_identity needs the encoder's model directory: pass "
                               "model_dir (the directory it was loaded from)")
-    directory = resolve_pretrained_dir(model_dir, what="speech encoder")
+    directory = resolve_model_dir(model_dir, what="speech encoder")
     weights = [{"name": p.name, "size": p.stat().st_size, "sha256": _file_sha256(p)}
                for p in sorted(directory.iterdir())
                if p.is_file() and p.suffix in (".safetensors", ".bin")]

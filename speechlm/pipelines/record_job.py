@@ -25,7 +25,6 @@ process finds every record done.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import re
 import time
@@ -78,11 +77,9 @@ def start_again(out: Path) -> str:
 
 def manifest_sha256(path) -> str:
     """sha256 of the manifest file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from ..paths import file_sha256
+
+    return file_sha256(path)
 
 
 def read_meta(out: Path) -> dict | None:

@@ -242,10 +242,10 @@ def cached_units(tokenizer, manifest, *, progress: bool = True,
     cache/units/<manifest name>-<sha of the manifest>-<tokenizer identity>.jsonl."""
     from ..models.speech_tokenizer import read_tokenizer_info
     from ..paths import cache_dir
+    from ..pretrained.resolve import resolve_model_dir
     from ..recipes.sources import resolve_manifest
-    from ..zoo import resolve_model_path
 
-    tokenizer_dir = Path(resolve_model_path(str(tokenizer), progress=progress, say=say))
+    tokenizer_dir = resolve_model_dir(str(tokenizer), expect=None, progress=progress, say=say)
     identity = read_tokenizer_info(tokenizer_dir)["identity"]
     manifest_path = resolve_manifest(manifest, progress=progress)
     name = str(manifest).replace("embedded:", "embedded-").replace("/", "-")

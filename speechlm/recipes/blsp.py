@@ -178,9 +178,9 @@ class NoisyAudioDataset:
 
 
 def _encoder_dir(model) -> Path:
-    from ..models.encoders import resolve_pretrained_dir
+    from ..pretrained.resolve import resolve_model_dir
 
-    return Path(resolve_pretrained_dir(model.config.encoder_path))
+    return resolve_model_dir(model.config.encoder_path)
 
 
 def build_cache(cfg: Config, model, record_sets: list[list[dict]], say):
@@ -264,11 +264,11 @@ def cached_training_data(cfg, model, train_records, other_records, say) -> tuple
 
 def resolve_models(cfg, say):
     """`cfg` with its zoo:NAME encoder and LLM resolved to directories (trained if needed)."""
-    from ..zoo import resolve_model_path
+    from ..pretrained.resolve import resolve_model_dir
 
     return replace(cfg, model=replace(
-        cfg.model, encoder_path=resolve_model_path(cfg.model.encoder_path, say=say),
-        llm_path=resolve_model_path(cfg.model.llm_path, say=say)))
+        cfg.model, encoder_path=str(resolve_model_dir(cfg.model.encoder_path, say=say)),
+        llm_path=str(resolve_model_dir(cfg.model.llm_path, say=say))))
 
 
 def fit(cfg, objective, dataset, collate, durations, dist, identity_keys) -> tuple:

@@ -154,9 +154,9 @@ def load_trained_weights(model, spec: str, say) -> None:
     from safetensors.torch import load_file
 
     from ..models.speech_lm import WEIGHTS_FILE
-    from ..zoo import resolve_model_path
+    from ..pretrained.resolve import resolve_model_dir
 
-    path = Path(resolve_model_path(spec, say=say))
+    path = resolve_model_dir(spec, expect=None, say=say)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise ConfigError(f"init_from: {path} is not a SpeechLM checkpoint (no {WEIGHTS_FILE}); "
@@ -181,9 +181,9 @@ def run(config: Config) -> dict:
     """Run InSerter per `config` (see the module doc); returns the results dict."""
     from ..jsonl import atomic_write, write_jsonl
     from ..pipelines.inserter import read_samples
+    from ..pretrained.resolve import resolve_model_dir
     from ..training import distributed
     from ..training.objectives.blsp import BlspObjective
-    from ..zoo import resolve_model_path
     from . import start_run
     from .blsp import (
         _jsonable,
@@ -257,7 +257,7 @@ def run(config: Config) -> dict:
         for name, spec in cfg.eval.compare.items():
             from ..models.speech_lm import SpeechLM
 
-            systems[name] = SpeechLM.from_pretrained(resolve_model_path(spec, say=say)).eval()
+            systems[name] = SpeechLM.from_pretrained(resolve_model_dir(spec, expect=None, say=say)).eval()
         systems[f"InSerter ({cfg.loss.kind})" if not cfg.init_from
                 else f"{cfg.init_from} + InSerter"] = model.eval()
         rows: list[dict] = []

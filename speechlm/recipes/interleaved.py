@@ -352,10 +352,10 @@ def run(config: Config) -> dict:
     from ..models.unit_vocab import add_unit_tokens
     from ..pipelines.interleave import iter_interleaved_shards
     from ..pipelines.tokenize import cached_units, read_units
+    from ..pretrained.resolve import resolve_model_dir
     from ..training import distributed
     from ..training.objectives.causal_lm import CausalLMCollator, CausalLMObjective
     from ..training.trainer import Trainer, seed_everything
-    from ..zoo import resolve_model_path
     from . import start_run
 
     cfg = config
@@ -366,8 +366,8 @@ def run(config: Config) -> dict:
 
     # 1. models (rank 0 first, so a zoo member is trained once)
     def resolve():
-        return (resolve_model_path(cfg.model.llm_path, progress=progress, say=say),
-                resolve_model_path(data.build.t2u, progress=progress, say=say))
+        return (str(resolve_model_dir(cfg.model.llm_path, progress=progress, say=say)),
+                str(resolve_model_dir(data.build.t2u, expect=None, progress=progress, say=say)))
 
     llm_dir, t2u_dir = distributed.main_first(resolve)
     seed_everything(cfg.train.seed)

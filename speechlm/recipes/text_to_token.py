@@ -280,10 +280,10 @@ def round_trip(tokenizer_spec: str, texts: list[str], units: dict[str, list[list
     Unit error rate cannot tell: the same words spoken by two voices give different units."""
     from ..eval.metrics import cer, wer
     from ..models.speech_tokenizer import load_speech_tokenizer, read_tokenizer_info
+    from ..pretrained.resolve import resolve_model_dir
     from ..text.normalize import normalize_transcript
-    from ..zoo import resolve_model_path
 
-    directory = resolve_model_path(tokenizer_spec, progress=False)
+    directory = resolve_model_dir(tokenizer_spec, expect=None, progress=False)
     tokenizer = load_speech_tokenizer(directory)
     lang = read_tokenizer_info(directory).get("normalize_lang") or "en"  # as it was trained
     refs = [normalize_transcript(t, lang) for t in texts]

@@ -191,13 +191,13 @@ class _TransformersTTS:
     def _model_dir(self, model: str, voice: str) -> tuple[Path, str]:
         """The checkpoint directory, and how the canonical voice names it (an absolute path,
         or the hub id for a model from the HF cache)."""
-        from speechlm.models.encoders import resolve_pretrained_dir
+        from speechlm.pretrained.resolve import resolve_model_dir
 
         if not model:
             raise TTSError(f"no model directory in {self.title} voice {voice!r}; write "
                            f"MODEL_DIR{self._speaker_syntax()}")
         try:
-            model_dir = resolve_pretrained_dir(model, what=f"{self.title} model",
+            model_dir = resolve_model_dir(model, what=f"{self.title} model",
                                                hint=self.download_hint)
         except ConfigError as e:
             raise TTSError(str(e)) from None
@@ -447,18 +447,18 @@ class SpeechT5TTS(_TransformersTTS):
         return self._speakers[key]
 
     def _vocoder_dir(self, model_dir: Path) -> Path:
-        from speechlm.models.encoders import resolve_pretrained_dir
+        from speechlm.pretrained.resolve import resolve_model_dir
 
         if self.vocoder is not None:
             try:
-                return resolve_pretrained_dir(self.vocoder, what="SpeechT5 vocoder",
+                return resolve_model_dir(self.vocoder, what="SpeechT5 vocoder",
                                               hint="give a SpeechT5HifiGan checkpoint directory")
             except ConfigError as e:
                 raise TTSError(str(e)) from None
         if (model_dir / "vocoder" / "config.json").is_file():
             return model_dir / "vocoder"
         try:
-            return resolve_pretrained_dir(DEFAULT_VOCODER, what="SpeechT5 vocoder")
+            return resolve_model_dir(DEFAULT_VOCODER, what="SpeechT5 vocoder")
         except ConfigError:
             raise TTSError(
                 f"no SpeechT5 vocoder for {model_dir}: looked for {model_dir / 'vocoder'} and "

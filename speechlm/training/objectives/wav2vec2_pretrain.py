@@ -74,9 +74,9 @@ def load_pretraining_model(init, *, config_overrides: dict | None = None):
     from transformers import AutoConfig, Wav2Vec2FeatureExtractor, Wav2Vec2ForPreTraining
     from transformers.utils import logging as hf_logging
 
-    from ...models.ctc import resolve_model_dir
+    from ...pretrained.resolve import resolve_model_dir
 
-    path = resolve_model_dir(init)
+    path = resolve_model_dir(init, what=f"model.init={init}")
     overrides = dict(config_overrides or {})
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
