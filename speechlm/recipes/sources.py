@@ -2,7 +2,9 @@
 
 `embedded:en/train` (also `embedded:es/dev`, ...) names a split of the
 embedded speech corpus; it is built into the cache on first use, so tiny
-recipes run on a fresh machine with no data of the user's.
+recipes run on a fresh machine with no data of the user's. Re-spoken splits
+such as `embedded:en/test_piper` (the test verses in a Piper neural voice) are
+built the same way.
 """
 
 from __future__ import annotations
@@ -23,10 +25,21 @@ def resolve_manifest(spec: str | Path, *, progress: bool = True) -> Path:
             raise ConfigError(f"manifest {path} not found; give a JSONL manifest path "
                               f"or an embedded split such as 'embedded:en/train'")
         return path
-    from ..pipelines.embedded_corpus import EMBEDDED, SPLITS, build_embedded_corpus
+    from ..pipelines.embedded_corpus import (
+        EMBEDDED,
+        RESPOKEN,
+        SPLITS,
+        build_embedded_corpus,
+        build_respoken_split,
+    )
 
     lang, _, split = text[len(PREFIX):].partition("/")
-    if lang not in EMBEDDED or split not in SPLITS:
+    respoken = RESPOKEN.get(lang, {})
+    if lang not in EMBEDDED or split not in (*SPLITS, *respoken):
+        named = ", ".join(f"embedded:{code}/{name}" for code, splits in RESPOKEN.items()
+                          for name in splits)
         raise ConfigError(f"unknown embedded manifest '{text}'; use embedded:LANG/SPLIT with "
-                          f"LANG in {sorted(EMBEDDED)} and SPLIT in {list(SPLITS)}")
+                          f"LANG in {sorted(EMBEDDED)} and SPLIT in {list(SPLITS)}, or {named}")
+    if split in respoken:
+        return build_respoken_split(lang, split, progress=progress)
     return build_embedded_corpus(lang, progress=progress).manifests[split]

@@ -2,9 +2,10 @@
 
 A backend turns text into mono float32 samples at its `sample_rate`. Voices
 are backend-specific strings (eSpeak: "en-us+f3" = language voice + variant;
-SpeechT5: "MODEL_DIR[:SPEAKER]"; VITS: "MODEL_DIR[:SPEAKER_ID]"); a *backend
-spec* names both: "espeak:en-us+f3", "speecht5:/models/speecht5_tts:seed=3",
-"vits:/models/mms-tts-eng", or just "espeak" for the backend's default voice.
+SpeechT5: "MODEL_DIR[:SPEAKER]"; VITS: "MODEL_DIR[:SPEAKER_ID]"; Piper: a packaged voice
+name or a local ".onnx"); a *backend spec* names both: "espeak:en-us+f3",
+"speecht5:/models/speecht5_tts:seed=3", "vits:/models/mms-tts-eng",
+"piper:en_US-joe-medium", or just "espeak" for the backend's default voice.
 Backends are registered by module path and imported only when asked for, so
 this module stays light.
 """
@@ -65,6 +66,7 @@ _BACKENDS: dict[str, str] = {
     "espeak": "speechlm.tts.espeak:EspeakTTS",
     "speecht5": "speechlm.tts.transformers_tts:SpeechT5TTS",  # local transformers checkpoints
     "vits": "speechlm.tts.transformers_tts:VitsTTS",
+    "piper": "speechlm.tts.piper:PiperTTS",  # neural voices in onnxruntime (piper-tts)
 }
 
 
@@ -88,8 +90,8 @@ def parse_backend_spec(spec: str) -> tuple[str, str | None]:
     if name not in _BACKENDS:
         raise TTSError(
             f"unknown TTS backend {name!r} in {spec!r}; available: {', '.join(available_backends())} "
-            "(write a spec as BACKEND:VOICE, e.g. espeak:en-us+f3, speecht5:MODEL_DIR[:SPEAKER] "
-            "or vits:MODEL_DIR)"
+            "(write a spec as BACKEND:VOICE, e.g. espeak:en-us+f3, speecht5:MODEL_DIR[:SPEAKER], "
+            "vits:MODEL_DIR or piper:VOICE)"
         )
     voice = voice.strip()
     return name, (voice or None) if sep else None
