@@ -6,6 +6,14 @@ model. The cache entry is keyed by a hash of the recipe text, so editing a zoo
 recipe trains a fresh model instead of reusing a stale one. A killed build
 resumes from its last checkpoint (the trainer's `resume: auto`), and a file
 lock keeps two processes from training the same member at once.
+
+A member may also ship its training's result with the package
+(resources/zoo/shipped/NAME: the trained weights - an adapter, LoRA - with the
+run's metrics log and results): when the shipped build was made from the
+member's current recipe (the same run-directory hash), `ensure` installs it in
+seconds instead of training for hours; `ensure(name, retrain=True)` (`speechlm
+zoo build --retrain NAME`) trains it here instead, which reproduces it.
+`tools/zoo_ship.py NAME` writes a finished build's shipped copy.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ class ZooModel:
     results: dict                # the recipe's results (dev/test scores)
     newly_trained: bool
     seconds: float               # training time (this call, or the call that trained it)
+    shipped: bool = False        # installed from the package's shipped build, not trained here
 
 
 def check_name(name: str) -> None:
@@ -80,6 +89,72 @@ def dependencies(name: str) -> set[str]:
     return {n for n in found if n in MEMBERS and n != name}
 
 
+SHIPPED_META = "shipped.json"
+
+
+def shipped_build(name: str) -> Path | None:
+    """The package's shipped build of `name` when it was made from the current recipe."""
+    directory = resource(f"zoo/shipped/{name}")
+    meta = directory / SHIPPED_META
+    if not meta.is_file():
+        return None
+    return directory if json.loads(meta.read_text())["run"] == zoo_run_dir(name).name else None
+
+
+# what every shipped build carries besides the runner's SHIPPED_FILES: the run's results and
+# its training log, so the shipped numbers can be checked against a retrained build
+SHIPPED_COMMON = ("results.json", "metrics.jsonl")
+
+
+def _install_shipped(module, config, shipped: Path, run_dir: Path) -> None:
+    """Copy a shipped build into `run_dir` and let the runner complete it (e.g. merge LoRA
+    into its base model); `run_dir/final` appears whole or not at all."""
+    import shutil
+
+    from .jsonl import atomic_directory
+
+    final = run_dir / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    with atomic_directory(final) as tmp:
+        for rel in module.SHIPPED_FILES:
+            target = tmp / Path(rel).relative_to("final")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shipped / rel, target)
+        finish = getattr(module, "finish_shipped_install", None)
+        if finish is not None:
+            finish(config, tmp)
+    for rel in SHIPPED_COMMON:
+        shutil.copyfile(shipped / rel, run_dir / rel)
+
+
+def ship(name: str, dest_root: Path) -> Path:
+    """Write the cached, trained build of `name` as a shipped build under `dest_root/name`
+    (what `tools/zoo_ship.py` calls; resources/zoo/shipped is the package's copy)."""
+    import shutil
+
+    from .jsonl import atomic_directory
+    from .recipes import load_recipe
+
+    built = cached(name)
+    if built is None or built.shipped:
+        raise ConfigError(f"zoo model '{name}' has no trained build in the cache to ship; run "
+                          f"`speechlm zoo build --retrain {name}` first")
+    module, _ = load_recipe(recipe_path(name))
+    files = [*module.SHIPPED_FILES, *SHIPPED_COMMON]
+    dest = Path(dest_root) / name
+    if dest.exists():
+        shutil.rmtree(dest)
+    with atomic_directory(dest) as tmp:
+        for rel in files:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(built.run_dir / rel, tmp / rel)
+        meta = {"name": name, "run": built.run_dir.name, "seconds": built.seconds,
+                "files": files, "reproduce": f"speechlm zoo build --retrain {name}"}
+        (tmp / SHIPPED_META).write_text(json.dumps(meta, indent=1) + "\n")
+    return dest
+
+
 def cached(name: str) -> ZooModel | None:
     """The zoo model `name` if the cache holds a finished build of its current recipe."""
     run_dir = zoo_run_dir(name)
@@ -88,14 +163,18 @@ def cached(name: str) -> ZooModel | None:
     return _finished(name, run_dir, newly_trained=False)
 
 
-def ensure(name: str, *, progress: bool = True,
+def ensure(name: str, *, progress: bool = True, retrain: bool = False,
            say: Callable[[str], None] = print) -> ZooModel:
-    """The zoo model `name`, trained now if the cache does not hold a finished one."""
+    """The zoo model `name`, built now if the cache does not hold a finished one: installed
+    from its shipped build when there is one for this recipe (unless `retrain`), else
+    trained."""
     built = cached(name)
-    if built is not None:
+    if built is not None and not (retrain and built.shipped):
         return built
     run_dir = zoo_run_dir(name)
     done = run_dir / "zoo.json"
+    if built is not None:  # retrain over an installed shipped build
+        done.unlink()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     from .jsonl import blocking_lock
 
@@ -104,19 +183,28 @@ def ensure(name: str, *, progress: bool = True,
             return _finished(name, run_dir, newly_trained=False)
         from .recipes import load_recipe
 
-        resuming = any(run_dir.glob("step_*"))  # the trainer's checkpoints
-        say(f"training zoo model '{name}' ({MEMBERS[name][1]}) into {run_dir}"
-            + (" (resuming an interrupted build)" if resuming else ""))
         module, config = load_recipe(recipe_path(name), [
             f"train.output_dir={run_dir}", "train.resume=auto",
             f"train.progress={'true' if progress else 'false'}"])
+        shipped = None if retrain else shipped_build(name)
         start = time.perf_counter()
-        module.run(config)
-        seconds = time.perf_counter() - start
+        if shipped is not None:
+            say(f"installing zoo model '{name}' ({MEMBERS[name][1]}) from its shipped build "
+                f"into {run_dir} (`speechlm zoo build --retrain {name}` trains it instead)")
+            _install_shipped(module, config, shipped, run_dir)
+            seconds = json.loads((shipped / SHIPPED_META).read_text())["seconds"]
+        else:
+            resuming = any(run_dir.glob("step_*"))  # the trainer's checkpoints
+            say(f"training zoo model '{name}' ({MEMBERS[name][1]}) into {run_dir}"
+                + (" (resuming an interrupted build)" if resuming else ""))
+            module.run(config)
+            seconds = time.perf_counter() - start
         from .jsonl import atomic_write
 
         with atomic_write(done) as f:  # written last: its presence means the build finished
-            json.dump({"name": name, "seconds": seconds, "finished": time.time()}, f)
+            json.dump({"name": name, "seconds": seconds, "finished": time.time(),
+                       "shipped": shipped is not None,
+                       "install_seconds": time.perf_counter() - start}, f)
     return _finished(name, run_dir, newly_trained=True)
 
 
@@ -124,4 +212,5 @@ def _finished(name: str, run_dir: Path, *, newly_trained: bool) -> ZooModel:
     meta = json.loads((run_dir / "zoo.json").read_text())
     results = json.loads((run_dir / "results.json").read_text())
     return ZooModel(name=name, model_dir=run_dir / "final", run_dir=run_dir, results=results,
-                    newly_trained=newly_trained, seconds=float(meta["seconds"]))
+                    newly_trained=newly_trained, seconds=float(meta["seconds"]),
+                    shipped=bool(meta.get("shipped", False)))

@@ -59,3 +59,14 @@ def resolve_model_dir(spec: str | os.PathLike, *, what: str = "model", hint: str
             f"machine with network, give a local directory, or use a pretrained model from "
             f"`speechlm models list`{suffix}")
     raise ConfigError(f"{what} directory not found: {path}{suffix}")
+
+
+def portable_name(spec: str | os.PathLike, resolved: str | os.PathLike) -> str:
+    """What a saved checkpoint should record for a model it was built on: the name itself
+    when it is one (`models:NAME`, a registry name, `zoo:NAME`: the same on every machine),
+    else the resolved absolute directory (a relative path would depend on the cwd)."""
+    text = str(spec)
+    if text.startswith((ZOO_PREFIX, packages.MODELS_PREFIX)) or (
+            not Path(text).expanduser().exists() and packages.lookup(text) is not None):
+        return text
+    return str(Path(resolved).resolve())

@@ -21,6 +21,7 @@ TASKS: dict[str, str] = {
     "ctc": "speechlm.recipes.ctc",
     "wav2vec2_pretrain": "speechlm.recipes.wav2vec2_pretrain",
     "text_lm": "speechlm.recipes.text_lm",
+    "text_skills": "speechlm.recipes.text_skills",
     "self_training": "speechlm.recipes.self_training",
     "blsp": "speechlm.recipes.blsp",
     "inserter": "speechlm.recipes.inserter",

@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 FINAL_DIR = "final"
 RESULTS_FILE = "results.json"
+# what a shipped zoo build carries (speechlm.zoo): the trained weights and their config,
+# whose base models are names (models:..., zoo:...) that resolve on any machine
+SHIPPED_FILES = ("final/model.safetensors", "final/speechlm_config.json")
 
 
 @dataclass
@@ -101,6 +104,19 @@ class EvalConfig:
     transfer_tasks: list[str] = field(default_factory=lambda: ["repeat", "translate_es"])
     transfer_items: int = 100
     batch_size: int = 32
+    # the transfer curve: these tasks asked of the first `curve_items` dev utterances at every
+    # evaluation (dev_<task>_<metric> in the metrics log), so a run shows what each step buys
+    curve_tasks: list[str] = field(default_factory=list)
+    curve_items: int = 32
+
+    def __post_init__(self):
+        from ..data.instructions import TASKS
+
+        for name in ("transfer_tasks", "curve_tasks"):
+            unknown = [t for t in getattr(self, name) if t not in TASKS]
+            if unknown:
+                raise ConfigError(f"eval.{name}: unknown task(s) {', '.join(unknown)}; known: "
+                                  f"{', '.join(TASKS)}")
 
 
 def _default_model() -> SpeechLMConfig:
@@ -342,10 +358,14 @@ def run(config: Config) -> dict:
     def evaluate(m) -> dict:
         if not dev_records:
             return {}
-        return alignment_metrics(m, source, dev_records, cfg.model.instruction,
-                                 generate_items=cfg.eval.generate_items,
-                                 max_new_tokens=cfg.continuations.max_new_tokens,
-                                 batch_size=cfg.eval.batch_size)
+        metrics = alignment_metrics(m, source, dev_records, cfg.model.instruction,
+                                    generate_items=cfg.eval.generate_items,
+                                    max_new_tokens=cfg.continuations.max_new_tokens,
+                                    batch_size=cfg.eval.batch_size)
+        if cfg.eval.curve_tasks:
+            metrics.update(transfer_curve(m, source, dev_records[: cfg.eval.curve_items],
+                                          cfg.eval.curve_tasks, cfg.eval.batch_size))
+        return metrics
 
     objective = BlspObjective(model, loss=cfg.loss.kind, temperature=cfg.loss.temperature,
                               ce_weight=cfg.loss.ce_weight, kd_weight=cfg.loss.kd_weight,
@@ -358,7 +378,13 @@ def run(config: Config) -> dict:
 
     results: dict = {}
     if dist.is_main:
-        # 4. save
+        # 4. save, naming the base models portably (models:NAME, zoo:NAME stay names)
+        from ..pretrained.resolve import portable_name
+
+        model.config = replace(
+            model.config,
+            encoder_path=portable_name(config.model.encoder_path, cfg.model.encoder_path),
+            llm_path=portable_name(config.model.llm_path, cfg.model.llm_path))
         final_dir = model.save_pretrained(out / FINAL_DIR)
         # 5. transfer table
         table, rows = {}, []
@@ -388,6 +414,22 @@ def run(config: Config) -> dict:
             f"saved to {final_dir}")
     distributed.barrier()
     return results
+
+
+def transfer_curve(model, source, records: list[dict], tasks: list[str], batch_size: int
+                   ) -> dict[str, float]:
+    """{dev_<task>_<metric>: value}: the speech path's headline scores on `records`."""
+    from ..data.instructions import TASKS
+    from .blsp_eval import generate_from_speech, transfer_scores
+
+    def speech(instruction: str, max_new_tokens: int) -> list[str]:
+        return generate_from_speech(model, source, records, instruction,
+                                    max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+    table = transfer_scores({"speech": speech}, records, tasks)["speech"]
+    headline = {"wer": ("wer", "cer"), "bleu": ("bleu", "chrf"), "accuracy": ("accuracy",)}
+    return {f"dev_{task}_{metric}": float(table[task][metric])
+            for task in tasks for metric in headline[TASKS[task].metric]}
 
 
 def _jsonable(value):

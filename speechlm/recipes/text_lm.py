@@ -339,14 +339,22 @@ def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: 
 
 def response_nll(model, tokenizer, examples, *, batch_size: int = 32) -> tuple[float, int]:
     """(summed negative log-likelihood, token count) of the examples' responses + EOS."""
-    import torch
-
     from ..data.instructions import encode_examples
-    from ..training.objectives.causal_lm import CausalLMCollator, token_losses
 
     items = [{"input_ids": e.input_ids, "labels": e.labels}
              for e in encode_examples(tokenizer, examples)]
-    collate = CausalLMCollator(tokenizer.pad_token_id)
+    return items_nll(model, tokenizer.pad_token_id, items, batch_size=batch_size)
+
+
+def items_nll(model, pad_id: int, items: list[dict], *, batch_size: int = 32
+              ) -> tuple[float, int]:
+    """(summed negative log-likelihood, token count) of the learned tokens of encoded items
+    ({input_ids, labels}, -100 where nothing is learned)."""
+    import torch
+
+    from ..training.objectives.causal_lm import CausalLMCollator, token_losses
+
+    collate = CausalLMCollator(pad_id)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.no_grad():

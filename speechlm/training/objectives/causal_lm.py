@@ -87,6 +87,8 @@ def token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     targets = labels[:, 1:]
     learned = targets != -100
     rows = learned.nonzero()[:, 0]
+    if hasattr(model, "get_base_model"):  # peft: LoRA is injected in place, so the
+        model = model.get_base_model()     # transformers model beneath runs it too
     if selective_head and _selective_head_ok(model):
         base = getattr(model, model.base_model_prefix)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask,
