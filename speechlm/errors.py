@@ -63,5 +63,13 @@ class AudioTooLongError(AudioError):
     reason = "audio is longer than the limit"
 
 
+class PromptTooLongError(SpeechLMError):
+    """An item's text prompt leaves no room in the LLM's context. `name` says which item."""
+
+    def __init__(self, name, detail: str, hint: str = ""):
+        self.path = str(name)
+        super().__init__(f"{name}: prompt too long ({detail})" + (f"; {hint}" if hint else ""))
+
+
 class TTSError(SpeechLMError):
     """The TTS engine cannot say a text or cannot load a voice."""

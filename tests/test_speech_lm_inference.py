@@ -330,9 +330,11 @@ def test_bad_items_are_reported_not_fatal(blsp_model, tmp_path):
     assert resampled.error is None and resampled.audio_s == pytest.approx(1.0)
 
     # the LLM's positions: speech + prompt + max_new_tokens must fit
-    generator.max_positions = 40
+    prompt_tokens = len(generator._encoded_prompt(TaskPrompt("asr")).prompt_ids())
+    generator.max_positions = prompt_tokens + 4 + 10  # room for 10 speech positions
     [too_long] = generator.generate([Request("big", _wave(3.0, 4))])
-    assert "exceeds the LLM's 40" in too_long.error and "--max-new-tokens" in too_long.error
+    assert f"exceeds the LLM's {prompt_tokens + 14}" in too_long.error
+    assert "--max-new-tokens" in too_long.error
     strict = SpeechLMGenerator(blsp_model, strict=True)
     with pytest.raises(SpeechLMError, match="file not found"):
         strict.generate([Request("missing", str(tmp_path / "nope.wav"))])
@@ -466,3 +468,29 @@ def test_chat_template_check_names_the_fix(tiny_ckpt):
     tok = AutoTokenizer.from_pretrained(tiny_ckpt("llama"))
     with pytest.raises(ConfigError, match="no chat template.*'blsp'"):
         encode_task_prompt(get_template("chat"), tok, TaskPrompt("chat", question="Hi"))
+
+
+def test_whisper_speech_lm_takes_long_silent_and_overlong_inputs_item_by_item(tiny_ckpt):
+    """With a Whisper encoder: audio past its 30 s window is encoded window by window (all
+    of it reaches the LLM, nothing is cut off); a silent clip is reported, not fatal; an
+    instruction that leaves no room in the context fails its own item only."""
+    whisper = _build(tiny_ckpt, "whisper", "llama", adapter="stack")
+    options = GenerationOptions(max_new_tokens=3)
+    generator = SpeechLMGenerator(whisper, max_segment_s=None, options=options)
+    long = _bursts(45.0)
+    assert generator._speech_frames(long.numel()) == whisper.adapter.output_lengths(
+        torch.tensor([2250])).item()  # 45 s at 50 Hz: both windows, then the adapter
+    generator.max_positions = 600
+    results = generator.generate([
+        Request("long", long, task="sqa", question="Who?"),
+        Request("silent", torch.zeros(SR), task="sqa", question="Who?"),
+        Request("wordy", _wave(1.0, 3), task="sqa", question="Who? " * 400),
+        Request("ok", _wave(1.0, 4), task="sqa", question="Who?"),
+    ])
+    by_id = {r.id: r for r in results}
+    assert by_id["long"].error is None and by_id["long"].audio_s == pytest.approx(45.0)
+    assert by_id["ok"].error is None and by_id["ok"].n_tokens > 0
+    assert "prompt too long" in by_id["wordy"].error and "shorten the instruction" in \
+        by_id["wordy"].error
+    silent = by_id["silent"]
+    assert silent.text == "" and "audio is silent" in silent.error

@@ -67,10 +67,10 @@ import torch
 
 from ..errors import (
     AudioError,
-    AudioNonFiniteError,
     AudioTooLongError,
     AudioTooShortError,
     ConfigError,
+    PromptTooLongError,
 )
 from .tasks import TaskPrompt, encode_task_prompt
 
@@ -403,7 +403,7 @@ class SpeechLMGenerator:
             result.audio_s = sum(w.numel() for w in waves) / self.sample_rate
             encoded = self._encoded_prompt(prompt)
             item.pieces = self._pieces(owner, request, prompt, waves, encoded, options)
-        except AudioError as e:
+        except (AudioError, PromptTooLongError) as e:
             if self.strict:
                 raise
             result.error = str(e)
@@ -418,21 +418,19 @@ class SpeechLMGenerator:
         return self._prompt_cache[key]
 
     def _load(self, clip: Clip, request_id) -> torch.Tensor:
+        """The clip at the encoder's rate, checked: empty, non-finite and silent clips (RMS
+        below -60 dBFS: nothing was recorded) are reported instead of answered."""
+        from ..audio.checks import check_audio
+        from ..audio.io import load_audio, resample
+
         if clip.path is not None:
-            from ..audio.io import load_audio
-
-            return load_audio(clip.path, self.sample_rate, offset=clip.offset,
+            wave = load_audio(clip.path, self.sample_rate, offset=clip.offset,
                               duration=clip.duration)
-        from ..audio.io import resample
-
+            check_audio(wave, self.sample_rate, clip.path)
+            return wave
         where = f"request {request_id!r} waveform"
         wave = torch.as_tensor(clip.wave, dtype=torch.float32).detach().cpu().reshape(-1)
-        if wave.numel() == 0:
-            from ..errors import AudioEmptyError
-
-            raise AudioEmptyError(where, "0 samples")
-        if not bool(torch.isfinite(wave).all()):
-            raise AudioNonFiniteError(where, hint="clean the waveform before generating")
+        check_audio(wave, int(clip.sample_rate), where)
         return resample(wave, int(clip.sample_rate), self.sample_rate)
 
     def _speech_frames(self, samples: int) -> int:
@@ -461,6 +459,13 @@ class SpeechLMGenerator:
                          "encoder_max_window_s in the model config")
             parts = [waves]
         text_len = len(encoded.prompt_ids())
+        if self.max_positions is not None and text_len + options.max_new_tokens \
+                >= self.max_positions:
+            raise PromptTooLongError(
+                name, f"the prompt (instruction and template) is {text_len} tokens; with "
+                      f"max_new_tokens {options.max_new_tokens} it leaves no room for speech in "
+                      f"the LLM's {self.max_positions} positions",
+                hint="shorten the instruction or question, or lower --max-new-tokens")
         pieces = []
         for part in parts:
             frames = [self._speech_frames(w.numel()) for w in part]
