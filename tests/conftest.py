@@ -178,3 +178,50 @@ def tiny_zoo_recipe(monkeypatch, tmp_path, steps=4):
 def tiny_zoo(small_corpus, monkeypatch, tmp_path):
     """The small corpus, and the zoo's ctc_en member shrunk to a 4-update, 1-layer model."""
     return tiny_zoo_recipe(monkeypatch, tmp_path)
+
+
+TINY_SKILLS_RECIPE = """\
+task: text_skills
+model: {{init: "{llm}", template: chat,
+        lora: {{r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj]}}}}
+data: {{mixture: {{repeat: 1.0, last_word: 1.0, mentions_god: 1.0}}, num_examples: 12,
+       replay_continuations: 2, max_input_words: 10, max_seq_len: 128, max_batch_tokens: 512}}
+train: {{max_steps: 2, lr: 1.0e-3, warmup_steps: 1, log_every: 1, tensorboard: false,
+        eval_every: 2, output_dir: runs/unused}}
+eval: {{max_items: 2, dev_items: 2, batch_size: 4}}
+"""
+
+
+TINY_REAL_BLSP_RECIPE = """\
+task: blsp
+model: {{encoder_path: "{encoder}", llm_path: "zoo:smollm2_verses", adapter: stack,
+        adapter_options: {{stack_factor: 4}}, template: chat,
+        instruction: "Continue the following text in a coherent and engaging style with less than 40 words."}}
+data: {{train: "embedded:en/train", dev: "embedded:en/dev", max_batch_duration: 30.0}}
+continuations: {{max_new_tokens: 6, batch_size: 8}}
+loss: {{kind: {loss}}}
+train: {{max_steps: 2, lr: 1.0e-3, warmup_steps: 1, log_every: 1, tensorboard: false,
+        best_metric: align_kl, output_dir: runs/unused}}
+eval: {{dev_items: 2, generate_items: 1, transfer_items: 2, batch_size: 2,
+       transfer_tasks: [repeat, last_word]}}
+"""
+
+
+@pytest.fixture
+def tiny_real_zoo(small_corpus, monkeypatch, tmp_path, tiny_ckpt):
+    """The demo's zoo members (smollm2_verses, blsp_whisper_smollm2_kd/_ce) as 2-update
+    recipes on a tiny ChatML LLM and a tiny Whisper, over the small corpus."""
+    from speechlm import zoo
+    from speechlm.testing.tiny_gguf import write_tiny_gguf
+
+    _, llm = write_tiny_gguf(tmp_path / "llm" / "tiny.gguf")
+    paths = {"smollm2_verses": tmp_path / "skills.yaml",
+             "blsp_whisper_smollm2_kd": tmp_path / "blsp_kd.yaml",
+             "blsp_whisper_smollm2_ce": tmp_path / "blsp_ce.yaml"}
+    paths["smollm2_verses"].write_text(TINY_SKILLS_RECIPE.format(llm=llm))
+    for loss in ("kd", "ce"):
+        paths[f"blsp_whisper_smollm2_{loss}"].write_text(TINY_REAL_BLSP_RECIPE.format(
+            encoder=tiny_ckpt("whisper"), loss=loss))
+    real = zoo.recipe_path
+    monkeypatch.setattr(zoo, "recipe_path", lambda name: paths.get(name) or real(name))
+    return paths

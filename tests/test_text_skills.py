@@ -22,6 +22,7 @@ model:
 data:
   mixture: {{repeat: 1.0, last_word: 1.0}}
   num_examples: 8
+  replay_continuations: 3
   max_input_words: 12
   max_seq_len: 128
   max_batch_tokens: 1024
@@ -70,6 +71,10 @@ def test_lora_learns_the_tasks_and_saves_a_merged_model_and_its_lora(chat_llm, t
     # a tiny random LLM learns nothing general, but LoRA alone must fit 8 examples
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
     assert set(results["before"]) == set(results["after"]) == {"repeat", "last_word"}
+    # the base LLM's own continuations were replayed, and the drift of its continuations of
+    # held-out verses is measured
+    assert 0 < results["replayed_continuations"] <= 3
+    assert results["continue"]["n"] == 4 and 0 <= results["continue"]["chrf_vs_before"] <= 100
     final = out / "final"
     assert (final / "lora" / "adapter_model.safetensors").is_file()
     assert json.loads((final / "speechlm.json").read_text())["template"] == "chat"

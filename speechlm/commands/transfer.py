@@ -5,7 +5,7 @@
 
 The instructions the LLM learned in text ("repeat", "translate to Spanish", ...) are asked
 about each record's speech, next to the cascades: the LLM reading the reference text, and
-the encoder's own CTC transcript when the encoder is a CTC model. The same table as the
+the encoder checkpoint's own transcript when it is an ASR model (CTC, Whisper). The same table as the
 BLSP and InSerter recipes print, for models and speech of your choice (e.g. seen voices
 reading unseen text, to tell the encoder's limits from the adapter's).
 """
@@ -55,45 +55,20 @@ def parse_models(specs: list[str]) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-
     from ..jsonl import write_jsonl
     from ..models.speech_lm import SpeechLM
     from ..pretrained.resolve import resolve_model_dir
     from ..recipes.blsp import _manifest_records
-    from ..recipes.blsp_eval import (
-        SpeechSource,
-        cascade_texts,
-        format_transfer_table,
-        generate_from_speech,
-        generate_from_text,
-        transfer_scores,
-    )
+    from ..recipes.blsp_eval import format_transfer_table, systems_table
     from ..recipes.sources import resolve_manifest
 
     specs = parse_models(args.model)
     records = _manifest_records(resolve_manifest(args.manifest), args.items)
-    source = SpeechSource()
     loaded = {name: SpeechLM.from_pretrained(resolve_model_dir(path, expect=None)).eval()
               for name, path in specs.items()}
-
-    def speech(model):
-        return lambda ins, n: generate_from_speech(model, source, records, ins,
-                                                   max_new_tokens=n, batch_size=args.batch_size)
-
-    systems = {}
-    if args.untrained:
-        first = next(iter(loaded.values()))
-        torch.manual_seed(0)
-        systems["untrained adapter"] = speech(SpeechLM.build(first.config).eval())
-    systems.update({name: speech(model) for name, model in loaded.items()})
-    text_model = list(loaded.values())[-1]
-    for name, texts in cascade_texts(text_model, records).items():
-        systems[name] = (lambda t: lambda ins, n: generate_from_text(
-            text_model, t, ins, max_new_tokens=n, batch_size=args.batch_size))(texts)
     rows: list[dict] = []
-    table = transfer_scores(systems, records, [t for t in args.tasks.split(",") if t],
-                            hyps_out=rows)
+    table = systems_table(loaded, records, [t for t in args.tasks.split(",") if t],
+                          untrained=args.untrained, batch_size=args.batch_size, hyps_out=rows)
     if args.out:
         write_jsonl(args.out, rows)
     if args.json:

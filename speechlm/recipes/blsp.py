@@ -160,6 +160,20 @@ def _continuations(spec: str | None, manifest: Path, out: Path, cfg: Config, llm
     return out
 
 
+def first_records(manifest: Path, n: int, out_dir: Path) -> Path:
+    """A manifest of the first `n` records of `manifest` (audio paths made absolute), so
+    stage 1 continues only the transcripts training will use."""
+    from ..data.manifest import AUDIO_PATH_KEY, read_manifest, write_manifest
+
+    records = read_manifest(manifest)
+    if n >= len(records):
+        return manifest
+    path = out_dir / f"{manifest.parent.name}-first{n}.jsonl"
+    if not path.is_file():
+        write_manifest(path, [{**r, "audio": r[AUDIO_PATH_KEY]} for r in records[:n]])
+    return path
+
+
 def _manifest_records(path: Path, limit: int | None = None) -> list[dict]:
     """A manifest's records with absolute audio paths."""
     from ..data.manifest import AUDIO_PATH_KEY, read_manifest
@@ -329,6 +343,9 @@ def run(config: Config) -> dict:
     # 1. stage 1
     stage1 = time.perf_counter()
     train_manifest = resolve_manifest(cfg.data.train, progress=cfg.train.progress)
+    if cfg.data.max_train_items is not None and cfg.data.train_continuations is None:
+        train_manifest = first_records(train_manifest, cfg.data.max_train_items,
+                                       out / "continuations")
     train_file = _continuations(cfg.data.train_continuations, train_manifest,
                                 out / "continuations" / "train.jsonl", cfg, cfg.model.llm_path,
                                 say)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["HEARD_CASCADE", "REFERENCE_CASCADE", "WHISPER_CASCADE", "SpeechSource", "alignment_metrics",
-           "cascade_texts", "encoder_transcripts", "format_transfer_table",
+           "cascade_texts", "encoder_transcripts", "format_transfer_table", "systems_table",
            "generate_from_speech", "generate_from_text", "task_references", "transfer_scores"]
 
 
@@ -187,6 +187,33 @@ def transfer_scores(systems: dict[str, Callable[[str, int], list[str]]], records
                               "reference": ref, "hypothesis": h}
                              for r, ref, h in zip(records, refs, hyps, strict=True)]
     return table
+
+
+def systems_table(models: dict, records: Sequence[dict], tasks: Sequence[str], *,
+                  untrained: bool = True, batch_size: int = 32, source: SpeechSource | None = None,
+                  hyps_out: list | None = None) -> dict:
+    """The transfer table of saved SpeechLMs (`models`: name -> SpeechLM) on `records`: the
+    first model's adapter freshly initialised (seed 0) when `untrained`, each model, and the
+    cascades read by the last model's LLM (`cascade_texts`)."""
+    from ..models.speech_lm import SpeechLM
+
+    source = source or SpeechSource()
+
+    def speech(model):
+        return lambda ins, n: generate_from_speech(model, source, records, ins,
+                                                   max_new_tokens=n, batch_size=batch_size)
+
+    systems = {}
+    if untrained:
+        torch.manual_seed(0)
+        systems["untrained adapter"] = speech(SpeechLM.build(
+            next(iter(models.values())).config).eval())
+    systems.update({name: speech(model) for name, model in models.items()})
+    reader = list(models.values())[-1]
+    for name, texts in cascade_texts(reader, records).items():
+        systems[name] = (lambda t: lambda ins, n: generate_from_text(
+            reader, t, ins, max_new_tokens=n, batch_size=batch_size))(texts)
+    return transfer_scores(systems, records, tasks, hyps_out=hyps_out)
 
 
 _HEADLINE = {"wer": ("wer", "cer"), "bleu": ("bleu", "chrf"), "accuracy": ("accuracy", None)}

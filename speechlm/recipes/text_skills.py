@@ -32,6 +32,7 @@ cascade of the transfer table reads exactly what training showed.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -64,6 +65,10 @@ class DataConfig:
     mixture: dict[str, float] = field(default_factory=lambda: {
         "repeat": 1.0, "last_word": 1.0, "mentions_god": 1.0})
     num_examples: int = 6000                    # examples per epoch, split by the mixture
+    # the base LLM's own greedy continuations of this many training verses (BLSP's stage-1
+    # prompt), learned beside the tasks: without them the LoRA turns "continue" into
+    # "repeat", and BLSP's continuations would be the transcripts themselves
+    replay_continuations: int = 0
     max_input_words: int | None = 40            # longer verses are not used as inputs
     paraphrase_prob: float = 0.3                # non-canonical instruction wordings
     max_seq_len: int = 192
@@ -73,6 +78,8 @@ class DataConfig:
     def __post_init__(self):
         from .text_lm import check_task_mixture
 
+        if self.replay_continuations < 0:
+            raise ConfigError("data.replay_continuations must be >= 0")
         if "text" in self.mixture:
             raise ConfigError("data.mixture: plain text has no prompt to learn from here; "
                               "give instruction tasks only")
@@ -153,6 +160,42 @@ def score_tasks(model, tokenizer, template, tasks, split: str, *, max_items: int
     return scores, rows
 
 
+def continue_examples(model, tokenizer, template, verses, *, batch_size: int = 64,
+                      max_new_tokens: int = 64) -> list:
+    """Examples of the `continue` task whose responses are `model`'s own greedy
+    continuations of `verses` (BLSP's stage-1 prompt, in `template`)."""
+    import torch
+
+    from ..data.instructions import CONTINUE_INSTRUCTION, Example
+    from ..inference.text_generation import greedy_generate, stop_ids_of
+    from ..models.prompts import pick_pad_id
+
+    prompts = [template.encode(tokenizer, CONTINUE_INSTRUCTION, transcript=v.en).prompt_ids()
+               for v in verses]
+    with torch.no_grad():
+        new = greedy_generate(model, prompts, pad_id=pick_pad_id(tokenizer),
+                              stop_ids=stop_ids_of(model, template.stop_token_ids(tokenizer)),
+                              max_new_tokens=max_new_tokens, batch_size=batch_size)
+    texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return [Example(task="continue", instruction=CONTINUE_INSTRUCTION, input=v.en, response=t,
+                    ref=v.ref) for v, t in zip(verses, texts, strict=True)]
+
+
+def continuation_drift(before: list, after: list) -> dict:
+    """How the LLM's continuations of the same verses changed: chrF of the new ones against
+    the old, and how often each merely repeats its verse."""
+    from ..data.instructions import _answer_key
+    from ..eval.metrics import chrf
+
+    def copies(examples) -> float:
+        return sum(_answer_key(e.response) == _answer_key(e.input) for e in examples) / max(
+            len(examples), 1)
+
+    return {"chrf_vs_before": chrf([e.response for e in before], [e.response for e in after]),
+            "copies_input_before": copies(before), "copies_input_after": copies(after),
+            "n": len(before)}
+
+
 def format_scores(before: dict, after: dict | None = None) -> str:
     from ..data.instructions import TASKS
     from .text_lm import HEADLINE
@@ -224,11 +267,21 @@ def run(config: Config) -> dict:
     before, _ = score_tasks(llm, tokenizer, template, tasks, cfg.eval.split,
                             max_items=cfg.eval.max_items, batch_size=cfg.eval.batch_size)
     say(format_scores(before))
+    held_out = [c.verse for c in eval_contexts(cfg.eval.split, "en")][: cfg.eval.max_items]
+    continued_before = continue_examples(llm, tokenizer, template, held_out)
 
     train_verses, _ = split_training_verses()
+    replay = []
+    if cfg.data.replay_continuations:
+        chosen = random.Random(cfg.train.seed).sample(
+            train_verses, min(cfg.data.replay_continuations, len(train_verses)))
+        replay = [e for e in continue_examples(llm, tokenizer, template, chosen) if e.response]
+        say(f"{len(replay)} of the base LLM's own continuations of training verses to replay")
     examples = build_examples(cfg.data.mixture, train_verses, cfg.data.num_examples,
                               seed=cfg.train.seed, paraphrase_prob=cfg.data.paraphrase_prob,
                               max_input_words=cfg.data.max_input_words)
+    examples = examples + replay
+    random.Random(f"{cfg.train.seed}-replay").shuffle(examples)
     items, dropped = encode_examples(tokenizer, template, examples, cfg.data.max_seq_len)
     if not items:
         raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} drops every example; "
@@ -289,17 +342,27 @@ def run(config: Config) -> dict:
             after, rows = score_tasks(reloaded, reloaded_tokenizer, template, tasks,
                                       cfg.eval.split, max_items=cfg.eval.max_items,
                                       batch_size=cfg.eval.batch_size)
+            continued_after = continue_examples(reloaded, reloaded_tokenizer, template,
+                                                held_out)
         finally:
             torch.set_grad_enabled(True)
-        write_jsonl(out / f"{cfg.eval.split}_hyps.jsonl", rows)
+        drift = continuation_drift(continued_before, continued_after)
+        write_jsonl(out / f"{cfg.eval.split}_hyps.jsonl", rows + [
+            {"task": "continue", "ref_id": b.ref, "input": b.input, "reference": b.response,
+             "hypothesis": a.response} for b, a in zip(continued_before, continued_after,
+                                                       strict=True)])
         say(f"held-out {cfg.eval.split} verses, before and after {result.step} updates "
-            f"({train_seconds:.0f} s):\n" + format_scores(before, after))
-        results = {"before": before, "after": after, "split": cfg.eval.split,
+            f"({train_seconds:.0f} s):\n" + format_scores(before, after)
+            + f"\n  continuations (BLSP's prompt): chrF {drift['chrf_vs_before']:.1f} against "
+              f"the base LLM's; repeating the verse {100 * drift['copies_input_before']:.0f}% "
+              f"-> {100 * drift['copies_input_after']:.0f}%")
+        results = {"before": before, "after": after, "continue": drift, "split": cfg.eval.split,
                    "train": {"steps": result.step, "train_seconds": train_seconds,
                              "final_train_loss": result.train_metrics.get("loss"),
                              "dev": result.eval_metrics,
                              "wall_seconds": time.perf_counter() - started},
-                   "examples": len(items), "final_dir": str(final)}
+                   "examples": len(items), "replayed_continuations": len(replay),
+                   "final_dir": str(final)}
         with atomic_write(out / RESULTS_FILE) as f:
             json.dump(results, f, indent=2)
         say(f"saved {final} (merged LLM; LoRA alone in {final / 'lora'})")

