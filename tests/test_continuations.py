@@ -260,6 +260,11 @@ def test_reruns_return_at_once_and_other_settings_are_errors(llm_dir, manifest, 
         build_continuations(llm_dir, manifest, out, **{**SETTINGS, "max_new_tokens": 7})
     with pytest.raises(SpeechLMError, match="built with instruction 'Continue the following text"):
         build_continuations(llm_dir, manifest, out, instruction="Go on.", **SETTINGS)
+    with pytest.raises(SpeechLMError, match="built with precision None, not 'bf16'"):
+        build_continuations(llm_dir, manifest, out, **{**SETTINGS, "precision": "bf16"})
+    with pytest.raises(ConfigError, match="precision must be one of fp32, bf16"):
+        build_continuations(llm_dir, manifest, tmp_path / "x.jsonl",
+                            **{**SETTINGS, "precision": "fp16"})
     stray = tmp_path / "stray.jsonl"
     stray.write_text('{"id": "u0"}\n')
     with pytest.raises(SpeechLMError, match=r"stray\.jsonl exists but has no stray\.jsonl\.meta"):
@@ -296,3 +301,12 @@ def test_cli_builds_continuations(llm_dir, manifest, reference, tmp_path, capsys
     assert _files(out) == _files(reference[0])
     assert main([*argv, "--max-prompt-tokens", "120"]) == 2  # the last value counts
     assert "built with max_prompt_tokens 100, not 120" in capsys.readouterr().err
+
+
+def test_bf16_continuations_are_recorded_as_such(llm_dir, manifest, reference,
+                                                                  tmp_path):
+    out = tmp_path / "bf16.jsonl"
+    build_continuations(llm_dir, manifest, out, **{**SETTINGS, "precision": "bf16"})
+    assert json.loads(meta_path(out).read_text())["precision"] == "bf16"
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert ids == [json.loads(line)["id"] for line in reference[0].read_text().splitlines()]

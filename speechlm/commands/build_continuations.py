@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "tokenizer's chat template (instruct models)")
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                         help="longest continuation in tokens (default 64)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: generate under bf16 autocast (2.5x faster on an AVX-512 CPU; "
+                             "greedy outputs may differ from fp32)")
     parser.add_argument("--max-prompt-tokens", type=int, default=192, metavar="N",
                         help="skip records whose prompt is longer (default 192)")
     parser.add_argument("--batch-size", type=int, default=32, metavar="N",
@@ -74,4 +77,5 @@ def run(args: argparse.Namespace) -> int:
         instruction=CONTINUE_INSTRUCTION if args.instruction is None else args.instruction,
         template=args.template, max_new_tokens=args.max_new_tokens,
         max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
+        precision=args.precision,
         device=args.device, progress=not args.no_progress))

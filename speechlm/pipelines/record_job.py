@@ -113,10 +113,10 @@ def check_settings(out: Path, old: dict, new: dict, keys: Sequence[str], what: s
     if old.get("manifest_sha256") != new["manifest_sha256"]:
         raise SpeechLMError(f"{manifest_mismatch(out, old, new['manifest'], new['manifest_sha256'], what)}"
                             f"; {start_again(out)}")
-    for key in keys:
-        if old.get(key) != new[key]:
-            raise SpeechLMError(f"{out} was built with {key} {old.get(key)!r}, not {new[key]!r}; "
-                                f"{start_again(out)}")
+    for key in keys:  # a key absent on both sides (an optional setting left default) matches
+        if old.get(key) != new.get(key):
+            raise SpeechLMError(f"{out} was built with {key} {old.get(key)!r}, not "
+                                f"{new.get(key)!r}; {start_again(out)}")
 
 
 def check_complete(out: Path, what: str, command: str) -> dict:

@@ -54,6 +54,14 @@ class ContinuationConfig:
     max_new_tokens: int = 64
     max_prompt_tokens: int = 192
     batch_size: int = 64
+    precision: str = "fp32"                   # "bf16": autocast (greedy outputs may differ)
+
+    def __post_init__(self):
+        from ..pipelines.continuations import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"continuations.precision must be one of {', '.join(PRECISIONS)}, "
+                              f"got {self.precision!r}")
 
 
 @dataclass
@@ -155,6 +163,7 @@ def _continuations(spec: str | None, manifest: Path, out: Path, cfg: Config, llm
     summary = build_continuations(llm_dir, manifest, out, instruction=cfg.model.instruction,
                                   template=cfg.model.template, max_new_tokens=c.max_new_tokens,
                                   max_prompt_tokens=c.max_prompt_tokens, batch_size=c.batch_size,
+                                  precision=c.precision,
                                   device=cfg.train.device, progress=cfg.train.progress, say=say)
     say(f"stage 1 ({manifest.name} -> {out}): {summary.summary()}")
     return out
