@@ -170,7 +170,9 @@ def tiny_zoo_recipe(monkeypatch, tmp_path, steps=4):
         "task: inserter\n", 'task: inserter\ninit_from: "zoo:blsp_en"\n'))
     paths["speech_tokenizer_en"].write_text(TINY_TOKENIZER_RECIPE)
     paths["t2u_en"].write_text(TINY_T2U_RECIPE)
-    monkeypatch.setattr(zoo, "recipe_path", lambda name: paths[name])
+    real_recipe = zoo.recipe_path
+    monkeypatch.setattr(zoo, "recipe_path",
+                        lambda name: paths[name] if name in paths else real_recipe(name))
     return paths
 
 

@@ -260,7 +260,7 @@ def test_missing_directories_name_the_path_and_the_fix(tmp_path, speecht5_dir):
 
 def test_unknown_backend_lists_the_known_ones(vits_dir):
     with pytest.raises(TTSError, match=r"unknown TTS backend 'tacotron' .*available: espeak, "
-                                       r"speecht5, vits"):
+                                       r"piper, speecht5, vits"):
         get_backend(f"tacotron:{vits_dir}")
     assert parse_backend_spec("speecht5:/m/tts:seed=3") == ("speecht5", "/m/tts:seed=3")
 
