@@ -113,6 +113,22 @@ def test_cached_frames_equal_the_encoders_own_and_are_reused(encoders, clips, tm
     assert len(keys) == len(set(keys)) == 5
 
 
+def test_a_second_filler_waits_for_the_first_then_reuses_its_entries(encoders, clips, tmp_path,
+                                                                     capfd):
+    import fcntl
+    import threading
+
+    encoder, model_dir = encoders["wav2vec2"]
+    cache = EncoderCache.for_encoder(tmp_path / "cache", encoder, model_dir)
+    cache.fill(encoder, clips)
+    holder = open(cache.directory / "lock-r0", "a")  # another job holding rank 0
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    threading.Timer(0.5, holder.close).start()
+    again = EncoderCache.for_encoder(tmp_path / "cache", encoder, model_dir)
+    summary = again.fill(encoder, clips)
+    assert (summary.built, summary.reused) == (0, 5)
+    assert "waiting for another process filling rank 0" in capfd.readouterr().err
+
 def test_edited_audio_gets_a_new_key_and_only_it_is_recomputed(encoders, clips, tmp_path):
     encoder, model_dir = encoders["wav2vec2"]
     cache = EncoderCache.for_encoder(tmp_path / "cache", encoder, model_dir)

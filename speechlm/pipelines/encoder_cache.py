@@ -42,6 +42,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -599,11 +600,11 @@ class _RankWriter:
             try:
                 fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                self._lock.close()
-                raise SpeechLMError(
-                    f"another process is filling rank {self.rank} of the encoder cache "
-                    f"{self.cache.directory}; wait for it to finish, or give each process its "
-                    "own rank (rank=, world_size=)") from None
+                # Another job fills (or checks) the same rank: wait, then encode only what it
+                # left missing - two jobs on one cache are normal (two recipes, one encoder).
+                print(f"waiting for another process filling rank {self.rank} of the encoder "
+                      f"cache {self.cache.directory}", file=sys.stderr, flush=True)
+                fcntl.flock(self._lock, fcntl.LOCK_EX)
         self.cache.refresh()  # under the lock: the index as the last writer left it
         numbers = [int(m.group(2)) for p in self.cache.directory.glob(f"shard-r{self.rank}-*.bin")
                    if (m := _SHARD_RE.search(p.name)) and int(m.group(1)) == self.rank]
