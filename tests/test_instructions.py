@@ -187,7 +187,10 @@ def test_scorers():
                                               ["Y dijo Dios: Sea la luz."] * 2)
     assert translate["bleu"] == pytest.approx(100.0)
     qa = I.TASKS["mentions_god"].score(["yes", "no", "no", "no"], ["Yes.", "no", "yes", ""])
-    assert qa == {"accuracy": 0.5, "chance": 0.75}
+    assert qa == {"accuracy": 0.5, "chance": 0.75, "balanced_accuracy": pytest.approx(2 / 3)}
+    always_no = I.TASKS["mentions_god"].score(["yes"] + ["no"] * 9, ["no"] * 10)
+    assert always_no["accuracy"] == 0.9 and always_no["balanced_accuracy"] == 0.5
+    assert "balanced_accuracy" not in I.TASKS["last_word"].score(["amen"], ["amen"])
     cont = I.TASKS["continue"].score(["And God saw the light."], ["In the beginning"],
                                      ["In the beginning."])
     assert cont["copies_input"] == 1.0 and cont["mean_words"] == 3

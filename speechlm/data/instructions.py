@@ -426,8 +426,16 @@ def _score_answer(task: Task, refs, hyps, inputs) -> dict[str, float]:
 
     keys = [_answer_key(r) for r in refs]
     correct = sum(k == _answer_key(h) for k, h in zip(keys, hyps, strict=True))
-    majority = Counter(keys).most_common(1)[0][1] if keys else 0
-    return {"accuracy": correct / max(len(refs), 1), "chance": majority / max(len(refs), 1)}
+    counts = Counter(keys)
+    majority = counts.most_common(1)[0][1] if keys else 0
+    scores = {"accuracy": correct / max(len(refs), 1), "chance": majority / max(len(refs), 1)}
+    if task.stratify is not None and keys:
+        # A fixed answer set (yes/no): items drawn as they come are unbalanced (a tenth of
+        # the test verses mention God), so always answering "no" scores 89% accuracy. The
+        # mean recall over the answers is 50% for any constant answer.
+        hits = Counter(k for k, h in zip(keys, hyps, strict=True) if k == _answer_key(h))
+        scores["balanced_accuracy"] = sum(hits[k] / n for k, n in counts.items()) / len(counts)
+    return scores
 
 
 def _score_continuation(task: Task, refs, hyps, inputs) -> dict[str, float]:

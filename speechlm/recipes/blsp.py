@@ -454,8 +454,9 @@ def transfer_curve(model, source, records: list[dict], tasks: list[str], batch_s
 
     table = transfer_scores({"speech": speech}, records, tasks)["speech"]
     headline = {"wer": ("wer", "cer"), "bleu": ("bleu", "chrf"), "accuracy": ("accuracy",)}
-    return {f"dev_{task}_{metric}": float(table[task][metric])
-            for task in tasks for metric in headline[TASKS[task].metric]}
+    return {f"dev_{task}_{metric}": float(table[task][metric]) for task in tasks
+            for metric in headline[TASKS[task].metric] + ("balanced_accuracy",)
+            if metric in table[task]}
 
 
 def _jsonable(value):

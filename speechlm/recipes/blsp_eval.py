@@ -229,14 +229,16 @@ def format_transfer_table(table: dict) -> str:
     for name in tasks:
         metric = TASKS[name].metric
         a, b = _HEADLINE.get(metric, (metric, None))
-        label = f"{name} {a}" + (f"/{b}" if b else "")
+        if metric == "accuracy" and all("balanced_accuracy" in table[s][name] for s in systems):
+            b = "balanced_accuracy"  # a fixed answer set: chance is 50% whatever the mix
+        label = f"{name} {a}" + (f"/{b.replace('_accuracy', '')}" if b else "")
         heads.append(label)
         for s in systems:
             scores = table[s][name]
             scale = 100.0 if metric in ("wer", "accuracy") else 1.0
             text = f"{scale * scores[a]:.1f}"
             if b:
-                text += f" / {(100.0 if metric == 'wer' else 1.0) * scores[b]:.1f}"
+                text += f" / {(100.0 if metric in ('wer', 'accuracy') else 1.0) * scores[b]:.1f}"
             cells[s].append(text)
     width = max(len(s) for s in systems) + 2
     cols = [max(len(h), 14) + 2 for h in heads]
