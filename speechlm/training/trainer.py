@@ -54,6 +54,7 @@ from torch import nn
 from ..config import config_to_dict, save_config
 from ..errors import ConfigError, SpeechLMError
 from . import checkpoint, distributed
+from .memory import release_freed_heap, resident_anonymous_mb
 from .metrics_log import MetricsLogger
 from .schedules import build_scheduler, tri_stage_phases
 
@@ -224,6 +225,7 @@ class Trainer:
                 self._set_freeze_phase()
                 loss, metrics = self._forward_backward(batches)
                 grad_norm = self._update(loss)
+                release_freed_heap()  # batches of new shapes fragment the heap otherwise
                 if grad_norm is None:
                     continue
                 self.step += 1
@@ -239,6 +241,8 @@ class Trainer:
                         lr=self.last_lr, epoch=self.epoch,
                         skipped_nonfinite=self.skipped_nonfinite,
                         sec_per_step=(time.perf_counter() - window_start) / window_steps)
+                    if (resident := resident_anonymous_mb()) is not None:
+                        train_metrics["resident_mb"] = resident  # flat when memory is reused
                     log.log("train", self.step, train_metrics)
                     bar.set_postfix(loss=f"{train_metrics['loss']:.4g}",
                                     lr=f"{train_metrics['lr']:.3g}")
