@@ -53,23 +53,10 @@ def user_turn(raw: bytes, text="What is said?"):
 
 
 @pytest.fixture(scope="module")
-def speech_lm_dir(tiny_ckpt, tmp_path_factory):
-    """wav2vec2 + Llama (BLSP template, 512 positions), saved the way training saves.
-    (The tiny Qwen2 answers only newlines: empty texts would prove nothing here.)"""
-    from speechlm.models.speech_lm import SpeechLM, SpeechLMConfig
-
-    torch.manual_seed(0)
-    config = SpeechLMConfig(encoder_path=str(tiny_ckpt("wav2vec2")),
-                            llm_path=str(tiny_ckpt("llama", max_position_embeddings=512)),
-                            adapter="stack", template="blsp")
-    return SpeechLM.build(config).eval().save_pretrained(tmp_path_factory.mktemp("slm") / "m")
-
-
-@pytest.fixture(scope="module")
-def engine(speech_lm_dir):
+def engine(tiny_speech_lm):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield load_engine(speech_lm_dir, device="cpu", max_batch=16)
+    yield load_engine(tiny_speech_lm, device="cpu", max_batch=16)
     torch.set_num_threads(threads)
 
 

@@ -74,7 +74,11 @@ def build_demo(ask: AskFn, examples: list[tuple[str, str]], *, model_name: str,
                                   elem_id="instruction")
                 ask_button = gr.Button("Ask", variant="primary", elem_id="ask")
         out = gr.Textbox(label="Answer", lines=4, interactive=False, elem_id="answer")
-        gr.Examples([[path, instruction] for path, _ in examples], inputs=[audio, text],
-                    label="Example clips (embedded corpus, test split)")
+        if examples:
+            gr.Examples([[path, instruction] for path, _ in examples], inputs=[audio, text],
+                        example_labels=[f"Clip {i}: {transcript}"
+                                        for i, (_, transcript) in enumerate(examples, 1)],
+                        label="Example clips (embedded corpus, test split): click one, "
+                              "then Ask")
         ask_button.click(answer, inputs=[audio, text], outputs=out, api_name="ask")
     return demo
