@@ -21,6 +21,7 @@ COMMANDS: dict[tuple[str | None, str], str] = {
     (None, "infer"): "speechlm.commands.infer",
     (None, "eval"): "speechlm.commands.eval",
     (None, "transfer"): "speechlm.commands.transfer",
+    (None, "serve"): "speechlm.commands.serve",
     ("data", "validate"): "speechlm.commands.data_validate",
     ("data", "stats"): "speechlm.commands.data_stats",
     ("data", "import"): "speechlm.commands.data_import",

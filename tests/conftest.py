@@ -33,6 +33,22 @@ def tiny_ckpt(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def tiny_speech_lm(tiny_ckpt, tmp_path_factory):
+    """A saved SpeechLM: tiny wav2vec2 + Llama (BLSP template, 512 positions), random adapter.
+    Its answers are arbitrary but deterministic and not empty (the tiny Qwen2 answers only
+    newlines), so a served answer can be compared with the model's own."""
+    import torch
+
+    from speechlm.models.speech_lm import SpeechLM, SpeechLMConfig
+
+    torch.manual_seed(0)
+    config = SpeechLMConfig(encoder_path=str(tiny_ckpt("wav2vec2")),
+                            llm_path=str(tiny_ckpt("llama", max_position_embeddings=512)),
+                            adapter="stack", template="blsp")
+    return SpeechLM.build(config).eval().save_pretrained(tmp_path_factory.mktemp("slm") / "m")
+
+
 @pytest.fixture
 def one_torch_thread():
     """torch on one thread for the test (restored after)."""

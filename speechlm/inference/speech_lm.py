@@ -40,6 +40,13 @@ How a call runs:
    before the first stop string).
 4. Results come back in input order.
 
+Streaming: `generate(requests, on_tokens=f)` calls `f(index, ids)` from the
+generating thread after every decoding step, for each request whose row is
+still open, with the token ids generated for it so far (stop tokens left
+out); a server turns these into text deltas while the batch runs. Greedy and
+sampling only (transformers streams no beams); a recording cut into pieces
+reports each piece's tokens in turn.
+
 Batch independence: greedy outputs do not depend on what else is in the
 batch. Prompts are left-padded with masked padding, adapters mask by
 length, Whisper pads every window to 30 s, and wav2vec2-family encoders that
@@ -59,7 +66,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +84,7 @@ from .tasks import TaskPrompt, encode_task_prompt
 logger = logging.getLogger(__name__)
 
 __all__ = ["Clip", "GenerationOptions", "Request", "Result", "SpeechLMGenerator",
-           "StopOnStrings", "cut_at_stop_strings", "resolve_device"]
+           "RowStreamer", "StopOnStrings", "cut_at_stop_strings", "resolve_device"]
 
 DEFAULT_MAX_SEGMENT_S = 30.0
 ENCODER_PAD_RATIO = 1.25  # clips encoded together differ in length by at most this factor
@@ -201,7 +208,8 @@ class Result:
 
     n_tokens: tokens the LLM generated (without the closing EOS), over all segments.
     segments: pieces a long recording was cut into (1 when not cut).
-    error: why the request could not run (then text is ""), else None.
+    error: why the request could not run (then text is ""), else None; error_type names
+    the SpeechLMError class (e.g. "AudioSilentError", "PromptTooLongError").
     """
 
     id: str
@@ -214,6 +222,7 @@ class Result:
     latency_s: float = 0.0
     segments: int = 0
     error: str | None = None
+    error_type: str | None = None
 
     def to_record(self) -> dict:
         """The JSONL line: {id, task, text, audio_s, latency_s, encode_s, generate_s,
@@ -273,6 +282,46 @@ class StopOnStrings:
 
             cls._cls = _StopOnStrings
         return cls._cls(tokenizer, stops, tail_tokens)
+
+
+class RowStreamer:
+    """A transformers streamer for a whole batch: after each decoding step it calls
+    `on_tokens(owner, ids so far)` for every row not yet ended by a stop token (`owners`:
+    the request index of each row). Built through `RowStreamer.create(...)` (transformers
+    is imported only then)."""
+
+    _cls = None
+
+    @classmethod
+    def create(cls, owners: Sequence[int], stop_ids, on_tokens):
+        if cls._cls is None:
+            from transformers.generation.streamers import BaseStreamer
+
+            class _RowStreamer(BaseStreamer):
+                def __init__(self, owners, stop_ids, on_tokens):
+                    self.owners = list(owners)
+                    self.stop_ids = set(stop_ids)
+                    self.on_tokens = on_tokens
+                    self.ids: list[list[int]] = [[] for _ in self.owners]
+                    self.done = [False] * len(self.owners)
+
+                def put(self, value):
+                    if value.dim() > 1:  # the prompt, handed over before the first step
+                        return
+                    for row, token in enumerate(value.tolist()):
+                        if self.done[row]:
+                            continue
+                        if token in self.stop_ids:
+                            self.done[row] = True
+                            continue
+                        self.ids[row].append(token)
+                        self.on_tokens(self.owners[row], list(self.ids[row]))
+
+                def end(self):
+                    pass
+
+            cls._cls = _RowStreamer
+        return cls._cls(owners, stop_ids, on_tokens)
 
 
 # -- the generator -----------------------------------------------------------------------
@@ -362,8 +411,9 @@ class SpeechLMGenerator:
 
     # -- public --------------------------------------------------------------------
 
-    def generate(self, requests: Sequence[Request], *, progress: bool = False) -> list[Result]:
-        """One Result per request, in order (see the module doc)."""
+    def generate(self, requests: Sequence[Request], *, progress: bool = False,
+                 on_tokens: Callable[[int, list[int]], None] | None = None) -> list[Result]:
+        """One Result per request, in order (see the module doc; `on_tokens` streams)."""
         prepared = [self._prepare(i, request) for i, request in enumerate(requests)]
         pieces = [piece for item in prepared for piece in item.pieces]
         batches = self._batches(pieces)
@@ -376,7 +426,7 @@ class SpeechLMGenerator:
         try:
             for number, batch in enumerate(batches):
                 ids = [prepared[p.owner].request.id for p in batch]
-                batch_seconds.append(self._run_batch(batch, ids))
+                batch_seconds.append(self._run_batch(batch, ids, on_tokens))
                 for piece in batch:
                     piece.batch = number
                 if bar is not None:
@@ -407,6 +457,7 @@ class SpeechLMGenerator:
             if self.strict:
                 raise
             result.error = str(e)
+            result.error_type = type(e).__name__
             item.pieces = []
         return item
 
@@ -568,7 +619,8 @@ class SpeechLMGenerator:
         return EncoderOutput(hidden, lengths)
 
     @torch.no_grad()
-    def _run_batch(self, batch: list[_Piece], ids: list[str]) -> float:
+    def _run_batch(self, batch: list[_Piece], ids: list[str],
+                   on_tokens: Callable[[int, list[int]], None] | None = None) -> float:
         """Generate for one batch; fills each piece's text, tokens and times. Returns the
         batch's wall time."""
         model = self.model
@@ -579,6 +631,9 @@ class SpeechLMGenerator:
                                                  encoder_output=encoder_output)
         encoded = time.perf_counter()
         kwargs = options.generate_kwargs()
+        if on_tokens is not None:
+            kwargs["streamer"] = RowStreamer.create([p.owner for p in batch],
+                                                    model.stop_token_ids(), on_tokens)
         if options.stop:
             from transformers import StoppingCriteriaList
 
