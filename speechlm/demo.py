@@ -168,7 +168,7 @@ def _live_training(progress: bool, out) -> None:
 
 def _transfer_table(members: dict, spec: str, progress: bool) -> str:
     """The table for `spec`, computed once and cached under the models' run names."""
-    from .jsonl import atomic_write
+    from .jsonl import atomic_write, write_jsonl
     from .models.speech_lm import SpeechLM
     from .recipes.blsp import _manifest_records
     from .recipes.blsp_eval import format_transfer_table, systems_table
@@ -181,7 +181,9 @@ def _transfer_table(members: dict, spec: str, progress: bool) -> str:
         records = _manifest_records(resolve_manifest(spec, progress=progress), TABLE_ITEMS)
         loaded = {label: SpeechLM.from_pretrained(m.model_dir).eval()
                   for label, m in members.items()}
-        table = systems_table(loaded, records, TASKS)
+        rows: list[dict] = []
+        table = systems_table(loaded, records, TASKS, hyps_out=rows)
+        write_jsonl(path.with_suffix(".hyps.jsonl"), rows)  # tools/transfer_spread.py reads it
         with atomic_write(path) as f:
             json.dump(table, f, indent=1)
     return format_transfer_table(json.loads(path.read_text()))

@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""The spread of a transfer table: each system's score with a 95% bootstrap interval over
+the items, and its paired difference from a baseline system (same items resampled together).
+
+    python tools/transfer_spread.py RUN_DIR/transfer_hyps.jsonl [--baseline "untrained adapter"]
+
+The input is what the BLSP / InSerter runners and `speechlm transfer --out` write: one
+{system, task, id, reference, hypothesis} line per item. Scores are the tasks' own metrics
+(corpus WER for repeat, accuracy for the questions); the interval resamples utterances, so
+it shows whether a difference between two rows is larger than the items' noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _score(task, refs, hyps) -> float:
+    metric = task.metric
+    scores = task.score(refs, hyps, refs)
+    # yes/no questions: balanced accuracy (the items' mix of answers is not 50/50)
+    value = scores["wer" if metric == "wer" else
+                   "balanced_accuracy" if "balanced_accuracy" in scores else metric]
+    return 100.0 * value if metric in ("wer", "accuracy") else value
+
+
+def spread(rows: list[dict], baseline: str, resamples: int = 1000, seed: int = 0) -> list[dict]:
+    from speechlm.data.instructions import TASKS
+
+    by = defaultdict(dict)  # (task, system) -> id -> (ref, hyp)
+    for r in rows:
+        by[(r["task"], r["system"])][r["id"]] = (r["reference"], r["hypothesis"])
+    out = []
+    rng = random.Random(seed)
+    for (task_name, system), items in by.items():
+        task = TASKS[task_name]
+        ids = sorted(items)
+        base = by.get((task_name, baseline))
+        draws = [[rng.choice(ids) for _ in ids] for _ in range(resamples)]
+
+        def score_of(table, chosen, task=task):
+            return _score(task, [table[i][0] for i in chosen], [table[i][1] for i in chosen])
+
+        value = score_of(items, ids)
+        samples = sorted(score_of(items, d) for d in draws)
+        row = {"task": task_name, "system": system, "value": value, "n": len(ids),
+               "low": samples[int(0.025 * resamples)], "high": samples[int(0.975 * resamples)]}
+        if base is not None and system != baseline and set(base) == set(items):
+            diffs = sorted(score_of(items, d) - score_of(base, d) for d in draws)
+            row.update(diff=value - score_of(base, ids), diff_low=diffs[int(0.025 * resamples)],
+                       diff_high=diffs[int(0.975 * resamples)])
+        out.append(row)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("hyps", type=Path)
+    parser.add_argument("--baseline", default="untrained adapter")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    rows = [json.loads(line) for line in args.hyps.read_text().splitlines() if line.strip()]
+    result = spread(rows, args.baseline)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    for r in result:
+        text = (f"{r['task']:<14}{r['system']:<40}{r['value']:7.1f}  "
+                f"[{r['low']:.1f}, {r['high']:.1f}]  n={r['n']}")
+        if "diff" in r:
+            text += f"   vs {args.baseline}: {r['diff']:+.1f} [{r['diff_low']:+.1f}, " \
+                    f"{r['diff_high']:+.1f}]"
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
