@@ -110,3 +110,19 @@ def test_t2u_builds_the_speech_tokenizer_and_trains_on_its_units(tiny_zoo):
     assert t2u.results["tokenizer"] == identity and t2u.results["dev"]["scored"] == 1
     # the units it generates are read back to text by the tokenizer's ASR head
     assert set(t2u.results["dev"]["round_trip"]) == {"reference", "ar"}
+
+
+def test_every_shipped_build_matches_its_members_current_recipe():
+    """A recipe edited after its build was shipped would silently retrain for hours on a
+    user's machine: each shipped build must name the run its recipe gives today."""
+    import json
+
+    shipped_root = zoo.resource("zoo/shipped")
+    builds = sorted(p for p in shipped_root.iterdir() if p.is_dir()) if shipped_root.is_dir() \
+        else []
+    for build in builds:
+        record = json.loads((build / "shipped.json").read_text())
+        assert record["run"] == zoo.zoo_run_dir(build.name).name, (
+            f"{build.name}: shipped for {record['run']}, the recipe now gives "
+            f"{zoo.zoo_run_dir(build.name).name}; rerun tools/zoo_ship.py {build.name}")
+        assert all((build / f).is_file() for f in record["files"]), build.name
