@@ -203,8 +203,12 @@ def ensure(name: str, *, progress: bool = True, retrain: bool = False,
             resuming = any(run_dir.glob("step_*"))  # the trainer's checkpoints
             say(f"training zoo model '{name}' ({MEMBERS[name][1]}) into {run_dir}"
                 + (" (resuming an interrupted build)" if resuming else ""))
-            module.run(config)
-            seconds = time.perf_counter() - start
+            results = module.run(config)
+            # a resumed build's earlier sessions count too (the recipe reports their time)
+            train = results.get("train", {}) if isinstance(results, dict) else {}
+            seconds = max(time.perf_counter() - start,
+                          sum(float(train.get(k) or 0.0)
+                              for k in ("stage1_seconds", "cache_seconds", "train_seconds")))
         from .jsonl import atomic_write
 
         with atomic_write(done) as f:  # written last: its presence means the build finished

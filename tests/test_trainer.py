@@ -149,6 +149,29 @@ def test_explicit_resume_path_and_finished_run(tmp_path):
     assert again.fit().step == 4
 
 
+def test_training_time_counts_every_session_of_a_resumed_run(tmp_path):
+    first = make_trainer(tmp_path, max_steps=4, save_every=2).fit()
+    assert first.train_seconds > 0
+    resumed = make_trainer(tmp_path, max_steps=8, save_every=2).fit()
+    assert resumed.train_seconds > first.train_seconds
+    # Resumed at its last step, a finished run reports the time it took, not zero, and the
+    # metrics it logged then, not none.
+    again = make_trainer(tmp_path, max_steps=8).fit()
+    assert again.train_seconds == resumed.train_seconds
+    assert again.train_metrics["loss"] == pytest.approx(resumed.train_metrics["loss"])
+    assert again.eval_metrics and again.eval_metrics == pytest.approx(resumed.eval_metrics)
+
+
+def test_training_time_of_an_old_checkpoint_comes_from_its_metrics_log(tmp_path):
+    make_trainer(tmp_path, max_steps=4, save_every=4).fit()
+    logged = sum(r["sec_per_step"] for r in read_metrics(tmp_path, split="train"))  # log_every=1
+    path = tmp_path / "step_000004"
+    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    del state["train_seconds"]  # as checkpoints written before the field existed
+    torch.save(state, path / "trainer_state.pt")
+    assert make_trainer(tmp_path, max_steps=4).fit().train_seconds == pytest.approx(logged)
+
+
 def test_resume_never_refuses_to_mix_runs(tmp_path):
     make_trainer(tmp_path, max_steps=2).fit()
     with pytest.raises(ConfigError, match=r"already holds checkpoints.*resume=auto"):

@@ -323,12 +323,12 @@ def fit(cfg, objective, dataset, collate, durations, dist, identity_keys) -> tup
                                     world_size=dist.world_size)
     trainer = Trainer(cfg.train, objective, dataset, sampler, collate_fn=collate, run_config=cfg,
                       identity_keys=identity_keys)
-    start, steps_before = time.perf_counter(), trainer.step
     result = trainer.fit()
-    seconds = time.perf_counter() - start
+    # the time of every session of the run (a resumed run counts from its checkpoint)
+    seconds = result.train_seconds
     return result, {"steps": result.step, "final_train_loss": result.train_metrics.get("loss"),
                     "train_seconds": seconds,
-                    "steps_per_second": (result.step - steps_before) / max(seconds, 1e-9)}
+                    "steps_per_second": result.step / max(seconds, 1e-9)}
 
 
 # -- the runner -------------------------------------------------------------------------------
@@ -418,8 +418,10 @@ def run(config: Config) -> dict:
             untrained = build_model(cfg, seed=cfg.train.seed)  # the adapter before training
             model.eval()
             systems = _bound_systems(cfg, model, untrained.eval(), source, transfer_records)
+            say(f"transfer table: {len(systems)} systems x {len(cfg.eval.transfer_tasks)} "
+                f"tasks on {len(transfer_records)} held-out utterances")
             table = transfer_scores(systems, transfer_records, cfg.eval.transfer_tasks,
-                                    hyps_out=rows)
+                                    hyps_out=rows, say=say)
             write_jsonl(out / "transfer_hyps.jsonl", rows)
         results = {
             "transfer": table,

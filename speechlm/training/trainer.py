@@ -55,7 +55,7 @@ from ..config import config_to_dict, save_config
 from ..errors import ConfigError, SpeechLMError
 from . import checkpoint, distributed
 from .memory import release_freed_heap, resident_anonymous_mb
-from .metrics_log import MetricsLogger
+from .metrics_log import METRICS_FILE, MetricsLogger, read_metrics
 from .schedules import build_scheduler, tri_stage_phases
 
 logger = logging.getLogger(__name__)
@@ -140,6 +140,9 @@ class TrainResult:
     skipped_nonfinite: int
     train_metrics: dict[str, float]
     eval_metrics: dict[str, float]
+    # wall seconds of the training loop over every session of this run (a resumed run keeps
+    # counting from its checkpoint), evaluations included
+    train_seconds: float = 0.0
 
 
 class NonFiniteLossError(SpeechLMError):
@@ -187,6 +190,7 @@ class Trainer:
         self.forward: nn.Module = self._loss_module
 
         self.step = self.epoch = self.batches_in_epoch = 0
+        self.train_seconds = 0.0
         self.skipped_nonfinite = self._nonfinite_streak = 0
         self.best_value: float | None = None
         self.best_step: int | None = None
@@ -217,6 +221,7 @@ class Trainer:
         batches = self._batches()
         window: dict[str, float] = {}
         window_steps, window_start = 0, time.perf_counter()
+        session_start, seconds_before = window_start, self.train_seconds
         train_metrics: dict[str, float] = {}
         eval_metrics: dict[str, float] = {}
         self.model.train()
@@ -252,15 +257,21 @@ class Trainer:
                         last or (cfg.eval_every and self.step % cfg.eval_every == 0)):
                     eval_metrics = self.evaluate()
                     log.log("eval", self.step, eval_metrics)
+                self.train_seconds = seconds_before + time.perf_counter() - session_start
                 if last or (cfg.save_every and self.step % cfg.save_every == 0):
                     self.save()
         finally:
             bar.close()
             log.close()
+        if self.dist.is_main and not (train_metrics and eval_metrics):
+            # resumed at its last step: this session logged nothing, the run's log has it
+            train_metrics = train_metrics or _last_logged(self.output_dir, "train", self.step)
+            eval_metrics = eval_metrics or _last_logged(self.output_dir, "eval", self.step)
         best = self.output_dir / checkpoint.BEST_DIR
         return TrainResult(self.step, self.epoch, self.last_checkpoint,
                            best if checkpoint.is_complete(best) else None, self.best_value,
-                           self.skipped_nonfinite, train_metrics, eval_metrics)
+                           self.skipped_nonfinite, train_metrics, eval_metrics,
+                           self.train_seconds)
 
     def _forward_backward(self, batches) -> tuple[torch.Tensor, dict[str, float]]:
         """grad_accum micro-batches; returns the update's mean loss (over ranks) and metrics."""
@@ -450,6 +461,7 @@ class Trainer:
             "skipped_nonfinite": self.skipped_nonfinite,
             "nonfinite_streak": self._nonfinite_streak,
             "best_value": self.best_value, "best_step": self.best_step,
+            "train_seconds": self.train_seconds,
             "param_groups": [group["param_names"] for group in self.optimizer.param_groups],
         }
         path = self.output_dir / checkpoint.step_dir_name(self.step)
@@ -517,6 +529,8 @@ class Trainer:
         self.skipped_nonfinite = int(state["skipped_nonfinite"])
         self._nonfinite_streak = int(state["nonfinite_streak"])
         self.best_value, self.best_step = state["best_value"], state["best_step"]
+        self.train_seconds = float(state["train_seconds"]) if "train_seconds" in state \
+            else _logged_train_seconds(self.output_dir, self.step)
         self.last_checkpoint = path
         rng = state["rng"]
         if len(rng) == self.dist.world_size:
@@ -664,3 +678,28 @@ def _check_batch_sampler(sampler, info: distributed.DistInfo) -> None:
 # Re-exported for recipes that want to show the tri-stage phase lengths.
 __all__ = ["NonFiniteLossError", "TrainConfig", "TrainResult", "Trainer", "build_optimizer",
            "capture_rng_state", "restore_rng_state", "seed_everything", "tri_stage_phases"]
+
+
+def _logged_train_seconds(output_dir: Path, step: int) -> float:
+    """Training time up to `step` from metrics.jsonl (each train record's sec_per_step times the
+    steps since the one before): for checkpoints written before they recorded it."""
+    total, previous = 0.0, 0
+    if not (output_dir / METRICS_FILE).is_file():
+        return total
+    for record in read_metrics(output_dir, split="train"):
+        if isinstance(record.get("step"), int) and record["step"] <= step \
+                and record.get("sec_per_step") is not None:
+            total += record["sec_per_step"] * (record["step"] - previous)
+            previous = record["step"]
+    return total
+
+
+def _last_logged(output_dir: Path, split: str, step: int) -> dict[str, float]:
+    """The metrics of the last `split` record at or before `step` (without its bookkeeping)."""
+    if not (output_dir / METRICS_FILE).is_file():
+        return {}
+    records = [r for r in read_metrics(output_dir, split=split)
+               if isinstance(r.get("step"), int) and r["step"] <= step]
+    if not records:
+        return {}
+    return {k: v for k, v in records[-1].items() if k not in ("split", "step", "time")}
