@@ -41,6 +41,7 @@ LIVE_OVERRIDES = ("data.max_train_items=400", "train.max_steps=48", "train.eval_
                   "train.save_every=16", "train.log_every=4", "eval.transfer=null",
                   "eval.curve_tasks=[]", "eval.dev_items=32", "eval.generate_items=0")
 EXAMPLES = 3
+SERVED = "blsp_whisper_smollm2_kd"  # the model `speechlm demo --web` lets people talk to
 
 
 def run_demo(*, jobs: int | None = None, progress: bool = True, out=print) -> int:
@@ -50,41 +51,60 @@ def run_demo(*, jobs: int | None = None, progress: bool = True, out=print) -> in
     from .recipes.sources import resolve_manifest
 
     start = time.perf_counter()
-    out("== Pretrained models (read from their PyPI packages, sha256-checked, converted once)")
+    stage = _Stages(out)
+    stage("Pretrained models (read from their PyPI packages, sha256-checked, converted once)")
     for name in _pretrained_bases():
         directory = packages.get(name, say=out)
         record = json.loads((directory / packages.RECORD).read_text())
         origin = ", ".join(f"{k}=={v}" for k, v in record["packages"].items())
         out(f"  {name:<22} {record['upstream']} ({record['licence']}; {origin})")
 
-    out("\n== Embedded speech corpus (eSpeak NG voices reading public-domain verses)")
+    stage("Embedded speech corpus (eSpeak NG voices reading public-domain verses)")
     corpus = build_embedded_corpus("en", jobs=jobs, progress=progress)
     out(f"{'built' if corpus.newly_built else 'cached'} at {corpus.root}")
     for spec in TABLES.values():
         resolve_manifest(spec, progress=progress)
 
-    out(f"\n== Zoo model '{SKILLS}': {zoo.MEMBERS[SKILLS][1]}")
+    stage(f"Zoo model '{SKILLS}': {zoo.MEMBERS[SKILLS][1]}")
     skills = _member(SKILLS, progress, out)
     out(_skills_table(skills.results))
 
     members = {}
     for label, name in BLSP_MEMBERS.items():
-        out(f"\n== Zoo model '{name}': {zoo.MEMBERS[name][1]}")
+        stage(f"Zoo model '{name}': {zoo.MEMBERS[name][1]}")
         members[label] = _member(name, progress, out)
         out(_training_summary(members[label]))
 
-    out("\n== Live: the same BLSP training, small (400 utterances, 48 updates), run here")
+    stage("Live: the same BLSP training, small (400 utterances, 48 updates), run here")
     _live_training(progress, out)
 
     for title, spec in TABLES.items():
-        out(f"\n== Zero-shot transfer: {TABLE_ITEMS} held-out utterances, {title}")
+        stage(f"Zero-shot transfer: {TABLE_ITEMS} held-out utterances, {title}")
         out("   (text instruction, spoken input; WER/CER %, accuracy %)")
-        out(_transfer_table(members, spec, progress))
+        out(_transfer_table(members, spec, progress, out))
 
-    out("\n== Held-out clips answered (speechlm infer --model DIR --task asr|sqa AUDIO)")
+    stage("Held-out clips answered (speechlm infer --model DIR --task asr|sqa AUDIO)")
     out(_examples(members[list(BLSP_MEMBERS)[-1]], progress))
+    stage.end()
     out(f"\ndone in {time.perf_counter() - start:.1f}s")
     return 0
+
+
+class _Stages:
+    """Prints each stage's title, and how long it took when it ends."""
+
+    def __init__(self, out):
+        self.out, self.started = out, None
+
+    def __call__(self, title: str) -> None:
+        self.end()
+        self.out(f"\n== {title}")
+        self.started = time.perf_counter()
+
+    def end(self) -> None:
+        if self.started is not None:
+            self.out(f"   ({time.perf_counter() - self.started:.0f} s)")
+        self.started = None
 
 
 def _pretrained_bases() -> list[str]:
@@ -166,7 +186,7 @@ def _live_training(progress: bool, out) -> None:
         f"{last:.3f} (run: {run_dir})")
 
 
-def _transfer_table(members: dict, spec: str, progress: bool) -> str:
+def _transfer_table(members: dict, spec: str, progress: bool, out) -> str:
     """The table for `spec`, computed once and cached under the models' run names."""
     from .jsonl import atomic_write, write_jsonl
     from .models.speech_lm import SpeechLM
@@ -182,7 +202,7 @@ def _transfer_table(members: dict, spec: str, progress: bool) -> str:
         loaded = {label: SpeechLM.from_pretrained(m.model_dir).eval()
                   for label, m in members.items()}
         rows: list[dict] = []
-        table = systems_table(loaded, records, TASKS, hyps_out=rows)
+        table = systems_table(loaded, records, TASKS, hyps_out=rows, say=out)
         write_jsonl(path.with_suffix(".hyps.jsonl"), rows)  # tools/transfer_spread.py reads it
         with atomic_write(path) as f:
             json.dump(table, f, indent=1)

@@ -1,5 +1,6 @@
 """The main job end to end on a shrunken corpus recipe, and the CLI contract."""
 
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ from speechlm.data.manifest import read_manifest
 from speechlm.pipelines import embedded_corpus
 
 
-def test_demo_builds_reports_and_reuses_the_cache(tiny_real_zoo, monkeypatch):
+def test_demo_builds_reports_and_reuses_the_cache(tiny_real_zoo, monkeypatch, capsys):
     """The main job on tiny stand-ins for its real models (2-update recipes): corpus, the
     text-skills LLM, both BLSP members, the live run, both transfer tables and the
     answered clips; the second run trains nothing and prints the same tables."""
@@ -23,10 +24,17 @@ def test_demo_builds_reports_and_reuses_the_cache(tiny_real_zoo, monkeypatch):
         "train.save_every=3", "train.log_every=1", "eval.transfer=null", "eval.dev_items=2",
         "eval.generate_items=0"))
     assert cli.main(["demo", "--no-progress", "--jobs", "1"]) == 0
+    first_run = capsys.readouterr().out
+    # each of the table's slow parts reports its time while the table is computed
+    assert "transfer: repeat       BLSP-KD (T=2)" in first_run
+    assert first_run.count("  transfer: ") == 2 * 5 * 3  # two tables, 5 systems, 3 tasks
     lines = []
     assert demo.run_demo(jobs=1, progress=False, out=lines.append) == 0
     text = "\n".join(lines)
     assert "cached at" in text and "training zoo model" not in text  # nothing built again
+    # every stage says how long it took (9: models, corpus, 3 members, live run, 2 tables,
+    # the answered clips)
+    assert sum(re.fullmatch(r"   \(\d+ s\)", line) is not None for line in lines) == 9
     assert "== Zoo model 'smollm2_verses'" in text and "before" in text and "after" in text
     for name in ("blsp_whisper_smollm2_kd", "blsp_whisper_smollm2_ce"):
         assert f"== Zoo model '{name}'" in text
@@ -37,6 +45,14 @@ def test_demo_builds_reports_and_reuses_the_cache(tiny_real_zoo, monkeypatch):
                 "cascade (Whisper's own transcript)", "cascade (reference text)"):
         assert sum(row in line for line in lines) == 2, row
     assert "instruction: Repeat the following text exactly." in text and "answer:" in text
+    # --web then serves the demo's BLSP-KD member (the web page and the API)
+    served = {}
+    from speechlm.serving import server
+    monkeypatch.setattr(server, "serve", lambda model, **kw: served.update(model=model, **kw))
+    assert cli.main(["demo", "--no-progress", "--jobs", "1", "--web", "--port", "8123"]) == 0
+    from speechlm import zoo
+    assert served["model"] == str(zoo.cached("blsp_whisper_smollm2_kd").model_dir)
+    assert served["port"] == 8123 and served["host"] == "127.0.0.1"
     test_records = read_manifest(embedded_corpus.embedded_manifest_path("test"))
     assert all(r["duration"] > 1.0 and r["translation"] for r in test_records)
 
@@ -99,3 +115,18 @@ def test_every_registered_command_has_help():
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args(argv)
         assert exit_info.value.code == 0
+
+
+def test_demo_web_without_the_serving_packages_fails_before_the_demo_runs(monkeypatch, capsys):
+    import importlib.util
+
+    from speechlm import demo
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gradio" else real(name, *a))
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: pytest.fail("the demo ran"))
+    assert cli.main(["demo", "--web"]) == 2
+    err = capsys.readouterr().err
+    assert "--web needs the serving packages (gradio missing)" in err
+    assert "pip install -e '.[serve]'" in err

@@ -159,9 +159,13 @@ def task_references(task, records: Sequence[dict]) -> list[str] | None:
 
 
 def transfer_scores(systems: dict[str, Callable[[str, int], list[str]]], records: Sequence[dict],
-                    tasks: Sequence[str], *, hyps_out: list | None = None) -> dict:
+                    tasks: Sequence[str], *, hyps_out: list | None = None,
+                    say: Callable[[str], None] | None = None) -> dict:
     """{system: {task: scores}}: each system maps (instruction, max_new_tokens) to one
-    response per record; tasks are names of `speechlm.data.instructions.TASKS`."""
+    response per record; tasks are names of `speechlm.data.instructions.TASKS`. `say`, when
+    given, hears one line per system and task with its time (a table takes minutes)."""
+    import time
+
     from ..data.instructions import TASKS
     from ..errors import ConfigError
 
@@ -178,10 +182,14 @@ def transfer_scores(systems: dict[str, Callable[[str, int], list[str]]], records
                               "repeat, translate_es, last_word, mentions_god")
         instruction = task.instructions[0]
         for system, respond in systems.items():
+            start = time.perf_counter()
             hyps = respond(instruction, task.max_new_tokens)
             scores = task.score(refs, hyps, [r["text"] for r in records])
             scores["n"] = len(records)
             table[system][task_name] = scores
+            if say is not None:
+                say(f"  transfer: {task_name:<12} {system:<34} {len(records)} answers in "
+                    f"{time.perf_counter() - start:.0f} s")
             if hyps_out is not None:
                 hyps_out += [{"system": system, "task": task_name, "id": r["id"],
                               "reference": ref, "hypothesis": h}
@@ -191,7 +199,8 @@ def transfer_scores(systems: dict[str, Callable[[str, int], list[str]]], records
 
 def systems_table(models: dict, records: Sequence[dict], tasks: Sequence[str], *,
                   untrained: bool = True, batch_size: int = 32, source: SpeechSource | None = None,
-                  hyps_out: list | None = None) -> dict:
+                  hyps_out: list | None = None, say: Callable[[str], None] | None = None
+                  ) -> dict:
     """The transfer table of saved SpeechLMs (`models`: name -> SpeechLM) on `records`: the
     first model's adapter freshly initialised (seed 0) when `untrained`, each model, and the
     cascades read by the last model's LLM (`cascade_texts`)."""
@@ -213,7 +222,7 @@ def systems_table(models: dict, records: Sequence[dict], tasks: Sequence[str], *
     for name, texts in cascade_texts(reader, records).items():
         systems[name] = (lambda t: lambda ins, n: generate_from_text(
             reader, t, ins, max_new_tokens=n, batch_size=batch_size))(texts)
-    return transfer_scores(systems, records, tasks, hyps_out=hyps_out)
+    return transfer_scores(systems, records, tasks, hyps_out=hyps_out, say=say)
 
 
 _HEADLINE = {"wer": ("wer", "cer"), "bleu": ("bleu", "chrf"), "accuracy": ("accuracy", None)}

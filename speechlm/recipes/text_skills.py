@@ -204,10 +204,12 @@ def format_scores(before: dict, after: dict | None = None) -> str:
         a, b = HEADLINE[TASKS[name].metric]
         return f"{a} {scores[a]:.3g}  {b} {scores[b]:.3g}"
 
-    lines = [f"  {'task':<16}{'before':>26}" + (f"{'after':>26}" if after else "")]
-    for name, scores in before.items():
-        lines.append(f"  {name:<16}{cell(name, scores):>26}"
-                     + (f"{cell(name, after[name]):>26}" if after else ""))
+    rows = [(name, cell(name, scores), cell(name, after[name]) if after else "")
+            for name, scores in before.items()]
+    width = max(len("before"), *(max(len(b), len(a)) for _, b, a in rows)) + 3
+    lines = [f"  {'task':<16}{'before':>{width}}" + (f"{'after':>{width}}" if after else "")]
+    lines += [f"  {name:<16}{b:>{width}}" + (f"{a:>{width}}" if after else "")
+              for name, b, a in rows]
     return "\n".join(lines)
 
 
