@@ -177,9 +177,9 @@ def generate_jsonl(generator, requests: Sequence, out_path, *, resume: bool = Tr
     chunk = chunk_size or generator.batch_size * 8
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-        bar = tqdm(total=len(todo), desc="generate", unit="item", dynamic_ncols=True)
+        bar = progress_bar(total=len(todo), desc="generate", unit="item", dynamic_ncols=True)
     start = time.perf_counter()
     try:
         with JsonlAppender(out) as appender:

@@ -115,10 +115,10 @@ def tune_lm_weights(
     None, mean all frames); `refs`: reference transcripts (normalised like the
     LM text), in the same order as the flattened batches.
     """
-    from tqdm.auto import tqdm
-
     from speechlm.inference.ctc import GreedyCTCDecoder
     from speechlm.inference.ctc_beam import BeamSearchCTCDecoder
+
+    from ..progress import progress_bar
 
     batches = _as_batches(log_probs_list, lengths)
     total = sum(lp.shape[0] for lp, _ in batches)
@@ -140,7 +140,7 @@ def tune_lm_weights(
     points = [(float(w), float(s)) for w in lm_weights for s in word_scores]
     grid: list[dict] = []
     best = None
-    for w, s in tqdm(points, desc="lm grid", disable=not progress, dynamic_ncols=True):
+    for w, s in progress_bar(points, desc="lm grid", disable=not progress, dynamic_ncols=True):
         decoder = base.with_weights(w, s)
         hyps = [text for lp, ln in batches for text in decoder.decode(lp, ln)]
         wer, cer = error_rates(refs, hyps)

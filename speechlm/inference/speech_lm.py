@@ -420,9 +420,9 @@ class SpeechLMGenerator:
         batch_seconds: list[float] = []
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from ..progress import progress_bar
 
-            bar = tqdm(total=len(pieces), desc="generate", unit="piece", dynamic_ncols=True)
+            bar = progress_bar(total=len(pieces), desc="generate", unit="piece", dynamic_ncols=True)
         try:
             for number, batch in enumerate(batches):
                 ids = [prepared[p.owner].request.id for p in batch]

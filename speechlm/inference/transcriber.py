@@ -201,15 +201,14 @@ class Transcriber:
 
     def _run(self, records: list[dict], emit: Callable[[dict], None], *, progress: bool,
              chunk: int = 256) -> TranscribeSummary:
-        from tqdm.auto import tqdm
-
         from ..data.collate import SkippedItem
         from ..data.dataset import AudioDataset
+        from ..progress import progress_bar
 
         dataset = AudioDataset(records, sample_rate=self.sample_rate, silence_dbfs=None)
         summary = TranscribeSummary()
         start = time.perf_counter()
-        bar = tqdm(total=len(records), desc="transcribe", unit="utt", disable=not progress,
+        bar = progress_bar(total=len(records), desc="transcribe", unit="utt", disable=not progress,
                    dynamic_ncols=True)
         try:
             for first in range(0, len(records), chunk):

@@ -454,13 +454,14 @@ class EncoderCache:
                    summary: FillSummary, *, max_batch_seconds: float, progress: bool,
                    num_workers: int) -> None:
         from torch.utils.data import DataLoader
-        from tqdm.auto import tqdm
+
+        from ..progress import progress_bar
 
         keys = {index: key for key, index in todo.items()}
         batches = _batches(encoder, dataset.records, list(todo.values()), max_batch_seconds)
         loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_as_list,
                             num_workers=num_workers)
-        bar = tqdm(total=len(todo), desc=f"encoder cache r{writer.rank}", unit="utt",
+        bar = progress_bar(total=len(todo), desc=f"encoder cache r{writer.rank}", unit="utt",
                    disable=not progress)
         try:
             for indices, items in zip(batches, loader, strict=True):

@@ -434,7 +434,7 @@ def build_interleave(corpus: str, out_dir, *, t2u: TextToUnits, tokenizer,
     job = _Job(settings, t2u, tokenizer, vocab, tokenizer.eos_token_id, t2u_batch, t2u_method)
     summary = InterleaveSummary(out_dir, seq_len=settings.seq_len)
 
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     with _exclusive(out_dir):
         for stale in out_dir.glob(".shard-*.tmp"):  # left by a killed run
@@ -442,8 +442,8 @@ def build_interleave(corpus: str, out_dir, *, t2u: TextToUnits, tokenizer,
         vocab.save(out_dir)
         with atomic_write(out_dir / META_NAME) as f:
             json.dump({"settings": meta, "finished": False}, f, indent=2)
-        bar = tqdm(unit="doc", desc="interleave", dynamic_ncols=True,
-                   disable=not progress or not sys.stderr.isatty())
+        bar = progress_bar(unit="doc", desc="interleave", dynamic_ncols=True,
+                   disable=not progress)
         names: list[str] = []
         sidecars: dict[str, dict] = {}
         docs = (text for _, text in iter_corpus(corpus))

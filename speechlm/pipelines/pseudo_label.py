@@ -60,14 +60,13 @@ def pseudo_label_manifest(teacher_dir, manifest, out_manifest, *, min_confidence
     A `text` already in the input is kept as `reference_text` (it is never used
     for training here; it only measures how good the pseudo-labels are).
     """
-    from tqdm.auto import tqdm
-
     from ..data.collate import SkippedItem
     from ..data.dataset import AudioDataset
     from ..data.manifest import AUDIO_PATH_KEY, read_manifest, write_manifest
     from ..eval.metrics import cer
     from ..inference.ctc import CTCTranscriber
     from ..jsonl import JsonlAppender, iter_jsonl
+    from ..progress import progress_bar
 
     start = time.perf_counter()
     out = Path(out_manifest)
@@ -83,7 +82,7 @@ def pseudo_label_manifest(teacher_dir, manifest, out_manifest, *, min_confidence
 
     with JsonlAppender(progress_path, fsync_every=32) as log:
         durations = [float(r.get("duration") or 0.0) for r in todo]
-        bar = tqdm(total=len(todo), desc="pseudo-label", unit="utt", disable=not progress)
+        bar = progress_bar(total=len(todo), desc="pseudo-label", unit="utt", disable=not progress)
         for batch in teacher._batches(durations):
             items = [dataset[i] for i in batch]
             good = [it for it in items if not isinstance(it, SkippedItem)]

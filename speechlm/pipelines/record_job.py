@@ -331,9 +331,9 @@ def run_records(job: RecordJob, records: Sequence[dict], start, *, rank: int, wo
         work = start(len(todo))
         bar = None
         if progress and (rank == 0 or not group):
-            from tqdm.auto import tqdm
+            from ..progress import progress_bar
 
-            bar = tqdm(total=len(todo), desc=desc, unit="record", dynamic_ncols=True)
+            bar = progress_bar(total=len(todo), desc=desc, unit="record", dynamic_ncols=True)
         try:
             with JsonlAppender(part_path(out, rank, world)) as lines, \
                     JsonlAppender(part_path(out, rank, world, skipped=True)) as skips:

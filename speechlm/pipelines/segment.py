@@ -172,13 +172,13 @@ def segment_manifest(
     without a `lang` field; `min_snr_db=None` keeps every segment.
     Rerunning with the same arguments continues an interrupted run.
     """
-    from tqdm.auto import tqdm
-
     from speechlm.audio.io import load_audio
     from speechlm.audio.quality import wada_snr
     from speechlm.audio.segment import split_on_silence
     from speechlm.data.manifest import AUDIO_PATH_KEY, iter_manifest
     from speechlm.errors import AudioError
+
+    from ..progress import progress_bar
 
     if max_segment_s <= 0:
         raise SpeechLMError(f"max_segment_s must be > 0, got {max_segment_s}")
@@ -198,7 +198,7 @@ def segment_manifest(
         sample_rate = aligner.sample_rate
 
     start_time = time.perf_counter()
-    bar = tqdm(total=report.recordings, desc="segment", unit="rec", disable=not progress,
+    bar = progress_bar(total=report.recordings, desc="segment", unit="rec", disable=not progress,
                dynamic_ncols=True)
     try:
         with JsonlAppender(report.manifest, fsync_every=16) as out, \

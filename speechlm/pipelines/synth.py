@@ -32,7 +32,6 @@ import multiprocessing
 import os
 import random
 import re
-import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -457,10 +456,10 @@ def synthesize_corpus(
             chunk = max(1, min(32, todo // (n_jobs * 8) or 1))
             results = _run_parallel(tasks(), n_jobs, chunk, init_args)
 
-        from tqdm import tqdm
+        from ..progress import progress_bar
 
-        bar = tqdm(total=todo, unit="utt", desc="synth", dynamic_ncols=True,
-                   disable=not progress or not sys.stderr.isatty())
+        bar = progress_bar(total=todo, unit="utt", desc="synth", dynamic_ncols=True,
+                   disable=not progress)
         try:
             with JsonlAppender(report.manifest, fsync_every=_FSYNC_EVERY) as out:
                 for status, value in results:

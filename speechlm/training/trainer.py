@@ -214,9 +214,9 @@ class Trainer:
             self._write_run_config()
         log = MetricsLogger(self.output_dir, enabled=self.dist.is_main,
                             tensorboard=cfg.tensorboard, resume_step=self.step)
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
+        bar = progress_bar(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (cfg.progress and self.dist.is_main))
         batches = self._batches()
         window: dict[str, float] = {}

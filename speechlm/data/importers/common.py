@@ -212,9 +212,9 @@ def run_import(candidates: Iterable[Candidate | Skip], out_manifest, *, fmt: str
     def records() -> Iterator[dict]:
         items: Iterable = candidates
         if progress:
-            from tqdm import tqdm
+            from ...progress import progress_bar
 
-            items = tqdm(items, desc=f"import {fmt}", unit=" utt", disable=None)
+            items = progress_bar(items, desc=f"import {fmt}", unit=" utt", disable=None)
         for item in items:
             if limit is not None and report.n_written >= limit:
                 break
