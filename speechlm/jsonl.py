@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import io
 import json
 import os
 import tempfile
@@ -25,10 +24,16 @@ from pathlib import Path
 from .errors import ManifestError, SpeechLMError
 
 
-def _open_text(path: Path, mode: str):
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, mode.replace("t", "") + "b"), encoding="utf-8")
-    return open(path, mode, encoding="utf-8")
+def open_lines_binary(path: Path):
+    """`path` for reading raw lines (gunzipped for `.gz`): each line is decoded on its own, so
+    one line that is not UTF-8 is reported with its number instead of ending the read."""
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def not_utf8(error: UnicodeDecodeError) -> str:
+    """The problem of a line that is not UTF-8, with the fix."""
+    return (f"not UTF-8 text (byte 0x{error.object[error.start]:02x} at column "
+            f"{error.start + 1}); save the file as UTF-8")
 
 
 def iter_jsonl(path, *, tolerate_torn_tail: bool = False) -> Iterator[tuple[int, dict]]:
@@ -41,8 +46,14 @@ def iter_jsonl(path, *, tolerate_torn_tail: bool = False) -> Iterator[tuple[int,
     path = Path(path)
     if not path.exists():
         raise ManifestError(f"{path}: file not found")
-    with _open_text(path, "rt") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open_lines_binary(path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if tolerate_torn_tail and not raw.endswith(b"\n"):
+                    return  # a kill cut the last line inside a character
+                raise ManifestError(f"{path}:{lineno}: {not_utf8(e)}") from None
             if not line.strip():
                 continue
             try:

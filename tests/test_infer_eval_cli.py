@@ -130,6 +130,17 @@ def test_infer_resumes_and_reports_unreadable_audio(setup, capsys):
     assert sorted(r["id"] for r in _read(out)) == sorted(r["id"] for r in rows)
 
 
+def test_a_chunk_of_only_unreadable_audio_is_reported_not_fatal(setup, tmp_path):
+    manifest = tmp_path / "unreadable.jsonl"
+    (tmp_path / "text.wav").write_text("not audio")
+    manifest.write_text(json.dumps({"id": "t", "audio": str(tmp_path / "text.wav"),
+                                    "duration": 1.0, "text": "x"}) + "\n")
+    out = tmp_path / "hyps.jsonl"
+    summary = CTCTranscriber(setup["model"]).transcribe_manifest(manifest, out, progress=False)
+    assert summary.utterances == 1 and summary.failed == 1
+    assert "unreadable or corrupt audio" in _read(out)[0]["error"]
+
+
 def test_infer_files_prints_texts_and_long_audio_is_stitched(setup, capsys):
     audio_dir = setup["root"] / "data" / "audio"
     files = [str(audio_dir / "u0.flac"), str(audio_dir / "u1.flac")]

@@ -130,6 +130,48 @@ def test_validate_check_readable_finds_corrupt_audio_and_bad_segments(tmp_path, 
                            "the end of the audio (1.000 s)")
 
 
+def test_validate_check_readable_finds_nan_and_inf_samples(tmp_path, audio_dir):
+    wave = (0.1 * np.sin(np.arange(SR) / 10)).astype(np.float32)
+    sf.write(audio_dir / "clean_float.wav", wave, SR, subtype="FLOAT")
+    sf.write(audio_dir / "pcm.wav", wave, SR, subtype="PCM_16")  # integers: never NaN
+    broken = wave.copy()
+    broken[[10, 500]] = [np.nan, np.inf]
+    sf.write(audio_dir / "nan.wav", broken, SR, subtype="FLOAT")
+    path = write_lines(tmp_path / "m.jsonl", [
+        {"id": "a", "audio": "wav/clean_float.wav"}, {"id": "b", "audio": "wav/nan.wav"},
+        {"id": "c", "audio": "wav/pcm.wav"}])
+    report = validate_manifest(path, check_audio_readable=True)
+    assert report.problems == [
+        f"{path}:2: audio: audio contains NaN or Inf samples (2 of {SR}): "
+        f"{audio_dir / 'nan.wav'}; the file is damaged: re-encode it or drop the record"]
+    assert report.n_ok == 2
+
+
+def test_a_line_that_is_not_utf8_is_named_by_every_reader(tmp_path, capsys):
+    path = tmp_path / "m.jsonl"
+    good = json.dumps({"id": "a", "audio": "a.wav", "text": "hello", "duration": 1.0})
+    path.write_bytes(good.encode() + b"\n" + b'{"id": "b", "audio": "b.wav", "text": "h\xff"}\n'
+                     + good.replace('"a"', '"c"').encode() + b"\n")
+    report = validate_manifest(path, check_audio_exists=False)
+    assert report.problems == [f"{path}:2: (encoding): not UTF-8 text (byte 0xff at column "
+                               "41); save the file as UTF-8"]
+    assert report.n_lines == 3 and report.n_ok == 2  # the lines after it are still checked
+    with pytest.raises(ManifestError, match=r"m\.jsonl:2: not UTF-8 text .* save the file as"):
+        read_manifest(path)
+    assert cli_main(["data", "stats", str(path)]) == 2
+    assert "m.jsonl:2: not UTF-8 text" in capsys.readouterr().err
+
+
+def test_a_last_line_cut_inside_a_character_is_a_torn_tail(tmp_path):
+    from speechlm.jsonl import read_jsonl
+
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"id": "a"}\n{"id": "b", "text": "caf' + "é".encode()[:1])
+    assert read_jsonl(path, tolerate_torn_tail=True) == [{"id": "a"}]
+    with pytest.raises(ManifestError, match="out.jsonl:2: not UTF-8"):
+        read_jsonl(path)
+
+
 def test_validate_missing_manifest_is_a_manifest_error(tmp_path):
     with pytest.raises(ManifestError, match="nope.jsonl: file not found"):
         validate_manifest(tmp_path / "nope.jsonl")

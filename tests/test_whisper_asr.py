@@ -53,6 +53,14 @@ def test_batched_transcription_equals_one_at_a_time(tiny_ckpt, speech_files):
     transcriber.max_batch_size = 1
     single, _ = transcriber.transcribe_waves(waves)
     assert batched == single and len(batched) == 4
+    assert transcriber.transcribe_waves([]) == ([], [])  # a chunk whose audio all failed
+
+
+def test_unreadable_files_are_reported_not_a_crash(tiny_ckpt, tmp_path):
+    (tmp_path / "text.wav").write_text("not audio")
+    transcriber = WhisperTranscriber(tiny_ckpt("whisper"), device="cpu", max_new_tokens=6)
+    rows = transcriber.transcribe_files([tmp_path / "text.wav"], progress=False)
+    assert rows[0]["text"] == "" and "unreadable or corrupt audio" in rows[0]["error"]
 
 
 def test_refusals_name_the_model_and_the_fix(tiny_ckpt, english_only):

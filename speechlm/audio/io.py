@@ -41,6 +41,13 @@ class AudioInfo:
     channels: int
     duration: float  # seconds
     format: str  # libsndfile major format, e.g. "WAV", "FLAC", "OGG", "MP3"
+    subtype: str = ""  # sample encoding, e.g. "PCM_16", "FLOAT"
+
+    @property
+    def can_hold_nonfinite(self) -> bool:
+        """Float samples are the only ones that can be NaN or Inf (integer PCM and the
+        compressed formats decode to finite numbers)."""
+        return self.subtype in ("FLOAT", "DOUBLE")
 
 
 def _check_exists(path: Path) -> None:
@@ -81,7 +88,20 @@ def audio_info(path: str | os.PathLike) -> AudioInfo:
             channels=int(f.channels),
             duration=f.frames / f.samplerate if f.samplerate else 0.0,
             format=str(f.format),
+            subtype=str(f.subtype),
         )
+
+
+def count_nonfinite(path: str | os.PathLike, block_frames: int = 1 << 16) -> int:
+    """NaN / Inf samples in `path`, read block by block (memory stays flat on long files);
+    0 at once for encodings that cannot hold them."""
+    path = Path(path)
+    with _open(path) as f:
+        if str(f.subtype) not in ("FLOAT", "DOUBLE"):
+            return 0
+        dtype = "float64" if str(f.subtype) == "DOUBLE" else "float32"
+        return sum(int((~np.isfinite(block)).sum())
+                   for block in f.blocks(blocksize=block_frames, dtype=dtype))
 
 
 @functools.lru_cache(maxsize=32)

@@ -16,7 +16,6 @@ round trip leaves the `audio` field exactly as the user wrote it.
 from __future__ import annotations
 
 import gzip
-import io
 import itertools
 import json
 import logging
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import AudioError, ManifestError
-from ..jsonl import iter_jsonl, write_jsonl
+from ..jsonl import iter_jsonl, not_utf8, open_lines_binary, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -190,10 +189,6 @@ class ValidationReport:
                 f"{self.n_ok} of {self.n_lines} records OK")
 
 
-def _open_lines(path: Path):
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
 
 
 def validate_manifest(path, *, check_audio_exists: bool = True, check_audio_readable: bool = False,
@@ -232,12 +227,18 @@ def validate_manifest(path, *, check_audio_exists: bool = True, check_audio_read
         from ..audio.io import audio_info
 
     try:
-        handle = _open_lines(path)
+        handle = open_lines_binary(path)
     except OSError as e:
         raise ManifestError(f"{path}: cannot open ({e})") from None
     with handle as lines:
         try:
-            for lineno, line in enumerate(lines, start=1):
+            for lineno, raw in enumerate(lines, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    report.n_lines += 1
+                    add(lineno, "(encoding)", not_utf8(e))
+                    continue
                 if not line.strip():
                     continue
                 report.n_lines += 1
@@ -291,6 +292,13 @@ def _check_readable(record, audio_path, audio_info, lineno, add, *, skip_ranges:
     except AudioError as e:
         add(lineno, "audio", f"{e.reason}: {audio_path}" + (f" ({e.detail})" if e.detail else ""))
         return
+    if info.can_hold_nonfinite:  # float WAVs: one NaN would poison a training run
+        from ..audio.io import count_nonfinite
+
+        if bad := count_nonfinite(audio_path):
+            add(lineno, "audio", f"audio contains NaN or Inf samples ({bad} of "
+                                 f"{info.num_frames * info.channels}): {audio_path}; the file "
+                                 "is damaged: re-encode it or drop the record")
     if skip_ranges:  # offset/duration already reported as malformed
         return
     total = float(info.duration)

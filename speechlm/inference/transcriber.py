@@ -143,6 +143,8 @@ class Transcriber:
 
     def transcribe_waves(self, waves: Sequence[torch.Tensor]) -> tuple[list[str], list[float]]:
         """(texts, decode seconds per wave) for mono waves at `sample_rate`."""
+        if not waves:  # every item of a chunk was unreadable
+            return [], []
         pieces: list[tuple[int, torch.Tensor]] = []
         for owner, wave in enumerate(waves):
             wave = torch.as_tensor(wave, dtype=torch.float32).reshape(-1)
@@ -208,8 +210,8 @@ class Transcriber:
         dataset = AudioDataset(records, sample_rate=self.sample_rate, silence_dbfs=None)
         summary = TranscribeSummary()
         start = time.perf_counter()
-        bar = progress_bar(total=len(records), desc="transcribe", unit="utt", disable=not progress,
-                   dynamic_ncols=True)
+        bar = progress_bar(total=len(records), desc="transcribe", unit="utt",
+                           disable=not progress, dynamic_ncols=True)
         try:
             for first in range(0, len(records), chunk):
                 items = [dataset[i] for i in range(first, min(len(records), first + chunk))]
