@@ -73,3 +73,10 @@ class PromptTooLongError(SpeechLMError):
 
 class TTSError(SpeechLMError):
     """The TTS engine cannot say a text or cannot load a voice."""
+
+
+def about(item_id, message) -> str:
+    """`message` about the item `item_id`, naming it once: an audio error already starts with
+    its file, which is the item's id when the input was a file."""
+    message = str(message)
+    return message if message.startswith(f"{item_id}:") else f"{item_id}: {message}"

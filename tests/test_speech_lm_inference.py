@@ -453,6 +453,13 @@ def test_cli_runs_a_saved_checkpoint_and_reports_bad_setups(tiny_ckpt, tmp_path,
     assert run_speech_lm_inference(_parse(*common, wav, "--llm-path", moved, "--out",
                                           tmp_path / "one.jsonl")) == 0
     assert json.loads((tmp_path / "one.jsonl").read_text())["id"] == str(wav)
+    # an unreadable file: exit status 1, its name said once with the reason and the fix
+    bad = tmp_path / "text.wav"
+    bad.write_text("not audio")
+    capsys.readouterr()
+    assert run_speech_lm_inference(_parse(*common, bad, "--llm-path", moved)) == 1
+    err = capsys.readouterr().err
+    assert err.count(str(bad)) == 1 and "unreadable or corrupt audio" in err and "re-encode" in err
 
     # template 'chat' on an LLM without a chat template: a clear error that suggests blsp
     record = json.loads((ckpt / CONFIG_FILE).read_text())

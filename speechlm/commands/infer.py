@@ -143,8 +143,10 @@ def _run_transcriber(args) -> int:
             else:
                 print(row["text"])
     failed = [row for row in rows if row.get("error")]
+    from ..errors import about
+
     for row in failed:
-        print(f"speechlm: {row['id']}: {row['error']}", file=sys.stderr)
+        print(f"speechlm: {about(row['id'], row['error'])}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -315,7 +315,7 @@ def prompt_and_options_from_args(args):
 def run_speech_lm_inference(args) -> int:
     """`speechlm infer` for a SpeechLM checkpoint. Returns the exit status (1 when an
     audio file given on the command line failed)."""
-    from ..errors import SpeechLMError
+    from ..errors import SpeechLMError, about
     from ..jsonl import write_jsonl
     from .speech_lm import SpeechLMGenerator
 
@@ -364,5 +364,5 @@ def run_speech_lm_inference(args) -> int:
                 print(f"{result.id}\t{result.text}" if len(results) > 1 else result.text)
     failed = [r for r in results if r.error is not None]
     for result in failed:
-        print(f"speechlm: {result.id}: {result.error}", file=sys.stderr)
+        print(f"speechlm: {about(result.id, result.error)}", file=sys.stderr)
     return 1 if failed else 0
