@@ -30,6 +30,14 @@ def open_lines_binary(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+def directory_given(path: Path) -> str:
+    """The error for a directory where a JSONL file belongs, pointing at the file inside."""
+    inside = sorted(path.glob("*.jsonl")) + sorted(path.glob("*.jsonl.gz"))
+    hint = (f"give the file, e.g. {inside[0]}" if inside
+            else "give the path of a .jsonl file (this directory holds none)")
+    return f"{path}: is a directory, not a JSONL file; {hint}"
+
+
 def not_utf8(error: UnicodeDecodeError) -> str:
     """The problem of a line that is not UTF-8, with the fix."""
     return (f"not UTF-8 text (byte 0x{error.object[error.start]:02x} at column "
@@ -46,6 +54,8 @@ def iter_jsonl(path, *, tolerate_torn_tail: bool = False) -> Iterator[tuple[int,
     path = Path(path)
     if not path.exists():
         raise ManifestError(f"{path}: file not found")
+    if path.is_dir():
+        raise ManifestError(directory_given(path))
     with open_lines_binary(path) as f:
         for lineno, raw in enumerate(f, start=1):
             try:

@@ -172,6 +172,20 @@ def test_a_last_line_cut_inside_a_character_is_a_torn_tail(tmp_path):
         read_jsonl(path)
 
 
+def test_a_directory_given_as_manifest_points_at_the_file_inside(tmp_path, capsys):
+    (tmp_path / "corpus").mkdir()
+    write_lines(tmp_path / "corpus" / "manifest.jsonl", [{"id": "a", "audio": "a.wav"}])
+    message = (f"{tmp_path / 'corpus'}: is a directory, not a JSONL file; give the file, e.g. "
+               f"{tmp_path / 'corpus' / 'manifest.jsonl'}")
+    for read in (validate_manifest, read_manifest):
+        with pytest.raises(ManifestError) as e:
+            read(tmp_path / "corpus")
+        assert str(e.value) == message
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(ManifestError, match="this directory holds none"):
+        read_manifest(tmp_path / "empty_dir")
+
+
 def test_validate_missing_manifest_is_a_manifest_error(tmp_path):
     with pytest.raises(ManifestError, match="nope.jsonl: file not found"):
         validate_manifest(tmp_path / "nope.jsonl")

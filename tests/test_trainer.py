@@ -172,6 +172,12 @@ def test_training_time_of_an_old_checkpoint_comes_from_its_metrics_log(tmp_path)
     assert make_trainer(tmp_path, max_steps=4).fit().train_seconds == pytest.approx(logged)
 
 
+def test_an_output_dir_that_is_a_file_is_refused_with_the_fix(tmp_path):
+    (tmp_path / "run").write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"train.output_dir=.*run: is a file, not a directory"):
+        make_trainer(tmp_path / "run").fit()
+
+
 def test_resume_never_refuses_to_mix_runs(tmp_path):
     make_trainer(tmp_path, max_steps=2).fit()
     with pytest.raises(ConfigError, match=r"already holds checkpoints.*resume=auto"):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import AudioError, ManifestError
-from ..jsonl import iter_jsonl, not_utf8, open_lines_binary, write_jsonl
+from ..jsonl import directory_given, iter_jsonl, not_utf8, open_lines_binary, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,8 @@ def validate_manifest(path, *, check_audio_exists: bool = True, check_audio_read
     if check_audio_readable:
         from ..audio.io import audio_info
 
+    if path.is_dir():
+        raise ManifestError(directory_given(path))
     try:
         handle = open_lines_binary(path)
     except OSError as e:

@@ -205,6 +205,9 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to `max_steps` updates (resuming per `config.resume`); returns a summary."""
         cfg = self.config
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ConfigError(f"train.output_dir={self.output_dir}: is a file, not a directory; "
+                              "point train.output_dir at a directory (it is created if missing)")
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.remove_stale(self.output_dir)
