@@ -121,7 +121,7 @@ def weighted_loss(out: SampleLosses, config: SampleWeightingConfig, *,
                   uniform: bool) -> tuple[torch.Tensor, dict[str, float]]:
     """This rank's loss sum_i (N w_i) coef_i l_i, with w over the global batch (an all_gather
     under DDP; every rank must call it, with an empty `losses` if it has no items), and the
-    weights' summary. `uniform`: warm-up, w_i = 1/N (no communication)."""
+    weights' summary (and loss_plain, the unweighted loss). `uniform`: warm-up, w_i = 1/N (no communication)."""
     losses = out.losses.float()
     if uniform:
         rel_local = torch.ones_like(losses)
@@ -136,6 +136,11 @@ def weighted_loss(out: SampleLosses, config: SampleWeightingConfig, *,
         stats = summary(rel)
     if out.coef is None:
         loss = (rel_local * losses).mean() if losses.numel() else losses.sum()
+        plain = losses.detach().mean() if losses.numel() else None
     else:
-        loss = (rel_local * out.coef.detach().to(losses.dtype) * losses).sum()
+        coef = out.coef.detach().to(losses.dtype)
+        loss = (rel_local * coef * losses).sum()
+        plain = (coef * losses.detach()).sum()
+    if plain is not None:
+        stats["loss_plain"] = float(plain)  # what training without weights would report
     return loss, stats
