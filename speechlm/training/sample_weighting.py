@@ -18,6 +18,12 @@ that supports it has `sample_losses(batch) -> SampleLosses | None` besides `loss
 `SampleLosses.coef` says how the objective reduces per-sample losses to its plain loss
 (sum_i coef_i l_i; None: the mean), so uniform weights give exactly the plain loss and, e.g.,
 CTC's token-mean reduction is kept: the weighted loss is sum_i (N w_i) coef_i l_i.
+
+The weights are normalised over one global micro-batch: with grad_accum > 1 each micro-batch
+is weighted on its own. With 2 items quadratic and extremes weight both equally (both are at
+an end, |x| = delta); a batch of 1 is always uniform. Logged at each log step: weight_max and
+weight_min (N w, so 1.0 is uniform), weight_ess (effective sample size over N) and
+loss_plain (the loss without weights; `loss` is the weighted one that is trained on).
 """
 
 from __future__ import annotations

@@ -59,8 +59,12 @@ from ..errors import ConfigError, SpeechLMError
 from . import checkpoint, distributed
 from .memory import release_freed_heap, resident_anonymous_mb
 from .metrics_log import METRICS_FILE, MetricsLogger, read_metrics
-from .sample_weighting import SUPPORTED_OBJECTIVES, SampleLosses, SampleWeightingConfig, \
-    weighted_loss
+from .sample_weighting import (
+    SUPPORTED_OBJECTIVES,
+    SampleLosses,
+    SampleWeightingConfig,
+    weighted_loss,
+)
 from .schedules import build_scheduler, tri_stage_phases
 
 logger = logging.getLogger(__name__)
