@@ -12,11 +12,15 @@ DDP_CASES = {
     "accum2": dict(global_batch=4, grad_accum=2),  # 2 per rank per micro-batch: no_sync path
     "freeze": dict(global_batch=8, grad_accum=1, freeze_initially=["encoder"],
                    freeze_for_steps=3),  # DDP with parameters that join after 3 updates
+    # sample weights normalised over the global batch (all_gather of every rank's losses)
+    "reweight": dict(global_batch=8, grad_accum=1,
+                     sample_weighting={"strategy": "linupper", "r": 0.5, "warmup_steps": 2}),
 }
 SINGLE_CASES = {
     "batch8": dict(global_batch=8, grad_accum=1),
     "accum2": dict(global_batch=8, grad_accum=1),
     "freeze": DDP_CASES["freeze"],
+    "reweight": DDP_CASES["reweight"],
 }
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from speechlm.training.sample_weighting import SampleLosses
 from speechlm.training.trainer import TrainConfig, Trainer
 
 DIM = 6
@@ -103,13 +104,24 @@ class ToyObjective:
         self.heldout = ToyDataset(16, seed=99)
 
     def loss(self, batch):
+        losses = self._squared_errors(batch)
+        loss = losses.mean()
+        return loss, {"mse": loss.detach()}
+
+    def sample_losses(self, batch):
+        """Each item's squared error (for train.sample_weighting); their mean is `loss`."""
+        losses = self._squared_errors(batch)
+        return SampleLosses(losses, {"mse": losses.detach().mean()})
+
+    def _squared_errors(self, batch):
         self.calls += 1
         if self.fail_on_call is not None and self.calls == self.fail_on_call:
             raise RuntimeError("simulated crash")
-        loss = torch.nn.functional.mse_loss(self.model(batch["x"]), batch["y"])
+        losses = torch.nn.functional.mse_loss(self.model(batch["x"]), batch["y"],
+                                              reduction="none")
         if self.calls in self.nan_on_calls:
-            loss = loss * float("nan")
-        return loss, {"mse": loss.detach()}
+            losses = losses * float("nan")
+        return losses
 
     def evaluate(self, model):
         if self.eval_values is not None:

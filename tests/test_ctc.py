@@ -381,6 +381,29 @@ def test_recipe_resumes_a_killed_run_to_the_same_weights(tmp_path, corpus, monke
         assert torch.equal(full[name], resumed[name]), name
 
 
+def test_recipe_trains_with_sample_weighting(tmp_path, corpus):
+    from speechlm.recipes import load_recipe
+
+    out = tmp_path / "reweighted"
+    module, config = load_recipe(
+        _recipe(tmp_path, corpus, steps=6, out=out),
+        # linupper: quadratic and extremes weight 2 items equally (both at an end)
+        ["train.sample_weighting.strategy=linupper", "train.sample_weighting.warmup_steps=2",
+         "eval.use_best=false", "data.num_buckets=1"])  # several utterances a batch
+    module.run(config)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for row in rows[:2]:  # warm-up: uniform, the plain token-mean CTC loss
+        assert row["weight_max"] == row["weight_min"] == 1.0
+        assert row["loss"] == pytest.approx(row["loss_plain"], rel=1e-6)
+    # after it, batches of several utterances get unequal weights (a batch of one: 1.0)
+    reweighted = [r for r in rows[2:] if r["weight_max"] != 1.0]
+    assert len(reweighted) >= 3
+    for row in reweighted:
+        assert row["weight_max"] > 1.0 > row["weight_min"] and row["loss"] != row["loss_plain"]
+
+
 def test_recipe_config_errors(tmp_path, corpus):
     from speechlm.recipes import load_recipe
 

@@ -43,6 +43,10 @@ def test_two_ranks_match_one_process_at_the_same_global_batch(ddp_run, tmp_path,
     for a, b in zip(ddp_rows, single_rows, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]
         assert a["mse"] == pytest.approx(b["mse"], abs=1e-5), a["step"]  # reduced over ranks
+        for key in ("weight_max", "weight_min", "weight_ess"):  # only in case "reweight"
+            assert (key in a) == (key in b)
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a["step"])
     ddp_weights = checkpoint.load_checkpoint(ddp_run / case / "step_000010").model_state
     for key, value in single.model_state().items():
         assert torch.allclose(ddp_weights[key], value, atol=1e-5), key

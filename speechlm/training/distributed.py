@@ -133,6 +133,26 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def all_gather_1d(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's 1-D `tensor` concatenated in rank order (lengths may differ, 0 included),
+    on every rank, and the index where this rank's part starts."""
+    if not is_distributed():
+        return tensor, 0
+    size = torch.tensor([tensor.numel()], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    start = sum(sizes[: rank()])
+    longest = max(sizes)
+    if longest == 0:
+        return tensor.new_empty(0), start
+    padded = tensor.new_zeros(longest)
+    padded[: tensor.numel()] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)]), start
+
+
 def broadcast_object(obj, src: int = 0):
     """`obj` of rank `src`, on every rank."""
     if not is_distributed():

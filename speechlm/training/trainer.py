@@ -13,6 +13,9 @@ An *objective* is any object with
                                              0's numbers are used)
     to(device)                               optional, for tensors the objective keeps
                                              besides `model` (the trainer moves `model`)
+    sample_losses(batch) -> SampleLosses     optional: per-sample losses (or None, as
+                                             `loss`), needed by `train.sample_weighting`
+                                             (see speechlm.training.sample_weighting)
 
 The data is a dataset plus a *batch sampler* with `set_epoch(e)`,
 `state_dict()` (ideally `state_dict(num_consumed=...)`) and
@@ -56,6 +59,12 @@ from ..errors import ConfigError, SpeechLMError
 from . import checkpoint, distributed
 from .memory import release_freed_heap, resident_anonymous_mb
 from .metrics_log import METRICS_FILE, MetricsLogger, read_metrics
+from .sample_weighting import (
+    SUPPORTED_OBJECTIVES,
+    SampleLosses,
+    SampleWeightingConfig,
+    weighted_loss,
+)
 from .schedules import build_scheduler, tri_stage_phases
 
 logger = logging.getLogger(__name__)
@@ -96,8 +105,12 @@ class TrainConfig:
     find_unused_parameters: bool = False  # DDP: set if some parameters get no gradient
     progress: bool = True
     tensorboard: bool = True
+    # loss-based sample reweighting (arXiv 2502.06733); None: the plain loss
+    sample_weighting: SampleWeightingConfig | None = None
 
     def __post_init__(self):
+        if isinstance(self.sample_weighting, dict):
+            self.sample_weighting = SampleWeightingConfig(**self.sample_weighting)
         positive = {"max_steps": self.max_steps, "grad_accum": self.grad_accum,
                     "log_every": self.log_every, "max_consecutive_nonfinite":
                     self.max_consecutive_nonfinite}
@@ -186,7 +199,14 @@ class Trainer:
         # DDP wraps a module whose forward *is* objective.loss, so the objective
         # keeps calling its own model and gradients are still all-reduced. The
         # wrapper is (re)built in _set_freeze_phase when the trainable set changes.
-        self._loss_module = _LossModule(objective)
+        if cfg.sample_weighting is not None and not callable(
+                getattr(objective, "sample_losses", None)):
+            raise ConfigError(
+                f"train.sample_weighting needs per-sample losses, which "
+                f"{type(objective).__name__} does not give (it has no sample_losses method); "
+                f"objectives that do: {', '.join(SUPPORTED_OBJECTIVES)}. Set "
+                "train.sample_weighting=null for this recipe")
+        self._loss_module = _LossModule(objective, per_sample=cfg.sample_weighting is not None)
         self.forward: nn.Module = self._loss_module
 
         self.step = self.epoch = self.batches_in_epoch = 0
@@ -286,7 +306,8 @@ class Trainer:
             sync = micro == k - 1 or not self.dist.enabled
             with contextlib.nullcontext() if sync else self.forward.no_sync():
                 with self._autocast():
-                    loss, metrics = self.forward(batch)
+                    out = self.forward(batch)
+                loss, metrics = self._reweighted(out) if self._loss_module.per_sample else out
                 if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
                     raise TypeError("objective.loss(batch) must return (scalar tensor, dict)")
                 if not loss.requires_grad:
@@ -300,6 +321,14 @@ class Trainer:
                 metric_sums[key] = metric_sums.get(key, 0.0) + value
         loss_mean = distributed.all_reduce_mean(loss_sum / k)
         return loss_mean, {key: float(value) / k for key, value in metric_sums.items()}
+
+    def _reweighted(self, out) -> tuple[torch.Tensor, dict]:
+        """The sample-weighted loss of a micro-batch (weights over the global micro-batch)."""
+        losses, coef, metrics = out
+        cfg = self.config.sample_weighting
+        loss, stats = weighted_loss(SampleLosses(losses, metrics, coef), cfg,
+                                    uniform=self.step < cfg.warmup_steps)
+        return loss, {**metrics, **stats}
 
     def _update(self, loss: torch.Tensor) -> float | None:
         """Clip and step; None (and no change to the weights) if the update is not finite."""
@@ -554,21 +583,37 @@ class Trainer:
 
 
 class _LossModule(nn.Module):
-    """nn.Module whose forward is objective.loss(batch): what DDP wraps."""
+    """nn.Module whose forward is objective.loss(batch): what DDP wraps.
 
-    def __init__(self, objective):
+    per_sample: forward is objective.sample_losses(batch) instead, as a tuple
+    (losses [B], coef [B] or None, metrics).
+    """
+
+    def __init__(self, objective, *, per_sample: bool = False):
         super().__init__()
         self.model = objective.model
+        self.per_sample = per_sample
         self.__dict__["_objective"] = objective  # not a submodule (may itself be a Module)
 
     def forward(self, batch):
+        if self.per_sample:
+            out = self._objective.sample_losses(batch)
+            if out is None:
+                # No samples: an empty loss vector that still touches every parameter.
+                return self._zero().reshape(1)[:0], None, {"empty_batch_frac": 1.0}
+            if not (isinstance(out, SampleLosses) and out.losses.ndim == 1):
+                raise TypeError("objective.sample_losses(batch) must return a SampleLosses "
+                                "with 1-D losses, or None")
+            return out.losses, out.coef, out.metrics or {}
         out = self._objective.loss(batch)
         if out is None:
             # Nothing to learn from (e.g. every item was skipped). A zero loss that touches
             # every trainable parameter keeps the DDP ranks in step.
-            zero = sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
-            return zero, {"empty_batch_frac": 1.0}
+            return self._zero(), {"empty_batch_frac": 1.0}
         return out
+
+    def _zero(self) -> torch.Tensor:
+        return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
 
 
 def build_optimizer(named_params: Sequence[tuple[str, nn.Parameter]], cfg: TrainConfig):

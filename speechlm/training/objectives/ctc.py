@@ -324,19 +324,51 @@ class CTCObjective:
             loss = per_item.sum()
         return loss, per_item
 
+    def sample_ctc_losses(self, per_item: torch.Tensor,
+                          label_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(per-utterance loss per label, coef) with sum(coef * losses) the loss under
+        `self.reduction` (coef None: their mean), for `train.sample_weighting`."""
+        lengths = label_lengths.clamp_min(1).to(per_item.dtype)
+        losses = per_item / lengths
+        if self.reduction == "token_mean":
+            return losses, lengths / lengths.sum()
+        if self.reduction == "mean":
+            return losses, None
+        return losses, lengths
+
     def loss(self, batch):
+        out = self._batch_losses(batch)
+        if out is None:
+            return None
+        loss, _, _, metrics = out
+        return loss, metrics
+
+    def sample_losses(self, batch):
+        """Per-utterance losses (loss per label) for train.sample_weighting; with uniform
+        weights they reduce to `loss(batch)` under the same `reduction`."""
+        from ..sample_weighting import SampleLosses
+
+        out = self._batch_losses(batch)
+        if out is None:
+            return None
+        _, per_item, label_lengths, metrics = out
+        losses, coef = self.sample_ctc_losses(per_item, label_lengths)
+        return SampleLosses(losses, metrics, coef)
+
+    def _batch_losses(self, batch):
+        """(reduced loss, per-utterance losses, label lengths, metrics), or None if empty."""
         if self.skip_report is not None and batch.get("skipped"):
             self.skip_report.add(batch)
         if batch["audio"].shape[0] == 0:
             return None  # every item of the batch was skipped
         log_probs, frames = self._forward(self.model, batch)
         labels, label_lengths = batch["labels"], batch["label_lengths"]
-        loss, _ = self.ctc_loss(log_probs, frames, labels, label_lengths)
+        loss, per_item = self.ctc_loss(log_probs, frames, labels, label_lengths)
         needed = torch.tensor([label_frames_needed(row[row >= 0].tolist()) for row in labels.cpu()],
                               device=frames.device)
         infeasible = (frames < needed).float().mean()
-        return loss, {"infeasible_frac": infeasible,
-                      "skipped_items": float(len(batch.get("skipped", ())))}
+        return loss, per_item, label_lengths, {
+            "infeasible_frac": infeasible, "skipped_items": float(len(batch.get("skipped", ())))}
 
     # -- evaluation -------------------------------------------------------------------------
 

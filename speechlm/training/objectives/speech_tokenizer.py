@@ -17,6 +17,10 @@ from .ctc import CTCCollator, CTCObjective
 
 
 class SpeechTokenizerObjective(CTCObjective):
+    # Its loss adds the VQ commitment loss, a batch term with no per-utterance share, to
+    # CTC's: CTCObjective.sample_losses would drop it, so train.sample_weighting is refused.
+    sample_losses = None
+
     def __init__(self, model, vocab, *, vq_start_step: int = 0, usage_items: int | None = 100,
                  **kwargs):
         super().__init__(model, vocab, **kwargs)
