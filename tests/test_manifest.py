@@ -186,6 +186,15 @@ def test_a_directory_given_as_manifest_points_at_the_file_inside(tmp_path, capsy
         read_manifest(tmp_path / "empty_dir")
 
 
+def test_an_empty_manifest_does_not_validate(tmp_path, capsys):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    report = validate_manifest(path)
+    assert not report.ok and report.n_lines == 0
+    assert cli_main(["data", "validate", str(path)]) == 1
+    assert "no records (empty, or blank lines only)" in capsys.readouterr().out
+
+
 def test_validate_missing_manifest_is_a_manifest_error(tmp_path):
     with pytest.raises(ManifestError, match="nope.jsonl: file not found"):
         validate_manifest(tmp_path / "nope.jsonl")

@@ -7,7 +7,7 @@ import torch
 from _trainer_toy import make_trainer
 
 from speechlm.config import load_config
-from speechlm.errors import ConfigError
+from speechlm.errors import ConfigError, SpeechLMError
 from speechlm.training import checkpoint
 from speechlm.training.checkpoint import CheckpointMismatchError
 from speechlm.training.metrics_log import read_metrics
@@ -405,6 +405,13 @@ def test_objective_may_pass_on_an_empty_batch(tmp_path):
     assert result.step == 4
     rows = read_metrics(tmp_path, split="train")
     assert rows[0]["empty_batch_frac"] == 0.5 and "empty_batch_frac" not in rows[1]
+
+
+def test_a_whole_epoch_without_a_usable_item_stops_the_run(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=50)  # 10 batches per epoch
+    trainer.objective.loss = lambda batch: None  # every item of every batch was skipped
+    with pytest.raises(SpeechLMError, match=r"10 update\(s\) in a row had no usable training item"):
+        trainer.fit()
 
 
 # -- the real duration-bucketing sampler ------------------------------------------

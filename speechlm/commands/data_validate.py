@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{manifest}: ... {report.n_problems - len(report.problems)} more problem(s) "
                   "not shown (raise --max-problems)")
         print(report.summary())
-        total_problems += report.n_problems
+        total_problems += report.n_problems + (report.n_lines == 0)
     if len(args.manifests) > 1:
         print(f"{len(args.manifests)} manifests, {total_problems} problem(s)")
     return 1 if total_problems else 0

@@ -180,9 +180,12 @@ class ValidationReport:
 
     @property
     def ok(self) -> bool:
-        return self.n_problems == 0
+        return self.n_problems == 0 and self.n_lines > 0  # an empty manifest trains nothing
 
     def summary(self) -> str:
+        if self.n_lines == 0 and self.n_problems == 0:
+            return (f"{self.path}: no records (empty, or blank lines only); a manifest holds "
+                    "one JSON object per line")
         if self.ok:
             return f"{self.path}: OK ({self.n_lines} records)"
         return (f"{self.path}: {self.n_problems} problem(s); "

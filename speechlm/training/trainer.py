@@ -211,6 +211,7 @@ class Trainer:
 
         self.step = self.epoch = self.batches_in_epoch = 0
         self.train_seconds = 0.0
+        self._empty_streak = 0  # updates in a row whose batches had no usable item
         self.skipped_nonfinite = self._nonfinite_streak = 0
         self.best_value: float | None = None
         self.best_step: int | None = None
@@ -252,6 +253,7 @@ class Trainer:
             while self.step < cfg.max_steps:
                 self._set_freeze_phase()
                 loss, metrics = self._forward_backward(batches)
+                self._check_not_all_empty(metrics.get("empty_batch_frac", 0.0))
                 grad_norm = self._update(loss)
                 release_freed_heap()  # batches of new shapes fragment the heap otherwise
                 if grad_norm is None:
@@ -321,6 +323,20 @@ class Trainer:
                 metric_sums[key] = metric_sums.get(key, 0.0) + value
         loss_mean = distributed.all_reduce_mean(loss_sum / k)
         return loss_mean, {key: float(value) / k for key, value in metric_sums.items()}
+
+    def _check_not_all_empty(self, empty_frac: float) -> None:
+        """Stop a run that has seen a whole epoch of batches without one usable item (every
+        item skipped: unreadable audio, empty transcripts, ...): it would 'train' on nothing."""
+        empty = torch.tensor(1.0 if empty_frac >= 1.0 else 0.0, device=self.device)
+        all_ranks_empty = float(distributed.all_reduce_mean(empty)) >= 1.0
+        self._empty_streak = self._empty_streak + 1 if all_ranks_empty else 0
+        epoch = max(len(self.batch_sampler), 1) if hasattr(self.batch_sampler, "__len__") else 1000
+        if self._empty_streak >= epoch * self.config.grad_accum:
+            raise SpeechLMError(
+                f"{self._empty_streak} update(s) in a row had no usable training item (a whole "
+                "epoch): every item was skipped; the objective's skip counts in the log say why "
+                "(unreadable audio, too long, empty transcript). Check the training manifests "
+                "with `speechlm data validate --check-readable MANIFEST`")
 
     def _reweighted(self, out) -> tuple[torch.Tensor, dict]:
         """The sample-weighted loss of a micro-batch (weights over the global micro-batch)."""
