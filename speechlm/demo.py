@@ -220,7 +220,7 @@ def _examples(member, progress: bool) -> str:
                                                  progress=progress), EXAMPLES)
     model = SpeechLM.from_pretrained(member.model_dir).eval()
     lines = []
-    for name in ("repeat", "last_word"):
+    for name in TASKS:  # the tasks of the tables, as a user would see them
         instruction = INSTRUCTION_TASKS[name].instructions[0]
         answers = generate_from_speech(model, SpeechSource(), records, instruction,
                                        max_new_tokens=INSTRUCTION_TASKS[name].max_new_tokens)
