@@ -38,7 +38,7 @@ def test_pacing_functions_against_hand_computed_values(pacing):
     assert p(0.0625) == pytest.approx(0.1, abs=1e-9)       # the ramp begins at start
     assert p(0.875) == p(0.9) == p(1.0) == 1.0             # after it: everything
     values = [p(t) for t in np.linspace(0, 1, 201)]
-    assert all(b >= a for a, b in zip(values, values[1:]))  # never falls
+    assert all(b >= a for a, b in zip(values, values[1:], strict=False))  # never falls
     if pacing != "step":
         assert p(0.8749) > 0.9 or pacing in ("quadratic", "exp")
     else:
@@ -159,7 +159,7 @@ def test_bad_config_is_rejected_with_the_field_and_the_fix():
         record_difficulties([{"id": "a", "cer": "x"}], "cer")
 
 
-def test_ctc_recipe_trains_with_the_curriculum_on(tmp_path, corpus):
+def test_ctc_recipe_trains_with_the_curriculum_on(tmp_path, corpus):  # noqa: F811
     from speechlm.recipes import load_recipe
 
     out = tmp_path / "paced"
@@ -172,7 +172,7 @@ def test_ctc_recipe_trains_with_the_curriculum_on(tmp_path, corpus):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     paces = [r["curriculum_p"] for r in rows if r["split"] == "train"]
     assert len(paces) == 8 and paces[0] == 0.25 and paces[-1] == 1.0
-    assert all(b >= a for a, b in zip(paces, paces[1:]))
+    assert all(b >= a for a, b in zip(paces, paces[1:], strict=False))
     assert 0.0 <= results["dev"]["cer"] <= 1.5
 
     # a manifest field that the records lack is refused before training
@@ -186,3 +186,32 @@ def test_ctc_recipe_trains_with_the_curriculum_on(tmp_path, corpus):
     with pytest.raises(ConfigError, match="data.curriculum needs data.bucketing: true"):
         load_recipe(_recipe(tmp_path, corpus, steps=2, out=tmp_path / "bad3"),
                     ["data.curriculum.pacing=linear", "data.bucketing=false"])
+
+
+def test_a_language_mixture_of_paced_samplers_resumes_exactly():
+    from speechlm.data.mixture import TemperatureMixtureSampler
+
+    def build():
+        parts = {lang: _sampler(n=n, seed=s, round_batches=2)[0]
+                 for lang, n, s in (("es", 60, 1), ("en", 200, 2))}
+        return TemperatureMixtureSampler(parts, alpha=0.7, seed=5)
+
+    def take(mixture, count, first_epoch=0):
+        out, epoch = [], first_epoch
+        while len(out) < count:
+            mixture.set_epoch(epoch)
+            for batch in mixture:
+                out.append(batch)
+                if len(out) == count:
+                    return out
+            epoch += 1
+        return out
+
+    full = take(build(), 40)
+    cut = build()
+    head = take(cut, 17)
+    state = json.loads(json.dumps(cut.state_dict(num_consumed=cut._position)))
+    assert 0 < cut.curriculum_p() <= 1.0
+    resumed = build()
+    resumed.load_state_dict(state)
+    assert head + take(resumed, 40 - 17, first_epoch=state["epoch"]) == full
