@@ -232,6 +232,12 @@ class TemperatureMixtureSampler:
             offset = self.offsets[lang]
             yield [offset + int(index) for index in batch]
 
+    def curriculum_p(self) -> float | None:
+        """Mean pacing value of the languages' curriculum samplers (None if none has one)."""
+        values = [sampler.curriculum_p() for sampler in self.samplers.values()
+                  if callable(getattr(sampler, "curriculum_p", None))]
+        return float(np.mean(values)) if values else None
+
     def __len__(self) -> int:
         """Batches per mixture epoch (this rank)."""
         return self._epoch_length

@@ -125,14 +125,18 @@ class _BudgetBatchSampler:
         if self._cache is not None and self._cache[0] == self.epoch:
             return self._cache[1]
         rng = np.random.default_rng([self.seed, self.epoch])
+        batches = self._assemble(rng, self._groups(rng))
+        self._cache = (self.epoch, batches)
+        return batches
+
+    def _assemble(self, rng: np.random.Generator, groups) -> list[list[int]]:
+        """Pack each group, shuffle the batch order, even the count out over ranks."""
         batches: list[list[int]] = []
-        for group in self._groups(rng):
+        for group in groups:
             batches.extend(self._pack(group))
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        batches = self._even_out(batches)
-        self._cache = (self.epoch, batches)
-        return batches
+        return self._even_out(batches)
 
     def _even_out(self, batches: list[list[int]]) -> list[list[int]]:
         """Make the batch count a multiple of world_size so every rank gets as many."""
@@ -265,11 +269,13 @@ class DurationBucketSampler(_BudgetBatchSampler):
             if len(members):
                 self.buckets.append(members[np.argsort(self.durations[members], kind="stable")])
 
-    def _groups(self, rng: np.random.Generator) -> list[np.ndarray]:
+    def _groups(self, rng: np.random.Generator, buckets=None) -> list[np.ndarray]:
+        """The buckets (default all of them), shuffled and pool-sorted per epoch."""
+        buckets = self.buckets if buckets is None else buckets
         if not self.shuffle:
-            return self.buckets
+            return buckets
         groups = []
-        for bucket in self.buckets:
+        for bucket in buckets:
             shuffled = rng.permutation(bucket)
             if self.pool_batches:
                 # Sort random pools of a few batches' worth by duration: batch membership

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..data.curriculum import CurriculumConfig
 from ..errors import ConfigError
 from ..training.trainer import TrainConfig
 
@@ -127,8 +128,16 @@ class DataConfig:
     unknown_chars: Literal["unk", "skip"] = "unk"  # training utterances with such characters
     sample_rate: int = 16000
     strict: bool = False                  # raise on unreadable audio instead of skipping it
+    # CLIMB curriculum pacing (arXiv 2311.08886); None: every item from the first step
+    curriculum: CurriculumConfig | None = None
 
     def __post_init__(self):
+        if isinstance(self.curriculum, dict):
+            self.curriculum = CurriculumConfig(**self.curriculum)
+        if self.curriculum is not None and not self.bucketing:
+            raise ConfigError("data.curriculum needs data.bucketing: true (it paces the "
+                              "duration-bucketed sampler); set data.bucketing=true or "
+                              "data.curriculum=null")
         if self.max_batch_duration <= 0:
             raise ConfigError(f"data.max_batch_duration must be > 0, got {self.max_batch_duration}")
         if self.alpha < 0:
@@ -211,7 +220,8 @@ def run(config: Config) -> dict:
 
     # 3. data
     dataset, sampler, probabilities, eval_sets, reports = prepare_audio_data(
-        data, vocab, paths, frames_for_duration, min_duration, cfg.train.seed, dist, out)
+        data, vocab, paths, frames_for_duration, min_duration, cfg.train.seed, dist, out,
+        total_batches=cfg.train.max_steps * cfg.train.grad_accum)
 
     # 4. train
     train_cfg = _train_config(cfg, model)
@@ -322,10 +332,11 @@ def training_vocab(data: DataConfig, train: TrainConfig, paths: dict, train_lang
 
 
 def prepare_audio_data(data: DataConfig, vocab, paths: dict, frames_for_duration, min_duration,
-                       seed: int, dist, out: Path):
+                       seed: int, dist, out: Path, *, total_batches: int | None = None):
     """(train dataset, batch sampler, language probabilities, {split: dev/test dataset},
     data reports) for labelled audio: transcripts encoded and checked up front, skipped items
-    counted and written to out/data_report.json."""
+    counted and written to out/data_report.json. `total_batches` (max_steps x grad_accum)
+    paces `data.curriculum`."""
     from ..data.dataset import AudioDataset
     from ..training.objectives.ctc import prepare_ctc_records, say
 
@@ -355,7 +366,7 @@ def prepare_audio_data(data: DataConfig, vocab, paths: dict, frames_for_duration
         _write_json(out / "data_report.json", [rep.to_dict() for rep in reports])
         for rep in reports:
             say(rep.summary())
-    dataset, sampler, probabilities = _build_sampler(groups, data, seed, dist)
+    dataset, sampler, probabilities = _build_sampler(groups, data, seed, dist, total_batches)
     if dist.is_main and len(groups) > 1:
         say("languages: " + ", ".join(
             f"{lang} ({groups[lang]['hours']:.2f} h, p={p:.3f})"
@@ -423,19 +434,41 @@ def _single_lang(records: list[dict], where: str) -> str:
     return langs[0] if langs else "default"
 
 
-def _build_sampler(groups: dict[str, dict], data: DataConfig, seed: int, dist):
+def _build_sampler(groups: dict[str, dict], data: DataConfig, seed: int, dist,
+                   total_batches: int | None = None):
     """(dataset, batch sampler, language probabilities) for one or several languages."""
+    from ..data.curriculum import CurriculumBucketSampler, record_difficulties
     from ..data.dataset import AudioDataset
-    from ..data.mixture import TemperatureMixtureSampler
+    from ..data.mixture import TemperatureMixtureSampler, temperature_probabilities
     from ..data.sampler import DurationBucketSampler, RandomBatchSampler
 
+    curriculum = data.curriculum
+    if curriculum is not None:
+        if total_batches is None:
+            raise ConfigError("data.curriculum is not supported by this recipe (it does not "
+                              "tell the sampler the run's length); set data.curriculum=null")
+        if data.sortagrad_epochs:
+            logger.warning("data.sortagrad_epochs=%d is ignored: data.curriculum orders the "
+                           "data easy-first instead", data.sortagrad_epochs)
+        # Inside a mixture a language's sampler paces by its expected share of the batches.
+        shares = temperature_probabilities([g["size"] for g in groups.values()], data.alpha) \
+            if len(groups) > 1 else [1.0]
     samplers, datasets = {}, {}
     for i, (lang, group) in enumerate(groups.items()):
         durations = [float(r["duration"]) for r in group["records"]]
         common = dict(max_batch_duration=data.max_batch_duration,
                       max_batch_size=data.max_batch_size, seed=seed + i, rank=dist.rank,
                       world_size=dist.world_size)
-        if not data.bucketing:
+        if curriculum is not None:
+            difficulties = (durations if curriculum.difficulty == "duration" else
+                            record_difficulties(group["records"], curriculum.difficulty,
+                                                where=f"the '{lang}' training manifests"))
+            samplers[lang] = CurriculumBucketSampler(
+                durations, difficulties, num_buckets=data.num_buckets,
+                total_batches=max(1, round(total_batches * float(shares[i]))),
+                pacing=curriculum.pacing, start=curriculum.start, ramp=curriculum.ramp,
+                **common)
+        elif not data.bucketing:
             samplers[lang] = RandomBatchSampler(durations, **common)
         elif data.sortagrad_epochs:
             samplers[lang] = SortaGradSampler(

@@ -142,7 +142,8 @@ def run(config: Config) -> dict:
         raise ConfigError("data.max_duration must be <= 30 (one Whisper window); cut longer "
                           "training audio with `speechlm build segment`")
     dataset, sampler, probabilities, eval_sets, reports = prepare_audio_data(
-        data, vocab, paths, frames_for_duration, min_duration, cfg.train.seed, dist, out)
+        data, vocab, paths, frames_for_duration, min_duration, cfg.train.seed, dist, out,
+        total_batches=cfg.train.max_steps * cfg.train.grad_accum)  # paces data.curriculum
 
     objective = SpeechTokenizerObjective(
         model, vocab, dev=eval_sets.get("dev"), vq_start_step=cfg.model.vq_start_step,

@@ -273,6 +273,8 @@ class Trainer:
                         sec_per_step=(time.perf_counter() - window_start) / window_steps)
                     if (resident := resident_anonymous_mb()) is not None:
                         train_metrics["resident_mb"] = resident  # flat when memory is reused
+                    if (pace := self._curriculum_p()) is not None:
+                        train_metrics["curriculum_p"] = pace  # data.curriculum's p(t)
                     log.log("train", self.step, train_metrics)
                     bar.set_postfix(loss=f"{train_metrics['loss']:.4g}",
                                     lr=f"{train_metrics['lr']:.3g}")
@@ -414,6 +416,11 @@ class Trainer:
         return results
 
     # -- data -------------------------------------------------------------------
+
+    def _curriculum_p(self) -> float | None:
+        """The admissible difficulty percentile of a curriculum sampler (None without one)."""
+        get = getattr(self.batch_sampler, "curriculum_p", None)
+        return get() if callable(get) else None
 
     def _batches(self):
         """Endless batches over epochs, tracking (epoch, batches consumed) for checkpoints."""
