@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -142,3 +143,24 @@ def make_trainer(output_dir, *, dropout=0.0, hidden=16, n=40, global_batch=4, sa
     sampler = ToySampler(n, global_batch, seed=sampler_seed, rank=rank, world_size=world_size)
     return Trainer(config, ToyObjective(model, **(objective_kwargs or {})), ToyDataset(n),
                    sampler, run_config=run_config)
+
+
+def model_weights(trainer) -> dict[str, torch.Tensor]:
+    """A copy of the trainer's model weights, to compare runs with."""
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import into a test module to run it on one thread: bit-exact comparisons must not depend
+    on thread scheduling, and the toy is faster that way on 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

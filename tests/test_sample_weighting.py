@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from _trainer_toy import make_trainer
+from _trainer_toy import assert_same_weights, make_trainer, model_weights, one_thread  # noqa: F401
 
 from speechlm.config import load_config
 from speechlm.errors import ConfigError
@@ -21,25 +21,6 @@ from speechlm.training.sample_weighting import (
     weights,
 )
 from speechlm.training.trainer import TrainConfig
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def model_weights(trainer):
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
 
 # -- the formulas -----------------------------------------------------------------------
 

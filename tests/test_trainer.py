@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from _trainer_toy import make_trainer
+from _trainer_toy import assert_same_weights, make_trainer, one_thread  # noqa: F401 (autouse)
+from _trainer_toy import model_weights as weights
 
 from speechlm.config import load_config
 from speechlm.errors import ConfigError, SpeechLMError
@@ -13,26 +14,6 @@ from speechlm.training.checkpoint import CheckpointMismatchError
 from speechlm.training.metrics_log import read_metrics
 from speechlm.training.schedules import lr_factor, tri_stage_phases
 from speechlm.training.trainer import NonFiniteLossError, TrainConfig
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Bit-exactness must not depend on thread scheduling; also faster on 2 cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def weights(trainer):
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
 
 # -- learning ---------------------------------------------------------------------
 
