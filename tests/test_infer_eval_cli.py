@@ -141,6 +141,20 @@ def test_a_chunk_of_only_unreadable_audio_is_reported_not_fatal(setup, tmp_path)
     assert "unreadable or corrupt audio" in _read(out)[0]["error"]
 
 
+def test_an_empty_manifest_is_an_error_not_zero_transcripts(setup, tmp_path, capsys):
+    from speechlm.errors import ManifestError
+    from speechlm.inference.generate_jsonl import requests_from_manifest
+    from speechlm.inference.tasks import TaskPrompt
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert main(["infer", "--model", str(setup["model"]), "--manifest", str(empty),
+                 "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "empty.jsonl: no records (empty, or blank lines only)" in capsys.readouterr().err
+    with pytest.raises(ManifestError, match="empty.jsonl: no records"):
+        requests_from_manifest(empty, TaskPrompt("asr"))
+
+
 def test_infer_files_prints_texts_and_long_audio_is_stitched(setup, capsys):
     audio_dir = setup["root"] / "data" / "audio"
     files = [str(audio_dir / "u0.flac"), str(audio_dir / "u1.flac")]

@@ -184,14 +184,19 @@ class ValidationReport:
 
     def summary(self) -> str:
         if self.n_lines == 0 and self.n_problems == 0:
-            return (f"{self.path}: no records (empty, or blank lines only); a manifest holds "
-                    "one JSON object per line")
+            return no_records(self.path)
         if self.ok:
             return f"{self.path}: OK ({self.n_lines} records)"
         return (f"{self.path}: {self.n_problems} problem(s); "
                 f"{self.n_ok} of {self.n_lines} records OK")
 
 
+
+
+def no_records(path) -> str:
+    """The problem of a manifest without a record, for every job that needs records."""
+    return (f"{path}: no records (empty, or blank lines only); a manifest holds one JSON "
+            "object per line")
 
 
 def validate_manifest(path, *, check_audio_exists: bool = True, check_audio_readable: bool = False,

@@ -92,13 +92,15 @@ def requests_from_manifest(manifest, prompt, *, options=None, spoken_question: b
 
     Raises ManifestError "file:line: ..." for a record whose prompt is invalid.
     """
-    from ..data.manifest import AUDIO_PATH_KEY, iter_manifest_lines
+    from ..data.manifest import AUDIO_PATH_KEY, iter_manifest_lines, no_records
     from ..errors import ConfigError, ManifestError
     from .speech_lm import Request
 
     skip = set(skip_ids)
     requests = []
+    records_seen = 0
     for lineno, record in iter_manifest_lines(manifest):
+        records_seen += 1
         rid = str(record["id"])
         if rid in skip:
             continue
@@ -116,6 +118,8 @@ def requests_from_manifest(manifest, prompt, *, options=None, spoken_question: b
             messages=item_prompt.messages, instruction=item_prompt.instruction,
             offset=float(record.get("offset", 0.0)), duration=record.get("duration"),
             options=options))
+    if not records_seen:
+        raise ManifestError(no_records(manifest))
     return requests
 
 

@@ -184,7 +184,8 @@ class Transcriber:
         With `resume`, ids already in `out_jsonl` are skipped (a killed run continues);
         without, the file is started afresh.
         """
-        from ..data.manifest import read_manifest
+        from ..data.manifest import no_records, read_manifest
+        from ..errors import ManifestError
         from ..jsonl import JsonlAppender, iter_jsonl
 
         out = Path(out_jsonl)
@@ -194,7 +195,10 @@ class Transcriber:
                 done = {str(rec.get("id")) for _, rec in iter_jsonl(out, tolerate_torn_tail=True)}
             else:
                 out.unlink()
-        records = [r for r in read_manifest(manifest) if str(r["id"]) not in done]
+        records = read_manifest(manifest)
+        if not records:
+            raise ManifestError(no_records(manifest))
+        records = [r for r in records if str(r["id"]) not in done]
         with JsonlAppender(out) as appender:
             summary = self._run(records, appender.write, progress=progress, chunk=chunk)
         summary.already_done = len(done)
