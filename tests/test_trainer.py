@@ -393,6 +393,11 @@ def test_a_whole_epoch_without_a_usable_item_stops_the_run(tmp_path):
     trainer.objective.loss = lambda batch: None  # every item of every batch was skipped
     with pytest.raises(SpeechLMError, match=r"10 update\(s\) in a row had no usable training item"):
         trainer.fit()
+    # with 2 micro-batches per update, an epoch of 10 batches is 5 updates
+    trainer = make_trainer(tmp_path / "accum", max_steps=50, grad_accum=2)
+    trainer.objective.loss = lambda batch: None
+    with pytest.raises(SpeechLMError, match=r"5 update\(s\) in a row had no usable training item"):
+        trainer.fit()
 
 
 # -- the real duration-bucketing sampler ------------------------------------------

@@ -240,8 +240,8 @@ class Trainer:
                             tensorboard=cfg.tensorboard, resume_step=self.step)
         from ..progress import progress_bar
 
-        bar = progress_bar(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
-                   disable=not (cfg.progress and self.dist.is_main))
+        bar = progress_bar(total=cfg.max_steps, initial=self.step, desc="train",
+                           dynamic_ncols=True, disable=not (cfg.progress and self.dist.is_main))
         batches = self._batches()
         window: dict[str, float] = {}
         window_steps, window_start = 0, time.perf_counter()
@@ -332,8 +332,10 @@ class Trainer:
         empty = torch.tensor(1.0 if empty_frac >= 1.0 else 0.0, device=self.device)
         all_ranks_empty = float(distributed.all_reduce_mean(empty)) >= 1.0
         self._empty_streak = self._empty_streak + 1 if all_ranks_empty else 0
-        epoch = max(len(self.batch_sampler), 1) if hasattr(self.batch_sampler, "__len__") else 1000
-        if self._empty_streak >= epoch * self.config.grad_accum:
+        if not self._empty_streak:
+            return  # the usual case: no need to size an epoch (a sampler may rebuild it)
+        batches = len(self.batch_sampler) if hasattr(self.batch_sampler, "__len__") else 1000
+        if self._empty_streak >= max(math.ceil(batches / self.config.grad_accum), 1):
             raise SpeechLMError(
                 f"{self._empty_streak} update(s) in a row had no usable training item (a whole "
                 "epoch): every item was skipped; the objective's skip counts in the log say why "
