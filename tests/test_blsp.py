@@ -164,11 +164,29 @@ def test_embedding_loss_is_least_for_the_tokens_own_embeddings(cif_model):
         BlspObjective(cif_model, embed_loss="cosine")
 
 
-def test_per_token_losses_need_a_cif_adapter(model):
-    for weights in ({"embed_weight": 1.0}, {"ctc_weight": 0.5}):
-        with pytest.raises(ConfigError, match="need an adapter that emits one embedding per "
-                                              "token: set model.adapter: cif"):
-            BlspObjective(model, loss="kd", **weights)
+def test_the_embedding_loss_needs_a_cif_adapter(model):
+    with pytest.raises(ConfigError, match="needs an adapter that emits one embedding per "
+                                          "token: set model.adapter: cif"):
+        BlspObjective(model, loss="kd", embed_weight=1.0)
+
+
+def test_token_ctc_trains_a_frame_rate_adapter_beside_kd(model):
+    """loss.ctc_weight on the BLSP conv adapter: the CTC reads the adapter's outputs (the
+    positions the LLM reads) and a few updates on one batch halve it."""
+    import copy
+
+    model = copy.deepcopy(model)
+    batch = _batch(model, frames=400)  # 50 outputs at 8x for the longest transcript
+    objective = BlspObjective(model, loss="kd", ctc_weight=1.0)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    history = []
+    for _ in range(25):
+        loss, metrics = objective.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(metrics)
+    assert history[-1]["ctc_loss"] < 0.5 * history[0]["ctc_loss"]
 
 
 def test_cif_adapter_learns_the_count_and_the_embeddings(cif_model):

@@ -51,7 +51,8 @@ class AdapterOutput(NamedTuple):
 
     A CIF adapter adds `quantity` [B], its unscaled firing-weight sum (the count loss), and
     `frames` [B, T, D_llm] / `frame_lengths` [B], the subsampled frames before integration
-    projected into the LLM's space (an auxiliary CTC loss over LLM tokens reads them)."""
+    projected into the LLM's space (an auxiliary CTC loss over LLM tokens reads them; for
+    other adapters it reads `hidden` itself)."""
 
     hidden: torch.Tensor
     lengths: torch.Tensor
@@ -102,6 +103,10 @@ class Adapter(nn.Module):
         self.input_dim = int(input_dim)
         self.output_dim = int(output_dim)
         self.input_rate = float(input_rate)
+        # the CTC blank's direction in the LLM space (the auxiliary token CTC loss's extra
+        # class): fixed and the same in every process, so a resumed or reloaded adapter keeps it
+        blank = torch.randn(self.output_dim, generator=torch.Generator().manual_seed(0))
+        self.register_buffer("ctc_blank", blank / blank.norm(), persistent=False)
 
     def output_lengths(self, lengths: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """Exact output frames for `lengths` input frames (int64)."""
@@ -277,10 +282,6 @@ class CifAdapter(_GluConvAdapter):
             if num_layers > 0 else None
         self.proj = nn.Linear(width, output_dim)
         self.norm = nn.LayerNorm(output_dim, eps=1e-5)
-        # the CTC blank's direction in the LLM space (the auxiliary CTC loss's extra class):
-        # fixed and the same in every process, so a resumed or reloaded adapter keeps it
-        blank = torch.randn(output_dim, generator=torch.Generator().manual_seed(0))
-        self.register_buffer("ctc_blank", blank / blank.norm(), persistent=False)
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor,
                 target_lengths: torch.Tensor | None = None) -> AdapterOutput:

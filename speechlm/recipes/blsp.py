@@ -93,7 +93,7 @@ class LossConfig:
     count_weight: float = 1.0                 # CIF adapter: L1 on its token count
     embed_weight: float = 0.0                 # CIF adapter: pull each output to its token's embedding
     embed_loss: str = "mse+ce"                # ... by mse, ce (cosine, whole vocabulary) or both
-    ctc_weight: float = 0.0                   # CIF adapter: CTC of the tokens over its frames
+    ctc_weight: float = 0.0                   # CTC of the transcript's tokens over the adapter's frames
 
     def __post_init__(self):
         from ..training.objectives.blsp import LOSSES

@@ -16,6 +16,8 @@ Losses (BLSP, arXiv 2309.00916; BLSP-KD, arXiv 2405.19041):
   Response tokens are the same ids in both prompts, so the i-th response
   position of a row lines up in the two passes.
 - `ce+kd`: their weighted sum.
+- `ctc_weight`: an auxiliary token CTC of the transcript over the adapter's
+  frames (token_ctc_loss), with any adapter.
 - With a CIF adapter (one embedding per token, `adapter.emits_per_token`), the
   speech of each item fires exactly its transcript's token count, so the
   student's response sits where the teacher's does, and an L1 loss on the
@@ -142,10 +144,15 @@ def _cosine_logits(vectors: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 def token_ctc_loss(speech, token_ids: Sequence[Sequence[int]], embed, blank: torch.Tensor
                    ) -> torch.Tensor:
-    """CTC of the transcript tokens over a CIF adapter's subsampled frames (`speech.frames`),
+    """CTC of the transcript tokens over the adapter's frames: a CIF adapter's subsampled
+    frames before integration (`speech.frames`), any other adapter's outputs themselves,
     each frame scored against the LLM's embedding matrix plus a blank direction by cosine
     at temperature 0.1 (as the embedding loss). It teaches the frames which token they
-    hold and where, which CIF's count loss alone does not: the standard CIF + CTC pairing."""
+    hold and where, which CIF's count loss alone does not: the standard CIF + CTC pairing.
+    On a frame-rate adapter it pulls the speech positions toward the transcript's own token
+    embeddings, in order (an auxiliary ASR objective beside BLSP's)."""
+    if speech.frames is None:
+        speech = speech._replace(frames=speech.hidden, frame_lengths=speech.lengths)
     frames = speech.frames.float()
     table = torch.cat([embed.weight.detach().float(), blank.float()[None]], dim=0)
     log_probs = F.log_softmax(_cosine_logits(frames, table), dim=-1).transpose(0, 1)
@@ -193,11 +200,9 @@ class BlspObjective:
             raise ConfigError(f"loss.embed_loss must be one of {', '.join(EMBED_LOSSES)}, "
                               f"got {embed_loss!r}")
         self.embed_loss = embed_loss
-        if (self.embed_weight or self.ctc_weight) and \
-                not getattr(model.adapter, "emits_per_token", False):
-            raise ConfigError("loss.embed_weight and loss.ctc_weight need an adapter that emits "
-                              "one embedding per token: set model.adapter: cif, or set both "
-                              "weights to 0")
+        if self.embed_weight and not getattr(model.adapter, "emits_per_token", False):
+            raise ConfigError("loss.embed_weight needs an adapter that emits one embedding per "
+                              "token: set model.adapter: cif, or set the weight to 0")
         self.instruction = instruction
         self.template = template
         self.evaluate_fn = evaluate_fn
@@ -209,19 +214,22 @@ class BlspObjective:
         return list(own) if own is not None else self.instruction
 
     def student_inputs(self, batch: dict, responses: Sequence[str]):
-        """The speech-path inputs, and the per-token adapter's losses ({} for other
-        adapters): `count` (L1 on the firing count), `embed` (embedding_loss) and `ctc`
-        (token_ctc_loss) when their weights are set."""
+        """The speech-path inputs, and the adapter's own losses: for a per-token adapter
+        `count` (L1 on the firing count) and `embed` (embedding_loss) when its weight is set;
+        for any adapter `ctc` (token_ctc_loss) when its weight is set; else {}."""
         speech, extra = None, {}
-        if getattr(self.model.adapter, "emits_per_token", False):
+        per_token = getattr(self.model.adapter, "emits_per_token", False)
+        if per_token or self.ctc_weight:
             ids = transcript_token_ids(self.model, batch_transcripts(batch))
             target = torch.tensor([len(row) for row in ids], dtype=torch.long)
-            speech = self.model.encode_speech(**batch_speech(batch), target_lengths=target)
-            extra["count"] = (speech.quantity - target.to(speech.quantity.device)).abs().mean()
+            speech = self.model.encode_speech(**batch_speech(batch),
+                                              **({"target_lengths": target} if per_token else {}))
+            if per_token:
+                extra["count"] = (speech.quantity - target.to(speech.quantity.device)).abs().mean()
             if self.embed_weight:
                 extra["embed"] = embedding_loss(speech, ids, self.model.llm.get_input_embeddings(),
                                                 self.embed_loss)
-            if self.ctc_weight and speech.frames is not None:
+            if self.ctc_weight and (speech.frames is not None or not per_token):
                 extra["ctc"] = token_ctc_loss(speech, ids, self.model.llm.get_input_embeddings(),
                                               self.model.adapter.ctc_blank)
         inputs = self.model.build_inputs(instructions=self.instructions(batch),
