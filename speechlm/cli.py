@@ -94,8 +94,13 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.debug:
             raise
+        from .jsonl import write_failure
+
         if isinstance(e, SpeechLMError):
             print(f"speechlm: error: {e}", file=sys.stderr)
+        elif (detail := write_failure(e)) is not None:  # a writer that names no output
+            print(f"speechlm: error: cannot write an output ({detail}); free space on that "
+                  "disk (or point the output at another) and rerun", file=sys.stderr)
         elif isinstance(e, OSError):
             print(f"speechlm: error: {e}", file=sys.stderr)
         else:

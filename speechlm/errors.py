@@ -75,6 +75,21 @@ class TTSError(SpeechLMError):
     """The TTS engine cannot say a text or cannot load a voice."""
 
 
+class WriteError(SpeechLMError):
+    """Writing an output failed for lack of space (a full disk, a quota, a file-size limit)
+    or another system error; `path` says which output."""
+
+    def __init__(self, path, detail: str):
+        self.path, self.detail = str(path), detail
+        super().__init__(
+            f"{self.path}: cannot write it ({detail}); free space on that disk (or point the "
+            "output at another) and rerun: finished work is kept, and nothing half-written "
+            "is used")
+
+    def __reduce__(self):  # rebuilt from its parts when a worker process raises it
+        return type(self), (self.path, self.detail)
+
+
 def about(item_id, message) -> str:
     """`message` about the item `item_id`, naming it once: an audio error already starts with
     its file, which is the item's id when the input was a file."""

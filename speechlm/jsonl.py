@@ -9,11 +9,14 @@ Three ways to write, for three jobs:
   `read_jsonl(..., tolerate_torn_tail=True)` ignores that torn last line and
   the appender cuts it off before appending again.
 Files ending in `.gz` are read and written gzip-compressed (not appendable).
+A write that fails for lack of space raises a WriteError naming the output
+(`writing` does that for other writers too).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import json
 import os
@@ -21,7 +24,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import ManifestError, SpeechLMError
+from .errors import ManifestError, SpeechLMError, WriteError
 
 
 def open_lines_binary(path: Path):
@@ -87,6 +90,39 @@ def read_jsonl(path, **kwargs) -> list[dict]:
     return [rec for _, rec in iter_jsonl(path, **kwargs)]
 
 
+_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# how libraries that do not raise OSError say it: torch.save, safetensors (a Rust io::Error)
+_SPACE_WORDS = ("no space left", "file too large", "quota exceeded", "file write failed")
+
+
+def write_failure(error: BaseException) -> str | None:
+    """What went wrong, when `error` is a failed write for lack of space (or, from libsndfile,
+    which names no cause, any failed write); None for other errors."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error) if error.errno in _SPACE_ERRNOS else None
+    text = str(error)
+    if any(words in text.lower() for words in _SPACE_WORDS):
+        return text.strip().splitlines()[-1][:200]
+    if type(error).__name__ == "LibsndfileError":
+        return f"libsndfile: {text or 'system error'}; is the disk full?"
+    return None
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Turn a failed write inside the block (see write_failure) into a WriteError naming
+    `path`, the output the user knows, instead of a bare errno or a library's message."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as e:
+        detail = write_failure(e)
+        if detail is None:
+            raise
+        raise WriteError(path, detail) from e
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode: str = "w"):
     """Open a temporary file beside `path`; on success fsync and rename it over `path`.
@@ -98,8 +134,8 @@ def atomic_write(path, mode: str = "w"):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode.replace("t", "") if "b" in mode else mode,
-                       **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        with writing(path), os.fdopen(fd, mode.replace("t", "") if "b" in mode else mode,
+                                      **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -128,7 +164,8 @@ def atomic_directory(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        with writing(path):
+            yield tmp
         # mkdtemp makes 0700 (and some writers 0600 files): give what mkdir/open would
         umask = os.umask(0)
         os.umask(umask)
@@ -178,20 +215,36 @@ class JsonlAppender:
         self._f = open(self.path, "a", encoding="utf-8")
         self._fsync_every = max(1, fsync_every)
         self._pending = 0
+        self._failed = False
 
     def write(self, record: dict) -> None:
-        self._f.write(dumps(record) + "\n")
-        self._f.flush()
-        self._pending += 1
-        if self._pending >= self._fsync_every:
-            os.fsync(self._f.fileno())
-            self._pending = 0
+        with writing(self.path):
+            try:
+                self._f.write(dumps(record) + "\n")
+                self._f.flush()
+            except OSError:
+                self._failed = True  # the buffer still holds part of this record
+                raise
+            self._pending += 1
+            if self._pending >= self._fsync_every:
+                os.fsync(self._f.fileno())
+                self._pending = 0
 
     def close(self) -> None:
-        if not self._f.closed:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
+        if self._f.closed:
+            return
+        if self._failed:
+            # the file is closed even when flushing the rest of the record fails again; a
+            # torn line on disk is cut when the file is opened to append again
+            with contextlib.suppress(OSError):
+                self._f.close()
+            return
+        with writing(self.path):
+            try:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+            finally:
+                self._f.close()
 
     def __enter__(self):
         return self

@@ -261,3 +261,19 @@ def test_duration_limits_name_the_limit(tmp_path):
 
 def test_empty_wave_check():
     raises_naming(AudioEmptyError, "e.wav", check_audio, torch.zeros(0), 16000, "e.wav")
+
+
+def test_check_audio_warns_once_per_clip_of_an_absurd_peak_then_counts(caplog, monkeypatch):
+    import speechlm.audio.checks as checks
+
+    monkeypatch.setattr(checks, "_peak_warnings", 0)
+    wave = 0.1 * torch.sin(torch.arange(16000) / 10.0)
+    with caplog.at_level("WARNING", logger="speechlm.audio.checks"):
+        check_audio(wave * 3, 16000, "hot.wav")  # 3x over: a hot mix, no warning
+        assert caplog.messages == []
+        for i in range(7):
+            check_audio(wave * 32767, 16000, f"loud{i}.wav")  # still usable: no error
+    assert [m.split(":")[0] for m in caplog.messages[:5]] == [f"loud{i}.wav" for i in range(5)]
+    assert "peak level 3277 (+70.3 dBFS)" in caplog.messages[0]
+    assert caplog.messages[5].startswith("further clips with an absurd peak level")
+    assert len(caplog.messages) == 6

@@ -147,6 +147,26 @@ def test_validate_check_readable_finds_nan_and_inf_samples(tmp_path, audio_dir):
     assert report.n_ok == 2
 
 
+def test_validate_warns_of_an_absurd_peak_level_without_failing(tmp_path, audio_dir, capsys):
+    """int16 values stored in a float WAV: usable, but almost surely a mistake."""
+    from speechlm.cli import main
+
+    wave = (0.1 * np.sin(np.arange(SR) / 10)).astype(np.float32)
+    sf.write(audio_dir / "loud.wav", wave * 32767, SR, subtype="FLOAT")
+    sf.write(audio_dir / "hot.wav", wave * 30, SR, subtype="FLOAT")  # peak 3.0: a hot mix
+    path = write_lines(tmp_path / "m.jsonl", [
+        {"id": "a", "audio": "wav/hot.wav"}, {"id": "b", "audio": "wav/loud.wav"}])
+    report = validate_manifest(path, check_audio_readable=True)
+    assert report.ok and report.problems == []
+    assert report.warnings == [
+        f"{path}:2: audio: warning: {audio_dir / 'loud.wav'}: peak level 3277 (+70.3 dBFS) is far "
+        "above full scale 1.0; the samples are probably on another scale (integer PCM stored "
+        "as float?): divide them by the peak or re-encode the file as 16-bit PCM"]
+    assert main(["data", "validate", "--check-readable", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "loud.wav: peak level 3277" in out and f"{path}: OK (2 records, 1 warning(s))" in out
+
+
 def test_a_line_that_is_not_utf8_is_named_by_every_reader(tmp_path, capsys):
     path = tmp_path / "m.jsonl"
     good = json.dumps({"id": "a", "audio": "a.wav", "text": "hello", "duration": 1.0})

@@ -2,11 +2,14 @@
 
 `check_audio` raises an `AudioError` subclass naming the file and the limit;
 data jobs catch `AudioError`, skip the item and count it (see DESIGN.md,
-"Bad input never crashes a long job").
+"Bad input never crashes a long job"). A peak far above full scale is usable
+but almost always a mistake (integer PCM values stored as float), so it is
+logged as a warning instead (the first few files of a run, then a count).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -21,9 +24,38 @@ from speechlm.errors import (
     AudioTooShortError,
 )
 
+log = logging.getLogger(__name__)
+
+# Full scale is 1.0. Float audio may go somewhat over it (a mix before limiting); a peak 4x
+# over (+12 dBFS) means the samples are on another scale, e.g. int16 values written as float.
+ABSURD_PEAK = 4.0
+_PEAK_WARNINGS_SHOWN = 5
+_peak_warnings = 0
+
 
 def _dbfs(amplitude: float) -> float:
     return 20.0 * math.log10(amplitude) if amplitude > 0 else -math.inf
+
+
+def absurd_peak(peak: float, path: str | os.PathLike) -> str | None:
+    """The warning for a clip whose peak sample is `peak` (full scale 1.0), or None."""
+    if peak <= ABSURD_PEAK:
+        return None
+    return (f"{path}: peak level {peak:.4g} ({_dbfs(peak):+.1f} dBFS) is far above full scale "
+            f"1.0; the samples are probably on another scale (integer PCM stored as float?): "
+            f"divide them by the peak or re-encode the file as 16-bit PCM")
+
+
+def _warn_absurd_peak(peak: float, path) -> None:
+    global _peak_warnings
+    message = absurd_peak(peak, path)
+    if message is None:
+        return
+    _peak_warnings += 1
+    if _peak_warnings <= _PEAK_WARNINGS_SHOWN:
+        log.warning(message)
+    if _peak_warnings == _PEAK_WARNINGS_SHOWN:
+        log.warning("further clips with an absurd peak level are not reported one by one")
 
 
 def check_audio(
@@ -39,7 +71,8 @@ def check_audio(
 
     Checks, in order: empty, NaN/Inf, shorter than `min_duration` or longer
     than `max_duration` seconds, RMS level below `silence_dbfs` dBFS (all
-    zeros included). Pass `silence_dbfs=None` to skip the silence check.
+    zeros included). Pass `silence_dbfs=None` to skip the silence check. A peak above
+    ABSURD_PEAK is logged as a warning (see the module doc).
     """
     n = wave.numel()
     if n == 0:
@@ -49,6 +82,7 @@ def check_audio(
         raise AudioNonFiniteError(
             path, f"{bad} of {n} samples", hint="the file is damaged; re-encode or drop it"
         )
+    _warn_absurd_peak(float(wave.abs().max()), path)
     seconds = n / sample_rate
     if min_duration is not None and seconds < min_duration:
         raise AudioTooShortError(

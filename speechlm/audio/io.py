@@ -13,6 +13,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import soundfile as sf
@@ -92,16 +93,30 @@ def audio_info(path: str | os.PathLike) -> AudioInfo:
         )
 
 
-def count_nonfinite(path: str | os.PathLike, block_frames: int = 1 << 16) -> int:
-    """NaN / Inf samples in `path`, read block by block (memory stays flat on long files);
-    0 at once for encodings that cannot hold them."""
+class FloatScan(NamedTuple):
+    """What a pass over a float file's samples found: NaN / Inf samples and the largest
+    finite |sample| (full scale is 1.0)."""
+
+    nonfinite: int
+    peak: float
+
+
+def scan_float_samples(path: str | os.PathLike, block_frames: int = 1 << 16) -> FloatScan:
+    """NaN / Inf samples and the peak of `path`, read block by block (memory stays flat on
+    long files); FloatScan(0, 0.0) at once for encodings that cannot hold them (integer PCM
+    and compressed formats cannot be off scale either)."""
     path = Path(path)
+    nonfinite, peak = 0, 0.0
     with _open(path) as f:
         if str(f.subtype) not in ("FLOAT", "DOUBLE"):
-            return 0
+            return FloatScan(0, 0.0)
         dtype = "float64" if str(f.subtype) == "DOUBLE" else "float32"
-        return sum(int((~np.isfinite(block)).sum())
-                   for block in f.blocks(blocksize=block_frames, dtype=dtype))
+        for block in f.blocks(blocksize=block_frames, dtype=dtype):
+            finite = np.isfinite(block)
+            nonfinite += int((~finite).sum())
+            if finite.any():
+                peak = max(peak, float(np.abs(block[finite]).max()))
+    return FloatScan(nonfinite, peak)
 
 
 @functools.lru_cache(maxsize=32)

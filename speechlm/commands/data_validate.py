@@ -17,6 +17,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print at most N problems per manifest (default 50; 0 = all)")
 
 
+def _line_number(message: str) -> int:
+    """The line of a "file:line: field: ..." message (file names may hold colons)."""
+    try:
+        return int(message.split(": ", 1)[0].rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from speechlm.data.manifest import validate_manifest
 
@@ -25,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
     for manifest in args.manifests:
         report = validate_manifest(manifest, check_audio_exists=not args.no_check_exists,
                                    check_audio_readable=args.check_readable, max_problems=limit)
-        for problem in report.problems:
-            print(problem)
+        for line in sorted(report.problems + report.warnings, key=_line_number):
+            print(line)
         if report.n_problems > len(report.problems):
             print(f"{manifest}: ... {report.n_problems - len(report.problems)} more problem(s) "
                   "not shown (raise --max-problems)")

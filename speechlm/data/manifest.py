@@ -169,7 +169,9 @@ class ValidationReport:
     """What `validate_manifest` found in one file.
 
     `problems` holds "file:line: field: problem" strings in line order (at
-    most `max_problems` of them); `n_problems` counts them all.
+    most `max_problems` of them); `n_problems` counts them all. `warnings`
+    ("file:line: field: warning: ...") are usable records that are probably a
+    mistake (an absurd peak level); they do not make the report fail.
     """
 
     path: str
@@ -177,6 +179,7 @@ class ValidationReport:
     n_ok: int = 0
     n_problems: int = 0
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -186,7 +189,8 @@ class ValidationReport:
         if self.n_lines == 0 and self.n_problems == 0:
             return no_records(self.path)
         if self.ok:
-            return f"{self.path}: OK ({self.n_lines} records)"
+            warned = f", {len(self.warnings)} warning(s)" if self.warnings else ""
+            return f"{self.path}: OK ({self.n_lines} records{warned})"
         return (f"{self.path}: {self.n_problems} problem(s); "
                 f"{self.n_ok} of {self.n_lines} records OK")
 
@@ -229,6 +233,10 @@ def validate_manifest(path, *, check_audio_exists: bool = True, check_audio_read
             # Keep the earliest lines (a late duplicate may name an early one).
             found.sort()
             del found[max_problems:]
+
+    def warn(lineno: int, name: str, warning: str) -> None:
+        if max_problems is None or len(report.warnings) < max_problems:
+            report.warnings.append(f"{shown}:{lineno}: {name}: warning: {warning}")
 
     audio_info = None
     if check_audio_readable:
@@ -279,7 +287,7 @@ def validate_manifest(path, *, check_audio_exists: bool = True, check_audio_read
                     add(lineno, "audio", f"file not found: {audio_path}")
                     continue
                 if audio_info is not None:
-                    _check_readable(record, audio_path, audio_info, lineno, add,
+                    _check_readable(record, audio_path, audio_info, lineno, add, warn,
                                     skip_ranges=bool(problems))
         except (OSError, EOFError, gzip.BadGzipFile) as e:
             add(report.n_lines + 1, "(file)", f"cannot read further ({e}); the file is truncated or corrupt")
@@ -296,19 +304,24 @@ def validate_manifest(path, *, check_audio_exists: bool = True, check_audio_read
     return report
 
 
-def _check_readable(record, audio_path, audio_info, lineno, add, *, skip_ranges: bool) -> None:
+def _check_readable(record, audio_path, audio_info, lineno, add, warn, *,
+                    skip_ranges: bool) -> None:
     try:
         info = audio_info(audio_path)
     except AudioError as e:
         add(lineno, "audio", f"{e.reason}: {audio_path}" + (f" ({e.detail})" if e.detail else ""))
         return
     if info.can_hold_nonfinite:  # float WAVs: one NaN would poison a training run
-        from ..audio.io import count_nonfinite
+        from ..audio.checks import absurd_peak
+        from ..audio.io import scan_float_samples
 
-        if bad := count_nonfinite(audio_path):
-            add(lineno, "audio", f"audio contains NaN or Inf samples ({bad} of "
+        scan = scan_float_samples(audio_path)
+        if scan.nonfinite:
+            add(lineno, "audio", f"audio contains NaN or Inf samples ({scan.nonfinite} of "
                                  f"{info.num_frames * info.channels}): {audio_path}; the file "
                                  "is damaged: re-encode it or drop the record")
+        if warning := absurd_peak(scan.peak, audio_path):
+            warn(lineno, "audio", warning)
     if skip_ranges:  # offset/duration already reported as malformed
         return
     total = float(info.duration)

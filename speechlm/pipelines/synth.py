@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from speechlm.errors import ConfigError, ManifestError, SpeechLMError, TTSError
-from speechlm.jsonl import JsonlAppender, atomic_write, dumps, iter_jsonl
+from speechlm.jsonl import JsonlAppender, atomic_write, dumps, iter_jsonl, writing
 
 AUDIO_FORMATS = {"flac": "FLAC", "wav": "WAV"}
 MANIFEST_NAME = "manifest.jsonl"
@@ -272,8 +272,13 @@ def _synth_task(task: tuple) -> tuple:
     tmp = audio_dir / f".{item_id}.{fmt}.tmp"
     # Temporary name, then rename: a killed job never leaves a half-written file under the final
     # name. (No fsync per file: it would cost more than the synthesis; see _FSYNC_EVERY.)
-    sf.write(tmp, np.clip(wave, -1.0, 1.0), tts.sample_rate, format=AUDIO_FORMATS[fmt],
-             subtype="PCM_16")
+    try:
+        with writing(final):
+            sf.write(tmp, np.clip(wave, -1.0, 1.0), tts.sample_rate, format=AUDIO_FORMATS[fmt],
+                     subtype="PCM_16")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, final)
     return ("ok", len(wave) / tts.sample_rate)
 

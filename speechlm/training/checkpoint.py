@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SpeechLMError
+from ..jsonl import writing
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -72,15 +73,20 @@ def save_checkpoint(directory, *, model_state: Mapping[str, torch.Tensor],
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(_unshared(model_state), str(tmp / MODEL_FILE), metadata={"format": "pt"})
-    if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-    torch.save(trainer_state, tmp / STATE_FILE)
-    (tmp / CONFIG_FILE).write_text(json.dumps(config or {}, indent=2, default=str) + "\n",
-                                   encoding="utf-8")
-    for file in tmp.iterdir():
-        _fsync(file)
-    _fsync(tmp)
+    try:
+        with writing(final):
+            save_file(_unshared(model_state), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+            if optimizer_state is not None:
+                torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+            torch.save(trainer_state, tmp / STATE_FILE)
+            (tmp / CONFIG_FILE).write_text(json.dumps(config or {}, indent=2, default=str)
+                                           + "\n", encoding="utf-8")
+            for file in tmp.iterdir():
+                _fsync(file)
+            _fsync(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # give back the space; the last good one stays
+        raise
     if final.exists():
         # Swap: final -> .old, tmp -> final, drop .old. A kill in between leaves
         # .old, which remove_stale() renames back when final is missing.
