@@ -100,3 +100,13 @@ def test_score_manifest_errors_name_the_file_and_line(tmp_path, files):
         score_manifest(bad, ref, ["wer", "rouge"])
     with pytest.raises(SpeechLMError, match="nope.jsonl: hypothesis file not found"):
         score_manifest(tmp_path / "nope.jsonl", ref)
+
+
+def test_word_recall_counts_reference_words_found_in_any_order_once_each():
+    from speechlm.eval.metrics import word_recall
+
+    refs = ["the lord is my shepherd", "amen amen"]
+    hyps = ["my shepherd is the lord and he said many things to them", "amen"]
+    assert word_recall(refs, hyps) == pytest.approx(6 / 7)  # the second "amen" is missing
+    assert word_recall(["In the Beginning,"], ["in the beginning"], lang="en") == 1.0
+    assert word_recall(["a b"], [""]) == 0.0

@@ -35,3 +35,12 @@ def test_yes_no_questions_use_balanced_accuracy():
     rows = _rows("always no", "mentions_god", [(r, "no") for r in refs])
     [row] = transfer_spread.spread(rows, "nobody", resamples=50)
     assert row["value"] == pytest.approx(50.0)  # 90% plain accuracy, chance for balanced
+
+
+def test_another_score_of_the_task_can_be_spread():
+    refs = ["the lord is my shepherd"] * 10
+    rows = _rows("rambling", "repeat", [(r, r + " and many more words were said then") for r in refs])
+    [row] = transfer_spread.spread(rows, "nobody", resamples=50, metric="word_recall")
+    assert row["value"] == pytest.approx(100.0)  # every word is there, though WER is 140%
+    [row] = transfer_spread.spread(rows, "nobody", resamples=50)
+    assert row["value"] == pytest.approx(140.0)

@@ -3,11 +3,13 @@
 the items, and its paired difference from a baseline system (same items resampled together).
 
     python tools/transfer_spread.py RUN_DIR/transfer_hyps.jsonl [--baseline "untrained adapter"]
+        [--metric word_recall]
 
 The input is what the BLSP / InSerter runners and `speechlm transfer --out` write: one
 {system, task, id, reference, hypothesis} line per item. Scores are the tasks' own metrics
 (corpus WER for repeat, accuracy for the questions); the interval resamples utterances, so
-it shows whether a difference between two rows is larger than the items' noise.
+it shows whether a difference between two rows is larger than the items' noise. `--metric`
+picks another of a task's scores where it has it (e.g. word_recall or cer for repeat).
 """
 
 from __future__ import annotations
@@ -22,16 +24,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _score(task, refs, hyps) -> float:
-    metric = task.metric
+_PERCENT = ("wer", "cer", "word_recall", "exact", "accuracy", "balanced_accuracy")
+
+
+def _score(task, refs, hyps, metric: str | None = None) -> float:
     scores = task.score(refs, hyps, refs)
-    # yes/no questions: balanced accuracy (the items' mix of answers is not 50/50)
-    value = scores["wer" if metric == "wer" else
-                   "balanced_accuracy" if "balanced_accuracy" in scores else metric]
-    return 100.0 * value if metric in ("wer", "accuracy") else value
+    if metric is None or metric not in scores:
+        # yes/no questions: balanced accuracy (the items' mix of answers is not 50/50)
+        metric = "balanced_accuracy" if "balanced_accuracy" in scores else task.metric
+    return 100.0 * scores[metric] if metric in _PERCENT else scores[metric]
 
 
-def spread(rows: list[dict], baseline: str, resamples: int = 1000, seed: int = 0) -> list[dict]:
+def spread(rows: list[dict], baseline: str, resamples: int = 1000, seed: int = 0,
+           metric: str | None = None) -> list[dict]:
     from speechlm.data.instructions import TASKS
 
     by = defaultdict(dict)  # (task, system) -> id -> (ref, hyp)
@@ -46,7 +51,8 @@ def spread(rows: list[dict], baseline: str, resamples: int = 1000, seed: int = 0
         draws = [[rng.choice(ids) for _ in ids] for _ in range(resamples)]
 
         def score_of(table, chosen, task=task):
-            return _score(task, [table[i][0] for i in chosen], [table[i][1] for i in chosen])
+            return _score(task, [table[i][0] for i in chosen], [table[i][1] for i in chosen],
+                          metric)
 
         value = score_of(items, ids)
         samples = sorted(score_of(items, d) for d in draws)
@@ -65,10 +71,12 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("hyps", type=Path)
     parser.add_argument("--baseline", default="untrained adapter")
+    parser.add_argument("--metric", default=None,
+                        help="a task score to use where the task has it (default: its own)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     rows = [json.loads(line) for line in args.hyps.read_text().splitlines() if line.strip()]
-    result = spread(rows, args.baseline)
+    result = spread(rows, args.baseline, metric=args.metric)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0

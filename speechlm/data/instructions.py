@@ -403,11 +403,12 @@ class Task:
 
 
 def _score_transcript(task: Task, refs, hyps, inputs) -> dict[str, float]:
-    from ..eval.metrics import cer, wer
+    from ..eval.metrics import cer, wer, word_recall
 
     exact = sum(r.strip() == h.strip() for r, h in zip(refs, hyps, strict=True))
     return {"wer": wer(refs, hyps, lang=task.target_lang),
             "cer": cer(refs, hyps, lang=task.target_lang),
+            "word_recall": word_recall(refs, hyps, lang=task.target_lang),
             "exact": exact / max(len(refs), 1)}
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..errors import ManifestError, SpeechLMError
 
 __all__ = ["METRICS", "ScoreResult", "accuracy", "bleu", "cer", "chrf", "edit_counts",
-           "exact_match", "score_manifest", "wer"]
+           "exact_match", "score_manifest", "wer", "word_recall"]
 
 _SPACES = re.compile(r"\s+")
 
@@ -94,6 +94,21 @@ def wer(refs: Sequence[str], hyps: Sequence[str], *, lang: str | None = None) ->
 def cer(refs: Sequence[str], hyps: Sequence[str], *, lang: str | None = None) -> float:
     """Character error rate (a fraction), corpus level; spaces count as characters."""
     return _rate(edit_counts(refs, hyps, unit="char", lang=lang))
+
+
+def word_recall(refs: Sequence[str], hyps: Sequence[str], *, lang: str | None = None) -> float:
+    """The fraction of reference words the hypotheses contain, in any order (each hypothesis
+    word counts once), corpus level. A diagnostic beside WER: it tells whether the words came
+    through at all when an answer also says much else (insertions make WER pass 100%)."""
+    from collections import Counter
+
+    _check_pairs(refs, hyps)
+    hits = total = 0
+    for ref, hyp in zip(_prepare(refs, lang), _prepare(hyps, lang), strict=True):
+        want, have = Counter(ref.split()), Counter(hyp.split())
+        hits += sum(min(n, have[word]) for word, n in want.items())
+        total += sum(want.values())
+    return hits / total if total else 0.0
 
 
 def bleu(refs: Sequence[str], hyps: Sequence[str], *, lang: str | None = None,
