@@ -1,0 +1,109 @@
+"""Run the clean-text jobs with the configured executor, then write the report."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..errors import SpeechLMError
+from .config import CleanTextConfig
+from .pipeline import Layout, build_jobs, check_resume, make_executor
+from .reader import list_input_files
+from .report import write_report
+
+__all__ = ["run_clean_text", "report_only"]
+
+
+def _job_steps(layout: Layout) -> dict[str, list[str]]:
+    path = layout.work / "jobs.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """Send file descriptor 2 to `path` (datatrove logs every step of every task there, worker
+    processes included) and yield a stream on the real stderr for our progress."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "a", encoding="utf-8") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            with os.fdopen(os.dup(saved), "w", buffering=1, encoding="utf-8") as real:
+                yield real
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def run_clean_text(inputs: list[str], out, cfg: CleanTextConfig, *, progress: bool = True,
+                   log=print) -> dict | None:
+    """Clean the text files under `inputs` into `out` (see speechlm.corpus.pipeline).
+
+    Local runs block and return the report; Slurm and Ray runs return None once their jobs
+    are submitted (write the report later with `report_only`).
+    """
+    layout = Layout(Path(out))
+    files = list_input_files(inputs)
+    missing = [str(p) for p in map(Path, inputs) if not p.exists()]
+    if missing:
+        raise SpeechLMError(f"{missing[0]}: input not found; pass text/JSONL files (.gz ok) "
+                            "or directories of them")
+    if not files:
+        raise SpeechLMError(f"{', '.join(map(str, inputs))}: no files found to clean")
+    resuming = check_resume(cfg, files, layout)
+    jobs = build_jobs(cfg, files, layout)
+    (layout.work / "jobs.json").write_text(json.dumps({j.name: j.steps for j in jobs}),
+                                           encoding="utf-8")
+    log(f"{'resuming' if resuming else 'cleaning'} {len(files)} input files into {layout.out} "
+        f"({cfg.executor.kind}, {cfg.executor.tasks} tasks, {cfg.executor.workers} workers, "
+        f"{len(jobs)} jobs)")
+    if cfg.executor.kind != "local":
+        executor = None
+        for job in jobs:
+            executor = make_executor(cfg, job, layout, depends=executor)
+        executor.run()  # launches the whole chain through `depends`
+        log(f"jobs submitted; when they finish: speechlm build clean-text --report-only "
+            f"--out {layout.out}")
+        return None
+
+    from ..progress import progress_bar
+
+    log_path = layout.work / "logs" / "datatrove.log"
+    log(f"datatrove's logs: {log_path}")
+    timings = {}
+    with _stderr_to(log_path) as stderr:
+        bar = progress_bar(total=len(jobs), desc="clean-text", unit="job", disable=not progress,
+                           file=stderr)
+        for job in jobs:
+            bar.set_postfix_str(job.name)
+            start = time.perf_counter()
+            if job.name != "filter" and not any(layout.filtered.glob("*.jsonl.gz")):
+                print(f"{job.name}: skipped, no document passed the filters", file=stderr)
+            else:
+                make_executor(cfg, job, layout).run()
+            timings[job.name] = round(time.perf_counter() - start, 2)
+            bar.update(1)
+        bar.close()
+    report = write_report(layout, _job_steps(layout), cfg.report.examples,
+                          cfg.report.example_chars)
+    report["seconds"] = timings
+    return report
+
+
+def report_only(out) -> dict:
+    """Write the report of a finished run in `out` (e.g. after a Slurm run)."""
+    layout = Layout(Path(out))
+    if not layout.run_record.is_file():
+        raise SpeechLMError(f"{out}: no clean-text run here (no _work/run.json); pass the --out "
+                            "of a run")
+    from .config import load_clean_text_config
+
+    cfg = load_clean_text_config()
+    return write_report(layout, _job_steps(layout), cfg.report.examples,
+                        cfg.report.example_chars)
