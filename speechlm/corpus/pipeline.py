@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,9 +233,12 @@ def make_executor(cfg: CleanTextConfig, job: Job, layout: Layout, depends=None):
     if ex.kind == "local":
         from datatrove.executor import LocalPipelineExecutor
 
+        # fork: a worker inherits the loaded modules (forkserver re-imports datatrove and spaCy
+        # in every worker of every job, seconds each)
+        start = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         return LocalPipelineExecutor(job.pipeline, tasks=job.tasks,
                                      workers=min(ex.workers, job.tasks), logging_dir=logging_dir,
-                                     depends=depends)
+                                     depends=depends, start_method=start)
     if ex.kind == "slurm":
         from datatrove.executor import SlurmPipelineExecutor
 
