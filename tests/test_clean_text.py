@@ -290,3 +290,10 @@ def test_verbalize_writes_numbers_symbols_and_abbreviations_out(text, lang, expe
     from speechlm.text.verbalize import verbalize
 
     assert verbalize(text, lang) == expected
+
+
+def test_shipped_config_lists_every_key_with_its_default():
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "recipes" / "corpus" / "clean_text.yaml"
+    assert load_clean_text_config(path) == load_clean_text_config()

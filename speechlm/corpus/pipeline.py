@@ -66,6 +66,10 @@ class Layout:
         return self.work / "filtered"
 
     @property
+    def progress(self) -> Path:
+        return self.work / "progress"
+
+    @property
     def run_record(self) -> Path:
         return self.work / "run.json"
 
@@ -159,7 +163,8 @@ def build_jobs(cfg: CleanTextConfig, files: list[str], layout: Layout) -> list[J
 
     tasks = cfg.executor.tasks
     reader = TextCorpusReader(files, str(layout.bad_input), cfg.input.text_unit,
-                              cfg.input.text_key, cfg.input.max_line_bytes)
+                              cfg.input.text_key, cfg.input.max_line_bytes,
+                              progress_dir=str(layout.progress))
     stages = [s for s in FILTER_STAGES if getattr(cfg, s).enabled]
     jobs = [Job("filter", "read and filter", [reader] + [_filter_stage(s, cfg, layout)
                                                           for s in stages]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,12 +56,14 @@ class TextCorpusReader(BaseReader):
     name = "speechlm text corpus"
 
     def __init__(self, files: list[str], bad_input_dir: str, text_unit: str = "file",
-                 text_key: str = "text", max_line_bytes: int = 1_000_000):
+                 text_key: str = "text", max_line_bytes: int = 1_000_000,
+                 progress_dir: str | None = None):
         super().__init__(text_key=text_key)
         self.files = list(files)
         self.bad_input_dir = bad_input_dir
         self.text_unit = text_unit
         self.max_line_bytes = max_line_bytes
+        self.progress_dir = progress_dir  # bytes read so far, one file per task (see run.py)
 
     # -- the datatrove step ---------------------------------------------------------
 
@@ -69,6 +72,7 @@ class TextCorpusReader(BaseReader):
             yield from data
         os.makedirs(self.bad_input_dir, exist_ok=True)
         # one file per task, rewritten when the task reruns: a resumed job counts nothing twice
+        self._rank, self._bytes_done, self._reported = rank, 0, 0.0
         with open(os.path.join(self.bad_input_dir, f"{rank:05d}.jsonl"), "w",
                   encoding="utf-8") as self._bad:
             for path in self.files[rank::world_size]:
@@ -76,7 +80,24 @@ class TextCorpusReader(BaseReader):
                 for doc in self._read_file(path):
                     self.stat_update("documents_read")
                     self.update_doc_stats(doc)
+                    self._report_progress()
                     yield doc
+                self._bytes_done += os.path.getsize(path)
+                self._report_progress()
+        self._report_progress(force=True)
+
+    def _report_progress(self, force: bool = False) -> None:
+        """Every second, write how many input bytes this task has read (on-disk sizes)."""
+        if self.progress_dir is None or (not force and time.monotonic() - self._reported < 1.0):
+            return
+        self._reported = time.monotonic()
+        raw = getattr(self, "_raw", None)
+        position = raw.tell() if raw is not None and not raw.closed else 0
+        path = os.path.join(self.progress_dir, f"{self._rank:05d}")
+        os.makedirs(self.progress_dir, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.write(str(self._bytes_done + position))
+        os.replace(path + ".tmp", path)
 
     def _skip(self, path: str, line: int, reason: str) -> None:
         self.stat_update("bad_input")
@@ -89,6 +110,7 @@ class TextCorpusReader(BaseReader):
         self._lineno, self._seen_text = 0, False
         try:
             with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+                self._raw = f.fileobj if isinstance(f, gzip.GzipFile) else f
                 if b"\x00" in f.peek(_BINARY_PROBE)[:_BINARY_PROBE]:
                     self._skip(path, 0, "binary file (NUL bytes)")
                     return
@@ -96,6 +118,8 @@ class TextCorpusReader(BaseReader):
         except (OSError, EOFError, zlib.error) as e:  # unreadable, truncated or corrupt gzip
             self._skip(path, self._lineno, f"unreadable file ({type(e).__name__}: {e})")
             return
+        finally:
+            self._raw = None
         if not self._seen_text:
             self._skip(path, 0, "empty file (no text)")
 

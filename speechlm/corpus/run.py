@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +42,37 @@ def _stderr_to(path: Path):
             os.close(saved)
 
 
+@contextlib.contextmanager
+def _input_progress(layout: Layout, files: list[str], stream, enabled: bool):
+    """A bar of input bytes read by the filter job's tasks (their readers write the counts)."""
+    from ..progress import progress_bar
+
+    total = sum(os.path.getsize(f) for f in files)
+    bar = progress_bar(total=total, desc="filter", unit="B", unit_scale=True, file=stream,
+                       disable=not enabled)
+    stop = threading.Event()
+
+    def poll():
+        while True:
+            stopping = stop.wait(2.0)
+            done = 0
+            for path in layout.progress.glob("[0-9]*[0-9]"):
+                with contextlib.suppress(OSError, ValueError):
+                    done += int(path.read_text())
+            bar.update(max(min(done, total) - bar.n, 0))
+            if stopping:
+                return
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
+
+
 def run_clean_text(inputs: list[str], out, cfg: CleanTextConfig, *, progress: bool = True,
                    log=print) -> dict | None:
     """Clean the text files under `inputs` into `out` (see speechlm.corpus.pipeline).
@@ -72,24 +104,25 @@ def run_clean_text(inputs: list[str], out, cfg: CleanTextConfig, *, progress: bo
             f"--out {layout.out}")
         return None
 
-    from ..progress import progress_bar
-
     log_path = layout.work / "logs" / "datatrove.log"
     log(f"datatrove's logs: {log_path}")
     timings = {}
     with _stderr_to(log_path) as stderr:
-        bar = progress_bar(total=len(jobs), desc="clean-text", unit="job", disable=not progress,
-                           file=stderr)
-        for job in jobs:
-            bar.set_postfix_str(job.name)
+        for i, job in enumerate(jobs, 1):
+            step = f"[{i}/{len(jobs)}] {job.name} ({job.description}, {job.tasks} tasks)"
             start = time.perf_counter()
-            if job.name != "filter" and not any(layout.filtered.glob("*.jsonl.gz")):
-                print(f"{job.name}: skipped, no document passed the filters", file=stderr)
+            if job.name == "filter":
+                print(step, file=stderr)
+                with _input_progress(layout, files, stderr, progress):
+                    make_executor(cfg, job, layout).run()
+            elif not any(layout.filtered.glob("*.jsonl.gz")):
+                print(f"{step}: skipped, no document passed the filters", file=stderr)
+                continue
             else:
                 make_executor(cfg, job, layout).run()
             timings[job.name] = round(time.perf_counter() - start, 2)
-            bar.update(1)
-        bar.close()
+            if progress:
+                print(f"{step}: {timings[job.name]:.1f} s", file=stderr)
     report = write_report(layout, _job_steps(layout), cfg.report.examples,
                           cfg.report.example_chars)
     report["seconds"] = timings
