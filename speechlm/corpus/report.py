@@ -220,9 +220,10 @@ def _plot(report: dict, path: Path) -> bool:
 
 
 def write_report(layout: Layout, job_steps: dict[str, list[str]], examples: int = 3,
-                 example_chars: int = 300) -> dict:
-    """Build the report and write report.json, report.md (and report.png) into the output."""
-    report = build_report(layout, job_steps, examples, example_chars)
+                 example_chars: int = 300, extra: dict | None = None) -> dict:
+    """Build the report (plus `extra` entries) and write report.json, report.md (and
+    report.png) into the output."""
+    report = {**build_report(layout, job_steps, examples, example_chars), **(extra or {})}
     report["plot"] = "report.png" if _plot(report, layout.out / "report.png") else None
     with atomic_write(layout.out / "report.json") as f:
         f.write(json.dumps(report, indent=1, ensure_ascii=False))

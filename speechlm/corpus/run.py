@@ -123,10 +123,9 @@ def run_clean_text(inputs: list[str], out, cfg: CleanTextConfig, *, progress: bo
             timings[job.name] = round(time.perf_counter() - start, 2)
             if progress:
                 print(f"{step}: {timings[job.name]:.1f} s", file=stderr)
-    report = write_report(layout, _job_steps(layout), cfg.report.examples,
-                          cfg.report.example_chars)
-    report["seconds"] = timings
-    return report
+    # seconds of this invocation's jobs (a resumed run times only what it redid)
+    return write_report(layout, _job_steps(layout), cfg.report.examples,
+                        cfg.report.example_chars, extra={"seconds": timings})
 
 
 def report_only(out) -> dict:
