@@ -297,3 +297,11 @@ def test_shipped_config_lists_every_key_with_its_default():
 
     path = Path(__file__).parent.parent / "recipes" / "corpus" / "clean_text.yaml"
     assert load_clean_text_config(path) == load_clean_text_config()
+
+
+def test_transcript_normaliser_spells_numbers_out_only_when_asked():
+    from speechlm.text.normalize import normalize_transcript
+
+    assert normalize_transcript("Mark 3:25 costs $1,000", "en") == "mark 3 25 costs 1 000"
+    assert (normalize_transcript("Mark 3:25 costs $1,000", "en", spell_out=True)
+            == "mark three twenty five costs one thousand dollars")
