@@ -81,7 +81,9 @@ def run_clean_text(inputs: list[str], out, cfg: CleanTextConfig, *, progress: bo
     are submitted (write the report later with `report_only`).
     """
     layout = Layout(Path(out))
-    files = list_input_files(inputs)
+    # an --out inside an input directory must not feed a rerun its own output
+    own = str(layout.out.resolve()) + os.sep
+    files = [f for f in list_input_files(inputs) if not f.startswith(own)]
     missing = [str(p) for p in map(Path, inputs) if not p.exists()]
     if missing:
         raise SpeechLMError(f"{missing[0]}: input not found; pass text/JSONL files (.gz ok) "
