@@ -27,6 +27,12 @@
    "3 25".
 7. Whitespace (any kind) collapsed to single spaces, ends stripped.
 
+`normalize_transcript(text, lang, spell_out=True)` first writes numbers,
+symbols and abbreviations out as words (`speechlm.text.verbalize`), for
+character models and TTS text that must not contain digits. Steps 1-3 alone
+are `clean_unicode(text, lang)`: text for synthesis keeps its case and
+punctuation but needs the same Unicode clean-up.
+
 Rules are a small registry keyed by language code ("en", "es", "hi", ...);
 "en-US" and "es_419" use their base language, and unknown languages get the
 default rules (NFC, lower case, apostrophe inside words kept). Add one with
@@ -40,8 +46,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["LANGUAGE_RULES", "LanguageRules", "normalize_transcript", "register_language",
-           "rules_for"]
+__all__ = ["LANGUAGE_RULES", "LanguageRules", "clean_unicode", "normalize_transcript",
+           "register_language", "rules_for"]
 
 
 @dataclass(frozen=True)
@@ -96,12 +102,23 @@ def rules_for(lang: str | None) -> LanguageRules:
     return LANGUAGE_RULES.get(base, LANGUAGE_RULES["default"])
 
 
-def normalize_transcript(text: str, lang: str | None = None) -> str:
-    """`text` normalised for character CTC / scoring under the rules of `lang` (module doc)."""
-    rules = rules_for(lang)
-    text = unicodedata.normalize(rules.unicode_form, text)
+def clean_unicode(text: str, lang: str | None = None) -> str:
+    """Steps 1-3 of the module doc: Unicode normal form of `lang`, typographic marks folded,
+    invisible format characters removed. Case, punctuation and digits are kept."""
+    text = unicodedata.normalize(rules_for(lang).unicode_form, text)
     text = text.translate(_TYPOGRAPHY)
-    text = "".join(c for c in text if unicodedata.category(c) != "Cf")
+    return "".join(c for c in text if unicodedata.category(c) != "Cf")
+
+
+def normalize_transcript(text: str, lang: str | None = None, *, spell_out: bool = False) -> str:
+    """`text` normalised for character CTC / scoring under the rules of `lang` (module doc);
+    with `spell_out`, numbers, symbols and abbreviations are written out as words first."""
+    rules = rules_for(lang)
+    if spell_out:
+        from .verbalize import verbalize  # verbalize imports this module
+
+        text = verbalize(text, lang)
+    text = clean_unicode(text, lang)
     if rules.lowercase:
         text = text.lower()
     if rules.strip_accents:
