@@ -305,3 +305,47 @@ def test_transcript_normaliser_spells_numbers_out_only_when_asked():
     assert normalize_transcript("Mark 3:25 costs $1,000", "en") == "mark 3 25 costs 1 000"
     assert (normalize_transcript("Mark 3:25 costs $1,000", "en", spell_out=True)
             == "mark three twenty five costs one thousand dollars")
+
+
+def test_perplexity_buckets_keep_text_that_reads_like_the_reference(tmp_path):
+    """CCNet-style: documents in the reference's words score near its own held-out lines
+    (cut-offs: their terciles), word salad of unknown words far above; keep: [head, middle]
+    removes what falls in the tail, and the report counts the buckets."""
+    rng = random.Random(3)
+    reference = tmp_path / "reference.txt"
+    reference.write_text("\n".join(_sentence(rng) for _ in range(600)) + "\n", encoding="utf-8")
+    inp = tmp_path / "in"
+    inp.mkdir()
+    salad = " ".join("".join(rng.choice("qxzjkvwy") for _ in range(7)) for _ in range(120))
+    _jsonl(inp / "docs.jsonl", [{"id": f"good-{i}", "text": _document(rng)} for i in range(6)]
+           + [{"id": "salad", "text": salad + "."}])
+    cfg = load_clean_text_config(None, [
+        "perplexity.enabled=true", f"perplexity.reference={reference}",
+        "perplexity.keep=[head, middle]", "language.enabled=false",
+        "gopher_quality.enabled=false", "gopher_repetition.enabled=false", "c4.enabled=false",
+        "fineweb.enabled=false"])
+    out = tmp_path / "out"
+    report = run_clean_text([str(inp)], out, cfg, progress=False, log=lambda *a: None)
+    kept = {r["id"]: r for r in _outputs(out)}
+    removed = {}
+    for path in (out / "removed" / "perplexity").glob("*.jsonl.gz"):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            removed.update((r["id"], r["metadata"]) for r in map(json.loads, f))
+    scores = {i: m["ngram_perplexity"] for i, m in removed.items()}
+    scores.update((i, r["ngram_perplexity"]) for i, r in kept.items())
+    assert sorted([*kept, *removed]) == sorted([*(f"good-{i}" for i in range(6)), "salad"])
+    assert removed["salad"]["ngram_bucket"] == "tail"
+    assert all(r["ngram_bucket"] in ("head", "middle") for r in kept.values())
+    assert len(kept) >= 3  # reference-like text is mostly head or middle
+    assert scores["salad"] > 20 * max(v for i, v in scores.items() if i != "salad")
+    stage = next(s for s in report["stages"] if s["stage"] == "perplexity")
+    assert stage["buckets"]["tail"] == len(removed) and sum(stage["buckets"].values()) == 7
+    assert (out / "_work" / "perplexity" / "perplexity_lm.arpa").is_file()
+
+
+def test_perplexity_without_a_reference_or_lm_is_a_config_error(tmp_path):
+    (tmp_path / "a.txt").write_text("Some text.\n", encoding="utf-8")
+    cfg = load_clean_text_config(None, ["perplexity.enabled=true"])
+    with pytest.raises(ConfigError, match="perplexity is enabled but names no LM"):
+        run_clean_text([str(tmp_path / "a.txt")], tmp_path / "out", cfg, progress=False,
+                       log=lambda *a: None)

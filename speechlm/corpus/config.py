@@ -129,6 +129,25 @@ class FineWebConfig:
 
 
 @dataclass
+class PerplexityConfig:
+    # CCNet-style buckets by a word n-gram LM's perplexity (speechlm.corpus.perplexity)
+    enabled: bool = False  # needs a reference: the text you want the corpus to read like
+    reference: str | None = None  # text to build the LM from (a file, or embedded:en / es)
+    lm: str | None = None  # or an ARPA file (speechlm build lm; KenLM's lmplz)
+    order: int = 3  # of the LM built from `reference`
+    head_max: float | None = None  # cut-offs; None: terciles of held-out reference lines
+    middle_max: float | None = None
+    keep: list[str] = field(default_factory=lambda: ["head", "middle", "tail"])
+    max_words: int | None = 2000  # score the beginning of long documents only (speed)
+
+    def __post_init__(self):
+        unknown = [b for b in self.keep if b not in ("head", "middle", "tail")]
+        if unknown or not self.keep:
+            raise ValueError(f"perplexity.keep must list buckets of head, middle, tail; got "
+                             f"{self.keep}")
+
+
+@dataclass
 class ExactDedupConfig:
     enabled: bool = True  # same text after whitespace is collapsed: keep the first
 
@@ -165,6 +184,7 @@ class CleanTextConfig:
     gopher_quality: GopherQualityConfig = field(default_factory=GopherQualityConfig)
     c4: C4Config = field(default_factory=C4Config)
     fineweb: FineWebConfig = field(default_factory=FineWebConfig)
+    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     exact_dedup: ExactDedupConfig = field(default_factory=ExactDedupConfig)
     near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
     tts: TTSConfig = field(default_factory=TTSConfig)

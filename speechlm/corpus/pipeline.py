@@ -34,7 +34,8 @@ from .config import CleanTextConfig, filter_kwargs
 __all__ = ["FILTER_STAGES", "Job", "Layout", "build_jobs", "check_resume", "make_executor"]
 
 # the stages of the filter job, in order, after the reader
-FILTER_STAGES = ("unicode", "language", "gopher_repetition", "gopher_quality", "c4", "fineweb")
+FILTER_STAGES = ("unicode", "language", "gopher_repetition", "gopher_quality", "c4", "fineweb",
+                 "perplexity")
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,12 @@ def _filter_stage(name: str, cfg: CleanTextConfig, layout: Layout):
 
         return FineWebQualityFilter(**filter_kwargs(section), exclusion_writer=removed,
                                     language=lang)
+    if name == "perplexity":
+        from .perplexity import NgramPerplexityFilter, prepare_reference_lm
+
+        reference = prepare_reference_lm(section, lang, layout.work / "perplexity")
+        return NgramPerplexityFilter(reference, lang, section.keep, section.max_words,
+                                     exclusion_writer=removed)
     raise ValueError(name)
 
 

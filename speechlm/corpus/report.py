@@ -88,6 +88,9 @@ def build_report(layout: Layout, job_steps: dict[str, list[str]], examples: int 
                  "docs_removed": int(st.get("dropped", 0))}
         if name == "unicode":
             entry["docs_changed"] = int(st.get("changed", 0))
+        if name == "perplexity":
+            entry["buckets"] = {k[len("bucket_"):]: int(v) for k, v in sorted(st.items())
+                                if k.startswith("bucket_")}
         reasons: Counter = Counter()
         chars, shown = 0, []
         for record in _read_jsonl_gz(layout.removed(name)):
