@@ -170,6 +170,17 @@ def test_training_lowers_the_loss_freezes_by_phase_and_infer_loads_the_model(
     settings = json.loads((out / "final" / "processor_config.json").read_text())
     assert settings["feature_extractor"]["do_normalize"] is False  # Whisper takes raw audio
 
+    # ... and the n-gram LM beam search that CTC models have
+    from speechlm.text.ngram import build_arpa
+
+    build_arpa([t.lower() for t in TRAIN_TEXTS] * 3, 3, out_path=tmp_path / "es.arpa")
+    beam = tmp_path / "beam.jsonl"
+    assert main(["infer", "--model", str(out / "final"), "--manifest", str(corpus["dev"]),
+                 "--out", str(beam), "--decoder", "beam", "--lm", str(tmp_path / "es.arpa"),
+                 "--beam-size", "8", "--quiet"]) == 0
+    assert sorted(r["id"] for r in map(json.loads, beam.read_text().splitlines())) \
+        == sorted(scored)
+
 
 def test_frozen_encoder_trains_only_the_head_and_matches_without_the_cache(
         tmp_path, corpus, tiny_ckpt):

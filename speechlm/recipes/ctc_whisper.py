@@ -33,7 +33,9 @@ from ..errors import ConfigError
 logger = logging.getLogger(__name__)
 
 # ModelConfig fields only a wav2vec2-family model uses, with their defaults.
-WAV2VEC2_ONLY = {"scratch": {}, "config": {}, "mask_feature_prob": 0.0, "layerdrop": 0.0}
+# (SpecAugment's mask_time_prob is left at its default: the Whisper model does not mask.)
+WAV2VEC2_ONLY = {"scratch": {}, "config": {}, "mask_feature_prob": 0.0, "layerdrop": 0.0,
+                 "dropout": None}
 WHISPER_ONLY = {"encoder_layer": None, "unfreeze_top_layers": None, "head_layers": 0}
 
 
