@@ -199,6 +199,32 @@ def test_frozen_encoder_trains_only_the_head_and_matches_without_the_cache(
             assert torch.equal(final[f"encoder.backbone.{name}"], tensor), name
 
 
+def test_a_saved_model_is_a_starting_point_with_its_head(tmp_path, corpus, tiny_ckpt):
+    from speechlm.models.ctc import CharVocab, build_char_vocab
+    from speechlm.models.whisper_ctc import load_whisper_ctc
+
+    first = tmp_path / "first"
+    _run(_recipe(tmp_path, corpus, tiny_ckpt, out=first, steps=2,
+                 model="  unfreeze_top_layers: 1\n"))
+    saved = _final(first)
+    again = load_whisper_ctc(first / "final", CharVocab.load(first / "final"), head_layers=1)
+    for name, tensor in again.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    other = load_whisper_ctc(first / "final", build_char_vocab(["xyz"], "es"), head_layers=1)
+    assert other.lm_head.out_features == 8  # a new output layer for another vocabulary
+    assert torch.equal(other.encoder.backbone.layers[1].fc1.weight,
+                       saved["encoder.backbone.layers.1.fc1.weight"])
+    # the recipe continues from it, caching what its own bottom layer outputs
+    second = tmp_path / "second"
+    path = _recipe(tmp_path, corpus, tiny_ckpt, out=second, steps=2,
+                   model="  unfreeze_top_layers: 1\n")
+    path.write_text(path.read_text().replace(str(tiny_ckpt("whisper")), str(first / "final")))
+    results = _run(path)
+    assert results["step"] == 2
+    assert torch.equal(_final(second)["encoder.backbone.layers.0.fc1.weight"],
+                       saved["encoder.backbone.layers.0.fc1.weight"])
+
+
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, corpus, tiny_ckpt, monkeypatch):
     from speechlm.training.objectives.ctc import CTCObjective
 

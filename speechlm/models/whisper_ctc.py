@@ -191,19 +191,20 @@ AutoModelForCTC.register(WhisperCTCConfig, WhisperEncoderForCTC, exist_ok=True)
 # -- building one from a Whisper checkpoint ------------------------------------------------
 
 
-def is_whisper_checkpoint(directory) -> bool:
-    """True for a Whisper checkpoint directory (model_type whisper) or a saved
-    WhisperEncoderForCTC."""
+def _model_type(directory) -> str | None:
     import json
 
     config = Path(directory) / "config.json"
-    if not config.is_file():
-        return False
     try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except ValueError:
-        return False
-    return model_type in ("whisper", MODEL_TYPE)
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def is_whisper_checkpoint(directory) -> bool:
+    """True for a Whisper checkpoint directory (model_type whisper) or a saved
+    WhisperEncoderForCTC."""
+    return _model_type(directory) in ("whisper", MODEL_TYPE)
 
 
 def load_whisper_ctc(directory, vocab, *, encoder_layer: int | None = None, head_layers: int = 0,
@@ -216,20 +217,21 @@ def load_whisper_ctc(directory, vocab, *, encoder_layer: int | None = None, head
     from .encoders import _load_whisper_encoder, quiet_transformers
 
     directory = Path(directory)
-    base = WhisperConfig.from_pretrained(directory, local_files_only=True).to_dict()
-    saved_ctc = base.get("model_type") == MODEL_TYPE
+    saved_ctc = _model_type(directory) == MODEL_TYPE
+    base = (WhisperCTCConfig if saved_ctc else WhisperConfig).from_pretrained(
+        directory, local_files_only=True).to_dict()
     depth = int(base["encoder_layers"])
     if encoder_layer is not None and not 1 <= encoder_layer <= depth:
         raise ConfigError(f"model.encoder_layer={encoder_layer}: {directory} has {depth} encoder "
                           f"layers; give 1..{depth} (or null for all)")
-    source_layers = int(base.get("source_encoder_layers") or depth)
     for key in ("model_type", "architectures", "transformers_version", "head_layers",
                 "ctc_dropout", "source_encoder_layers", "vocab_size"):
         base.pop(key, None)
     fields = {**base, **_ctc_config_fields(vocab, {}), "head_layers": head_layers,
               "decoder_start_token_id": 1,  # no decoder; keep the id inside the vocabulary
               "ctc_dropout": dropout,
-              "source_encoder_layers": source_layers,
+              # the hidden states a cache filled from `directory` holds: its last is normed
+              "source_encoder_layers": depth,
               "encoder_layers": encoder_layer or depth}
     config = WhisperCTCConfig(**fields)
     config.architectures = ["WhisperEncoderForCTC"]
