@@ -19,6 +19,13 @@ with temperature sampling (each batch from one language, p_l ∝ (n_l/N)^alpha).
       test: data/ain/test.jsonl
     train: {max_steps: 20000, lr: 1.0e-4, schedule: tri_stage, ...}
 
+`model.init` may also name a Whisper checkpoint (models:whisper-base,
+openai/whisper-small): its encoder then gets the CTC head, frozen for the
+first updates and partly unfrozen after (`model.unfreeze_top_layers`), with
+the outputs of its never-trained layers cached on disk (`data.encoder_cache`);
+see `speechlm.recipes.ctc_whisper`. `data.train[].max_hours` trains on a fixed
+random subset (10 min of 30 min of 1 h) for a data-size curve.
+
 `run(config)`:
 1. builds the character vocabulary from the training transcripts (or reloads
    it when resuming) and reports rare characters and dev/test characters it
