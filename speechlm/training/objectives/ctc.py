@@ -135,7 +135,9 @@ class CTCDataReport:
                      f"{self.subset['max_hours']:g}) of {self.subset['from_utterances']}")
         rates = {k: n for k, n in self.sample_rates.items() if k != "target"}
         if len(rates) > 1 or (rates and next(iter(rates)) != str(self.sample_rates["target"])):
-            shown = ", ".join(f"{n} at {rate} Hz" for rate, n in rates.items())
+            shown = ", ".join(f"{n} at {rate} Hz" if rate != "unreadable" else
+                              f"{n} unreadable (skipped when loaded)"
+                              for rate, n in rates.items())
             text += (f"; sample rates {shown}: resampled to {self.sample_rates['target']} Hz "
                      "when loaded")
         return text
