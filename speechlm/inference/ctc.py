@@ -101,6 +101,20 @@ def load_ctc_vocabulary(model_dir: Path, vocab_size: int) -> tuple[list[str], st
     return tokens, special("pad_token", "<pad>"), special("word_delimiter_token", "|")
 
 
+def feature_extractor_settings(model_dir: Path) -> dict:
+    """The feature extractor's settings of a model directory: preprocessor_config.json, or
+    the `feature_extractor` part of processor_config.json (what newer transformers write)."""
+    for name, part in (("preprocessor_config.json", None),
+                       ("processor_config.json", "feature_extractor")):
+        file = model_dir / name
+        if file.is_file():
+            settings = json.loads(file.read_text(encoding="utf-8"))
+            settings = settings.get(part) if part else settings
+            if isinstance(settings, dict):
+                return settings
+    return {}
+
+
 class CTCTranscriber(Transcriber):
     """Batched transcription with a saved CTC model directory (see the module doc).
 
@@ -115,6 +129,9 @@ class CTCTranscriber(Transcriber):
                  max_batch_size: int = 64):
         from transformers import AutoConfig, AutoModelForCTC
 
+        from ..models import whisper_ctc  # noqa: F401 - registers WhisperEncoderForCTC
+        from ..models.ctc import normalizes_waveform
+
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
             raise SpeechLMError(f"{self.model_dir}: not a model directory (no config.json)")
@@ -122,10 +139,9 @@ class CTCTranscriber(Transcriber):
         self.device = resolve_device(device)
         self.model = AutoModelForCTC.from_pretrained(self.model_dir, local_files_only=True)
         self.model.to(self.device).eval()
-        fe_file = self.model_dir / "preprocessor_config.json"
-        fe = json.loads(fe_file.read_text(encoding="utf-8")) if fe_file.is_file() else {}
+        fe = feature_extractor_settings(self.model_dir)
         self.sample_rate = int(fe.get("sampling_rate", 16000))
-        self.do_normalize = bool(fe.get("do_normalize", True))
+        self.do_normalize = bool(fe.get("do_normalize", normalizes_waveform(config)))
         self.use_attention_mask = bool(fe.get("return_attention_mask",
                                               getattr(config, "feat_extract_norm", "layer") == "layer"))
         self.tokens, self.blank, self.word_delimiter = load_ctc_vocabulary(

@@ -475,6 +475,13 @@ def uses_attention_mask(model_or_config) -> bool:
     return getattr(config, "feat_extract_norm", "layer") == "layer"
 
 
+def normalizes_waveform(model_or_config) -> bool:
+    """Whether the model takes waveforms normalised to zero mean / unit variance (the wav2vec2
+    family) or raw ones (a Whisper encoder: its log-mel features carry the level)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "model_type", "") != "speechlm_whisper_ctc"
+
+
 def output_lengths(model, input_lengths):
     """CTC output frames for input lengths in samples."""
     return model._get_feat_extract_output_lengths(input_lengths)
@@ -531,7 +538,8 @@ def save_ctc_model(model, vocab: CharVocab, out_dir, *, sampling_rate: int = 160
                                          word_delimiter_token=WORD_DELIMITER,
                                          do_lower_case=False)
         extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=sampling_rate,
-                                             padding_value=0.0, do_normalize=True,
+                                             padding_value=0.0,
+                                             do_normalize=normalizes_waveform(model),
                                              return_attention_mask=uses_attention_mask(model))
         Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(tmp)
 

@@ -69,7 +69,9 @@ WHISPER_WINDOW_SAMPLES = 30 * SAMPLE_RATE
 
 # model_type in config.json -> registered encoder kind
 _SSL_MODEL_TYPES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio")
-_MODEL_TYPE_TO_KIND = {**{t: t for t in _SSL_MODEL_TYPES}, "whisper": "whisper"}
+# (speechlm_whisper_ctc: a saved WhisperEncoderForCTC, whose encoder is a Whisper encoder)
+_MODEL_TYPE_TO_KIND = {**{t: t for t in _SSL_MODEL_TYPES}, "whisper": "whisper",
+                       "speechlm_whisper_ctc": "whisper"}
 
 
 class EncoderOutput(NamedTuple):
@@ -427,7 +429,7 @@ class WhisperSpeechEncoder(SpeechEncoder):
     """The Whisper encoder on each clip's own length (default) or on padded 30 s windows."""
 
     kind = "whisper"
-    model_types = ("whisper",)
+    model_types = ("whisper", "speechlm_whisper_ctc")
 
     def __init__(self, backbone: nn.Module, *, layer: int | str | None = None, frozen: bool = True,
                  pad_to_window: bool = False):
@@ -513,9 +515,12 @@ def _load_whisper_encoder(model_dir: Path, dtype: torch.dtype | None) -> nn.Modu
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                for prefix in ("model.encoder.", "encoder."):
+                # Whisper checkpoints, WhisperModel / WhisperEncoder ones, and a saved
+                # WhisperEncoderForCTC (speechlm.models.whisper_ctc)
+                for prefix in ("model.encoder.", "encoder.backbone.", "encoder."):
                     if key.startswith(prefix):
                         state[key[len(prefix):]] = f.get_tensor(key)
+                        break
     if not state:
         raise SpeechLMError(f"{model_dir}: no Whisper encoder weights (model.encoder.* or "
                             "encoder.*) in its safetensors files")

@@ -19,6 +19,13 @@ with temperature sampling (each batch from one language, p_l ∝ (n_l/N)^alpha).
       test: data/ain/test.jsonl
     train: {max_steps: 20000, lr: 1.0e-4, schedule: tri_stage, ...}
 
+`model.init` may also name a Whisper checkpoint (models:whisper-base,
+openai/whisper-small): its encoder then gets the CTC head, frozen for the
+first updates and partly unfrozen after (`model.unfreeze_top_layers`), with
+the outputs of its never-trained layers cached on disk (`data.encoder_cache`);
+see `speechlm.recipes.ctc_whisper`. `data.train[].max_hours` trains on a fixed
+random subset (10 min of 30 min of 1 h) for a data-size curve.
+
 `run(config)`:
 1. builds the character vocabulary from the training transcripts (or reloads
    it when resuming) and reports rare characters and dev/test characters it
@@ -69,6 +76,11 @@ class ModelConfig:
     dropout: float | None = None          # hidden/attention/activation dropout; None: keep
     final_dropout: float | None = None    # before the CTC head; None: keep
     ctc_reduction: Literal["token_mean", "mean", "sum"] = "token_mean"
+    # A Whisper checkpoint as model.init (see speechlm.recipes.ctc_whisper):
+    encoder_layer: int | None = None      # keep the first N encoder layers (None: all)
+    unfreeze_top_layers: int | None = None  # after freeze_encoder_steps the top N layers train
+                                          # (0: none, frozen all run; None: the whole encoder)
+    head_layers: int = 0                  # fresh transformer layers under the output layer
 
     def __post_init__(self):
         for name in ("mask_time_prob", "mask_feature_prob", "layerdrop"):
@@ -79,6 +91,10 @@ class ModelConfig:
             raise ConfigError("model.mask_time_length and mask_feature_length must be >= 1")
         if self.freeze_encoder_steps < 0:
             raise ConfigError("model.freeze_encoder_steps must be >= 0")
+        if self.head_layers < 0 or (self.unfreeze_top_layers or 0) < 0 \
+                or (self.encoder_layer is not None and self.encoder_layer < 1):
+            raise ConfigError("model.head_layers and unfreeze_top_layers must be >= 0, "
+                              "model.encoder_layer >= 1")
         for name in ("dropout", "final_dropout"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
@@ -105,6 +121,11 @@ class TrainSource:
     manifest: str                         # JSONL path or embedded:LANG/SPLIT
     lang: str | None = None               # normalisation + mixture language (None: records')
     weight: float = 1.0                   # multiplies its size in the language mixture
+    max_hours: float | None = None        # a fixed random subset of at most this much audio
+
+    def __post_init__(self):
+        if self.max_hours is not None and not self.max_hours > 0:
+            raise ConfigError(f"data.train[].max_hours must be > 0 or null, got {self.max_hours}")
 
 
 @dataclass
@@ -128,6 +149,9 @@ class DataConfig:
     unknown_chars: Literal["unk", "skip"] = "unk"  # training utterances with such characters
     sample_rate: int = 16000
     strict: bool = False                  # raise on unreadable audio instead of skipping it
+    # Whisper encoders: cache the outputs of the layers that never train ("auto": the
+    # speechlm cache dir; a directory; null: encode the audio at every step)
+    encoder_cache: str | None = "auto"
     # CLIMB curriculum pacing (arXiv 2311.08886); None: every item from the first step
     curriculum: CurriculumConfig | None = None
 
@@ -184,6 +208,7 @@ def run(config: Config) -> dict:
     from ..training import checkpoint, distributed
     from ..training.objectives.ctc import CTCCollator, CTCObjective, say
     from ..training.trainer import Trainer, seed_everything
+    from . import ctc_whisper
 
     cfg = config
     data = cfg.data
@@ -203,38 +228,61 @@ def run(config: Config) -> dict:
 
     # 2. model
     seed_everything(cfg.train.seed)
-    if cfg.model.scratch and cfg.model.init != "scratch":
-        logger.warning("model.scratch is ignored: model.init=%s is a pretrained model",
-                       cfg.model.init)
-    model = load_ctc_model(cfg.model.init, vocab, overrides=cfg.model.config_overrides(),
-                           scratch_config=cfg.model.scratch if cfg.model.init == "scratch"
-                           else None)
-    if cfg.model.freeze_feature_encoder:
-        model.freeze_feature_encoder()
+    whisper_dir = ctc_whisper.init_dir(cfg.model.init)
+    ctc_whisper.check_options(cfg.model, whisper_dir is not None)
     sample_rate = data.sample_rate
+    cache, cached_layer = None, None
+    if whisper_dir is not None:
+        if sample_rate != 16000:
+            raise ConfigError(f"data.sample_rate={sample_rate}: a Whisper encoder takes 16 kHz "
+                              "audio (audio at other rates is resampled when loaded); set 16000")
+        model = ctc_whisper.build_model(cfg.model, whisper_dir, vocab)
+        cache, cached_layer = ctc_whisper.open_cache(cfg, model, whisper_dir, say)
 
-    def frames_for_duration(seconds: float) -> int:
-        return frames_for_samples(model.config, int(round(seconds * sample_rate)))
+        def frames_for_duration(seconds: float) -> int:
+            return int(model.encoder.output_lengths([int(round(seconds * sample_rate))])[0])
 
-    min_duration = _min_duration_for_masking(cfg, frames_for_duration)
+        min_duration = data.min_duration  # no time masks to fit
+        train_cfg = ctc_whisper.train_config(cfg, model)
+    else:
+        if cfg.model.scratch and cfg.model.init != "scratch":
+            logger.warning("model.scratch is ignored: model.init=%s is a pretrained model",
+                           cfg.model.init)
+        model = load_ctc_model(cfg.model.init, vocab, overrides=cfg.model.config_overrides(),
+                               scratch_config=cfg.model.scratch if cfg.model.init == "scratch"
+                               else None)
+        if cfg.model.freeze_feature_encoder:
+            model.freeze_feature_encoder()
+
+        def frames_for_duration(seconds: float) -> int:
+            return frames_for_samples(model.config, int(round(seconds * sample_rate)))
+
+        min_duration = _min_duration_for_masking(cfg, frames_for_duration)
+        train_cfg = _train_config(cfg, model)
 
     # 3. data
     dataset, sampler, probabilities, eval_sets, reports = prepare_audio_data(
         data, vocab, paths, frames_for_duration, min_duration, cfg.train.seed, dist, out,
-        total_batches=cfg.train.max_steps * cfg.train.grad_accum)
+        total_batches=cfg.train.max_steps * cfg.train.grad_accum,
+        cached=cache.dataset if cache is not None else None)
+    dev_set = eval_sets.get("dev")
+    if cache is not None:
+        if dev_set is not None:  # during training; the final scores below read the audio
+            dev_set = cache.dataset(dev_set.records, "dev", silence_dbfs=None)
+        cache.release()
 
     # 4. train
-    train_cfg = _train_config(cfg, model)
     guard_from = max(cfg.model.freeze_encoder_steps + 1,
                      int(cfg.eval.collapse_check_after * train_cfg.max_steps))
     unseen_dev = list(report.unseen.get("dev", {}))
     objective = CTCObjective(
-        model, vocab, dev=eval_sets.get("dev"), reduction=cfg.model.ctc_reduction,
+        model, vocab, dev=dev_set, reduction=cfg.model.ctc_reduction,
         sample_rate=sample_rate, eval_batch_duration=cfg.eval.batch_duration,
         max_eval_items=cfg.eval.max_dev_items, examples=cfg.eval.examples,
         collapse_threshold=cfg.eval.collapse_threshold, guard_from_step=guard_from,
         unseen_dev_chars=unseen_dev,
         examples_path=out / "dev_examples.jsonl" if dist.is_main else None)
+    objective.cached_layer = cached_layer
     trainer = Trainer(train_cfg, objective, dataset, sampler, collate_fn=CTCCollator(),
                       run_config=cfg)
     objective.attach(trainer)
@@ -332,13 +380,15 @@ def training_vocab(data: DataConfig, train: TrainConfig, paths: dict, train_lang
 
 
 def prepare_audio_data(data: DataConfig, vocab, paths: dict, frames_for_duration, min_duration,
-                       seed: int, dist, out: Path, *, total_batches: int | None = None):
+                       seed: int, dist, out: Path, *, total_batches: int | None = None,
+                       cached=None):
     """(train dataset, batch sampler, language probabilities, {split: dev/test dataset},
     data reports) for labelled audio: transcripts encoded and checked up front, skipped items
     counted and written to out/data_report.json. `total_batches` (max_steps x grad_accum)
-    paces `data.curriculum`."""
+    paces `data.curriculum`. `cached(records, name)`: the training dataset of a language
+    (e.g. with cached encoder frames) instead of an AudioDataset."""
     from ..data.dataset import AudioDataset
-    from ..training.objectives.ctc import prepare_ctc_records, say
+    from ..training.objectives.ctc import count_sample_rates, prepare_ctc_records, say
 
     groups: dict[str, dict] = {}
     reports = []
@@ -347,6 +397,9 @@ def prepare_audio_data(data: DataConfig, vocab, paths: dict, frames_for_duration
             path, vocab, lang=source.lang, frames_for_duration=frames_for_duration,
             unknown=data.unknown_chars, min_duration=min_duration,
             max_duration=data.max_duration, name=f"train[{pos}] {source.manifest}")
+        if source.max_hours is not None:
+            records = hours_subset(records, source.max_hours, rep)
+        rep.sample_rates = count_sample_rates(records, data.sample_rate)
         reports.append(rep)
         lang = source.lang or _single_lang(records, f"data.train[{pos}] ({source.manifest})")
         hours = sum(float(r["duration"]) for r in records) / 3600
@@ -359,6 +412,7 @@ def prepare_audio_data(data: DataConfig, vocab, paths: dict, frames_for_duration
         if paths.get(split):
             records, rep = prepare_ctc_records(paths[split], vocab, lang=data.lang,
                                                training=False, name=split)
+            rep.sample_rates = count_sample_rates(records, data.sample_rate)
             reports.append(rep)
             eval_sets[split] = AudioDataset(records, sample_rate=data.sample_rate,
                                             strict=data.strict, silence_dbfs=None)
@@ -366,7 +420,8 @@ def prepare_audio_data(data: DataConfig, vocab, paths: dict, frames_for_duration
         _write_json(out / "data_report.json", [rep.to_dict() for rep in reports])
         for rep in reports:
             say(rep.summary())
-    dataset, sampler, probabilities = _build_sampler(groups, data, seed, dist, total_batches)
+    dataset, sampler, probabilities = _build_sampler(groups, data, seed, dist, total_batches,
+                                                     cached)
     if dist.is_main and len(groups) > 1:
         say("languages: " + ", ".join(
             f"{lang} ({groups[lang]['hours']:.2f} h, p={p:.3f})"
@@ -434,8 +489,32 @@ def _single_lang(records: list[dict], where: str) -> str:
     return langs[0] if langs else "default"
 
 
+def hours_subset(records: list[dict], max_hours: float, report) -> list[dict]:
+    """A fixed random subset of `records` of at most `max_hours` (the order comes from a
+    fixed seed, so a smaller budget's subset lies inside a larger one's: 10 min of 30 min of
+    1 h). The report's kept counts follow."""
+    import random
+
+    order = list(range(len(records)))
+    random.Random(1234).shuffle(order)
+    chosen, seconds = [], 0.0
+    for i in order:
+        duration = float(records[i]["duration"])
+        if seconds + duration > max_hours * 3600:
+            continue
+        chosen.append(i)
+        seconds += duration
+    if not chosen:
+        raise ConfigError(f"{report.name}: max_hours={max_hours} is shorter than every "
+                          "utterance; raise it")
+    report.subset = {"max_hours": max_hours, "from_utterances": len(records),
+                     "utterances": len(chosen), "hours": round(seconds / 3600, 4)}
+    report.kept, report.kept_hours = len(chosen), seconds / 3600
+    return [records[i] for i in sorted(chosen)]
+
+
 def _build_sampler(groups: dict[str, dict], data: DataConfig, seed: int, dist,
-                   total_batches: int | None = None):
+                   total_batches: int | None = None, cached=None):
     """(dataset, batch sampler, language probabilities) for one or several languages."""
     from ..data.curriculum import CurriculumBucketSampler, record_difficulties
     from ..data.dataset import AudioDataset
@@ -479,8 +558,11 @@ def _build_sampler(groups: dict[str, dict], data: DataConfig, seed: int, dist,
         else:
             samplers[lang] = DurationBucketSampler(durations, num_buckets=data.num_buckets,
                                                    **common)
-        datasets[lang] = AudioDataset(group["records"], sample_rate=data.sample_rate,
-                                      strict=data.strict)  # silent audio is skipped, counted
+        if cached is not None:
+            datasets[lang] = cached(group["records"], f"train ({lang})")
+        else:
+            datasets[lang] = AudioDataset(group["records"], sample_rate=data.sample_rate,
+                                          strict=data.strict)  # silent audio: skipped, counted
     if len(groups) == 1:
         lang = next(iter(groups))
         return datasets[lang], samplers[lang], {lang: 1.0}

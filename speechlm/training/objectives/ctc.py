@@ -55,7 +55,12 @@ import torch.nn.functional as F
 
 from ...data.collate import AudioCollator, SkippedItem
 from ...errors import ManifestError, SpeechLMError
-from ...models.ctc import CharVocab, label_frames_needed, uses_attention_mask
+from ...models.ctc import (
+    CharVocab,
+    label_frames_needed,
+    normalizes_waveform,
+    uses_attention_mask,
+)
 from ...text.normalize import normalize_transcript
 
 logger = logging.getLogger(__name__)
@@ -96,6 +101,8 @@ class CTCDataReport:
     unknown_chars: Counter = field(default_factory=Counter)
     utterances_with_unk: int = 0
     kept_hours: float = 0.0
+    sample_rates: dict = field(default_factory=dict)  # Hz -> utterances (see count_sample_rates)
+    subset: dict | None = None            # what data.train[].max_hours kept
 
     def skip(self, reason: str, example: str) -> None:
         self.skipped[reason] += 1
@@ -108,7 +115,9 @@ class CTCDataReport:
                 "kept": self.kept, "kept_hours": round(self.kept_hours, 4),
                 "skipped": dict(self.skipped.most_common()), "examples": self.examples,
                 "unknown_chars": dict(self.unknown_chars.most_common()),
-                "utterances_with_unk": self.utterances_with_unk}
+                "utterances_with_unk": self.utterances_with_unk,
+                "sample_rates": self.sample_rates, **({"subset": self.subset} if self.subset
+                                                      else {})}
 
     def summary(self) -> str:
         text = f"{self.name}: {self.kept} of {self.total} utterances ({self.kept_hours:.2f} h)"
@@ -121,7 +130,39 @@ class CTCDataReport:
             text += (f"; characters not in the vocabulary: {chars}"
                      + (f" (mapped to <unk> in {self.utterances_with_unk} utterances)"
                         if self.utterances_with_unk else ""))
+        if self.subset:
+            text += (f"; a fixed random {self.subset['hours']:.2f} h subset (max_hours "
+                     f"{self.subset['max_hours']:g}) of {self.subset['from_utterances']}")
+        rates = {k: n for k, n in self.sample_rates.items() if k != "target"}
+        if len(rates) > 1 or (rates and next(iter(rates)) != str(self.sample_rates["target"])):
+            shown = ", ".join(f"{n} at {rate} Hz" if rate != "unreadable" else
+                              f"{n} unreadable (skipped when loaded)"
+                              for rate, n in rates.items())
+            text += (f"; sample rates {shown}: resampled to {self.sample_rates['target']} Hz "
+                     "when loaded")
         return text
+
+
+def count_sample_rates(records: Sequence[dict], target: int) -> dict:
+    """{"target": target, "<rate>": utterances, ...} from the audio files' headers (most
+    common first; "unreadable": headers that could not be read, skipped when loaded). A
+    manifest that mixes rates is fine (audio is resampled to `target` when loaded); the
+    report says so rather than letting it pass unseen."""
+    from ...audio.io import audio_info
+    from ...data.manifest import AUDIO_PATH_KEY
+    from ...errors import AudioError
+
+    rates: Counter = Counter()
+    seen: dict[str, str] = {}
+    for record in records:
+        path = record.get(AUDIO_PATH_KEY) or record.get("audio")
+        if path not in seen:
+            try:
+                seen[path] = str(audio_info(path).sample_rate)
+            except (AudioError, OSError, RuntimeError):
+                seen[path] = "unreadable"
+        rates[seen[path]] += 1
+    return {"target": target, **dict(rates.most_common())}
 
 
 def prepare_ctc_records(source, vocab: CharVocab, *, lang: str | None = None,
@@ -191,13 +232,21 @@ def prepare_ctc_records(source, vocab: CharVocab, *, lang: str | None = None,
 
 
 class CTCCollator:
-    """AudioCollator plus `labels` [B, U] (padded with -100) and `label_lengths` [B]."""
+    """AudioCollator plus `labels` [B, U] (padded with -100) and `label_lengths` [B].
+
+    Items with cached encoder frames (`CachedEncoderDataset`) are collated with
+    `collate_encoder_batch` instead (`encoder_hidden`, `encoder_lengths`; no audio)."""
 
     def __init__(self, *, pad_to_multiple_of: int | None = None):
         self.audio = AudioCollator(pad_to_multiple_of=pad_to_multiple_of)
 
     def __call__(self, items: Sequence[dict | SkippedItem]) -> dict:
-        batch = self.audio(items)
+        if any(isinstance(item, dict) and "encoder_hidden" in item for item in items):
+            from ...pipelines.encoder_cache import collate_encoder_batch
+
+            batch = collate_encoder_batch(items)
+        else:
+            batch = self.audio(items)
         labels = batch.pop("labels", [])
         longest = max((len(x) for x in labels), default=0)
         padded = torch.full((len(labels), longest), -100, dtype=torch.long)
@@ -279,6 +328,9 @@ class CTCObjective:
         self.guard_from_step = guard_from_step
         self.unseen_dev_chars = list(unseen_dev_chars)
         self.examples_path = Path(examples_path) if examples_path else None
+        # Batches of cached encoder frames hold this hidden state of the encoder (set by the
+        # recipe when it trains on an encoder cache; see WhisperEncoderForCTC).
+        self.cached_layer: int | None = None
         self.trainer = None
         self.collapse_warnings = 0
         self.skip_report = None  # a SkipReport that counts unreadable training audio, if set
@@ -303,8 +355,13 @@ class CTCObjective:
         """(log-probs [B, T, V] float32, valid frames [B])."""
         from ...audio.features import normalize_waveform
 
+        if "encoder_hidden" in batch:  # cached frames of the frozen bottom of the encoder
+            frames = batch["encoder_lengths"]
+            logits = model.logits_from_hidden(batch["encoder_hidden"], frames,
+                                              self.cached_layer)
+            return F.log_softmax(logits.float(), dim=-1), frames
         audio, lengths = batch["audio"], batch["audio_lengths"]
-        inputs = normalize_waveform(audio, lengths)
+        inputs = normalize_waveform(audio, lengths) if normalizes_waveform(model) else audio
         mask = batch.get("attention_mask") if uses_attention_mask(model) else None
         logits = model(inputs, attention_mask=mask).logits
         frames = model._get_feat_extract_output_lengths(lengths).clamp(max=logits.shape[1])
@@ -359,7 +416,7 @@ class CTCObjective:
         """(reduced loss, per-utterance losses, label lengths, metrics), or None if empty."""
         if self.skip_report is not None and batch.get("skipped"):
             self.skip_report.add(batch)
-        if batch["audio"].shape[0] == 0:
+        if _batch_size(batch) == 0:
             return None  # every item of the batch was skipped
         log_probs, frames = self._forward(self.model, batch)
         labels, label_lengths = batch["labels"], batch["label_lengths"]
@@ -403,7 +460,7 @@ class CTCObjective:
             items = [dataset[i] for i in batch_indices]
             data = collate(items)
             skipped += len(data["skipped"])
-            if data["audio"].shape[0] == 0:
+            if _batch_size(data) == 0:
                 continue
             tensors = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
                        for k, v in data.items()}
@@ -475,6 +532,12 @@ class CTCObjective:
             with JsonlAppender(self.examples_path) as out:
                 for row in shown:
                     out.write({"step": self.step, **row})
+
+
+def _batch_size(batch: dict) -> int:
+    """Usable items in a collated batch (audio or cached encoder frames)."""
+    tensor = batch["encoder_hidden"] if "encoder_hidden" in batch else batch["audio"]
+    return int(tensor.shape[0])
 
 
 def collapse_warning(result: EvalResult, *, step: int | None,
