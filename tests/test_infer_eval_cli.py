@@ -233,3 +233,16 @@ def test_tune_lm_grid_reports_greedy_and_the_best_pair(setup, tmp_path, capsys):
     assert main(["tune", "lm", "--model", str(setup["model"]), "--manifest",
                  str(setup["manifest"]), "--lm", str(tmp_path / "missing.arpa")]) == 2
     assert "missing.arpa: file not found" in capsys.readouterr().err
+
+
+def test_infer_and_eval_take_an_embedded_split(setup, small_corpus, tmp_path, capsys):
+    from speechlm.cli import main
+
+    out = tmp_path / "hyps.jsonl"
+    assert main(["infer", "--model", str(setup["model"]), "--manifest", "embedded:en/test",
+                 "--out", str(out), "--quiet"]) == 0
+    assert len(_read(out)) == 4  # the small corpus's test split
+    capsys.readouterr()
+    assert main(["eval", "--hyp", str(out), "--ref", "embedded:en/test", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_scored"] == 4 and result["num_missing"] == 0

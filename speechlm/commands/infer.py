@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+EMBEDDED = "embedded:"  # speechlm.recipes.sources.PREFIX, without importing the recipes here
+
 HELP = ("run a model on audio files or a manifest (CTC or Whisper ASR, or a speech LM's "
         "asr/st/sqa/chat)")
 
@@ -49,7 +51,8 @@ def add_arguments(parser):
                         help="a model directory (e.g. runs/tiny/ctc_en/final), a pretrained "
                              "model (whisper-base) or zoo:NAME; see `speechlm models list`")
     parser.add_argument("audio", nargs="*", help="audio files to transcribe")
-    parser.add_argument("--manifest", metavar="JSONL", help="transcribe every utterance of a manifest")
+    parser.add_argument("--manifest", metavar="JSONL",
+                        help="transcribe every utterance of a manifest (or embedded:LANG/SPLIT)")
     parser.add_argument("--out", metavar="JSONL",
                         help="write {id, text, audio_s, decode_s} lines here (a manifest run "
                              "appends and skips ids already there); default: print")
@@ -170,6 +173,10 @@ def run(args):
 
     args.model = str(resolve_model_dir(args.model, expect=None, progress=not args.quiet,
                                        say=lambda m: print(m, file=sys.stderr)))
+    if args.manifest and str(args.manifest).startswith(EMBEDDED):  # as train and tune lm take
+        from ..recipes.sources import resolve_manifest
+
+        args.manifest = str(resolve_manifest(args.manifest, progress=not args.quiet))
     kind = args.kind = detect_model_kind(args.model)
     task = getattr(args, "task", "asr")
     if kind == "ctc" and task != "asr":
