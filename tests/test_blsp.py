@@ -170,42 +170,35 @@ def test_the_embedding_loss_needs_a_cif_adapter(model):
         BlspObjective(model, loss="kd", embed_weight=1.0)
 
 
-def test_token_ctc_trains_a_frame_rate_adapter_beside_kd(model):
-    """loss.ctc_weight on the BLSP conv adapter: the CTC reads the adapter's outputs (the
-    positions the LLM reads) and a few updates on one batch halve it."""
+def _updates_on_one_batch(model, frames: int, steps: int = 25, **loss_options) -> list[dict]:
+    """The metrics of `steps` Adam updates of a copy of `model` on one batch (KD + options)."""
     import copy
 
     model = copy.deepcopy(model)
-    batch = _batch(model, frames=400)  # 50 outputs at 8x for the longest transcript
-    objective = BlspObjective(model, loss="kd", ctc_weight=1.0)
+    batch = _batch(model, frames=frames)
+    objective = BlspObjective(model, loss="kd", **loss_options)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     history = []
-    for _ in range(25):
+    torch.manual_seed(0)
+    for _ in range(steps):
         loss, metrics = objective.loss(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         history.append(metrics)
+    return history
+
+
+def test_token_ctc_trains_a_frame_rate_adapter_beside_kd(model):
+    """loss.ctc_weight on the BLSP conv adapter: the CTC reads the adapter's outputs (the
+    positions the LLM reads) and a few updates on one batch halve it."""
+    history = _updates_on_one_batch(model, frames=400, ctc_weight=1.0)  # 50 outputs at 8x
     assert history[-1]["ctc_loss"] < 0.5 * history[0]["ctc_loss"]
 
 
 def test_cif_adapter_learns_the_count_and_the_embeddings(cif_model):
     """A few updates on one batch lower the count error and the embedding loss."""
-    import copy
-
-    model = copy.deepcopy(cif_model)
-    batch = _batch(model, frames=200)
-    objective = BlspObjective(model, loss="kd", embed_weight=1.0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=1e-2)
-    history = []
-    torch.manual_seed(0)
-    for _ in range(25):
-        loss, metrics = objective.loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(metrics)
+    history = _updates_on_one_batch(cif_model, frames=200, embed_weight=1.0)
     assert history[-1]["count_loss"] < 0.5 * history[0]["count_loss"]
     assert history[-1]["embed_loss"] < 0.5 * history[0]["embed_loss"]
 
