@@ -285,6 +285,13 @@ def test_paragraph_and_line_units(tmp_path):
      "El señor García pagó tres punto cinco euros por el veinte por ciento."),
     ("Es kostet 1.000 €, z.B. heute.", "de", "Es kostet eintausend Euro, zum Beispiel heute."),
     ("१२ and 12", "hi", "१२ and 12"),  # num2words has no Hindi: digits stay for the TTS
+    ("Python 3.11.2 uses X.509, see section 10.2.", "en",
+     "Python three dot eleven dot two uses X dot five hundred and nine, see section ten point "
+     "two."),
+    ("Block 10.0.0.0/8 now.", "en", "Block ten dot zero dot zero dot zero slash eight now."),
+    ("Versión 3.11.2 y 1.234.567 personas.", "es",
+     "Versión tres punto once punto dos y un millón doscientos treinta y cuatro mil quinientos "
+     "sesenta y siete personas."),
 ])
 def test_verbalize_writes_numbers_symbols_and_abbreviations_out(text, lang, expected):
     from speechlm.text.verbalize import verbalize

@@ -8,10 +8,17 @@ the same way), then, in this order:
 2. currency amounts ("$5" -> "five dollars", "3,50 €" -> "tres coma cinco euros")
    and percentages ("12%" -> "twelve percent");
 3. ordinals written with digits (en "21st", es "1º", fr "2e");
-4. numbers: thousands separators and the decimal mark of the language,
+4. dotted identifiers, read group by group with the language's word for the
+   dot: versions and addresses with two or more dots ("3.11.2" -> "three dot
+   eleven dot two", "192.168.0.0/16" -> "... dot zero slash sixteen") and a
+   name before digits ("X.509" -> "X dot five hundred and nine"); one dot
+   between digits stays a decimal ("10.2" -> "ten point two"), and a
+   thousands number of a language that groups with dots ("1.234.567" in
+   Spanish) stays a number;
+5. numbers: thousands separators and the decimal mark of the language,
    four-digit years 1100-2099 read as years in English ("1999" ->
    "nineteen ninety-nine");
-5. a few free-standing symbols ("&" -> "and", "+" -> "plus", "=" -> "equals").
+6. a few free-standing symbols ("&" -> "and", "+" -> "plus", "=" -> "equals").
 
 Case and sentence punctuation are kept: TTS engines use them for prosody.
 Numbers are spoken by `num2words` (PyPI, LGPL-2.1, in the `corpus` extra); a
@@ -42,6 +49,8 @@ class VerbalizerRules:
     symbols: dict[str, str] = field(default_factory=dict)  # free-standing symbol: word
     ordinal_suffix: str = ""  # regex of the suffix after the digits of an ordinal
     years: bool = False  # read 1100-2099 as a year (English)
+    dot: str = "dot"  # the dot of a version or an address ("3.11.2")
+    slash: str = "slash"  # the slash of an address range ("10.0.0.0/8")
 
 
 VERBALIZER_RULES: dict[str, VerbalizerRules] = {
@@ -61,7 +70,7 @@ VERBALIZER_RULES: dict[str, VerbalizerRules] = {
         currencies={"$": ("dólar", "dólares"), "€": ("euro", "euros"), "£": ("libra", "libras")},
         percent="por ciento",
         symbols={"&": "y", "+": "más", "=": "igual a", "@": "arroba", "°": "grados"},
-        ordinal_suffix="º|ª|o|a"),
+        ordinal_suffix="º|ª|o|a", dot="punto", slash="barra"),
     "de": VerbalizerRules(
         thousands=".", decimal=",",
         abbreviations={"z.B.": "zum Beispiel", "z. B.": "zum Beispiel", "usw.": "und so weiter",
@@ -69,7 +78,8 @@ VERBALIZER_RULES: dict[str, VerbalizerRules] = {
                        "ca.": "circa", "d.h.": "das heißt", "d. h.": "das heißt"},
         currencies={"$": ("Dollar", "Dollar"), "€": ("Euro", "Euro"), "£": ("Pfund", "Pfund")},
         percent="Prozent",
-        symbols={"&": "und", "+": "plus", "=": "gleich", "@": "at", "°": "Grad"}),
+        symbols={"&": "und", "+": "plus", "=": "gleich", "@": "at", "°": "Grad"},
+        dot="Punkt", slash="Schrägstrich"),
     "fr": VerbalizerRules(
         thousands=" ", decimal=",",
         abbreviations={"M.": "Monsieur", "Mme": "Madame", "Dr": "Docteur", "etc.": "et cetera",
@@ -77,13 +87,15 @@ VERBALIZER_RULES: dict[str, VerbalizerRules] = {
         currencies={"$": ("dollar", "dollars"), "€": ("euro", "euros"), "£": ("livre", "livres")},
         percent="pour cent",
         symbols={"&": "et", "+": "plus", "=": "égale", "@": "arobase", "°": "degrés"},
-        ordinal_suffix="e|er|re|ème"),
+        ordinal_suffix="e|er|re|ème", dot="point", slash="barre oblique"),
     "it": VerbalizerRules(
         thousands=".", decimal=",", currencies={"€": ("euro", "euro"), "$": ("dollaro", "dollari")},
-        percent="per cento", symbols={"&": "e", "+": "più", "=": "uguale"}),
+        percent="per cento", symbols={"&": "e", "+": "più", "=": "uguale"}, dot="punto",
+        slash="barra"),
     "pt": VerbalizerRules(
         thousands=".", decimal=",", currencies={"€": ("euro", "euros"), "$": ("dólar", "dólares")},
-        percent="por cento", symbols={"&": "e", "+": "mais", "=": "igual a"}),
+        percent="por cento", symbols={"&": "e", "+": "mais", "=": "igual a"}, dot="ponto",
+        slash="barra"),
 }
 
 
@@ -153,6 +165,23 @@ def _say_digits(digits: str, lang: str, rules: VerbalizerRules, *, year_ok: bool
     return _say(value, lang) or digits
 
 
+# "3.11.2", "192.168.0.0/16" (two or more dots) or "X.509" (a name, then digits)
+_DOTTED = re.compile(r"(?<![\w.])(?:(?P<name>[A-Za-z]+)\.(?P<first>\d+)|\d+(?:\.\d+){2,})"
+                     r"(?:/(?P<range>\d+))?(?![\w]|\.\d)")
+
+
+def _say_dotted(m: re.Match, lang: str, rules: VerbalizerRules) -> str:
+    whole = m.group(0)
+    if rules.thousands == "." and re.fullmatch(r"\d{1,3}(?:\.\d{3})+", whole):
+        return whole  # a thousands number of this language: the number step reads it
+    address, _, prefix = whole.partition("/")
+    parts = address.split(".")
+    words = [parts[0] if m.group("name") else _say(int(parts[0]), lang) or parts[0]]
+    words += [_say(int(p), lang) or p for p in parts[1:]]
+    said = f" {rules.dot} ".join(words)
+    return f"{said} {rules.slash} {_say(int(prefix), lang) or prefix}" if prefix else said
+
+
 def verbalize(text: str, lang: str | None = "en") -> str:
     """`text` with numbers, symbols and abbreviations of `lang` written out (module doc)."""
     lang = _base(lang)
@@ -170,6 +199,7 @@ def verbalize(text: str, lang: str | None = "en") -> str:
     text = percent.sub(lambda m: f"{_say_digits(m.group(1), lang, rules)} {rules.percent}", text)
     if ordinal is not None:
         text = ordinal.sub(lambda m: _say(int(m.group(1)), lang, "ordinal") or m.group(0), text)
+    text = _DOTTED.sub(lambda m: _say_dotted(m, lang, rules), text)
     text = number.sub(lambda m: _say_digits(m.group(0), lang, rules, year_ok=True), text)
     for symbol, word in rules.symbols.items():
         text = text.replace(symbol, f" {word} ")
