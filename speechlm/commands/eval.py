@@ -12,7 +12,8 @@ METRIC_NAMES = ("wer", "cer", "bleu", "chrf", "exact_match", "accuracy")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hyp", required=True, metavar="JSONL",
                         help="hypotheses: one {id, text} per line (speechlm infer --out)")
-    parser.add_argument("--ref", required=True, metavar="MANIFEST", help="reference manifest (or embedded:LANG/SPLIT)")
+    parser.add_argument("--ref", required=True, metavar="MANIFEST",
+                        help="reference manifest (or embedded:LANG/SPLIT)")
     parser.add_argument("--metric", nargs="+", choices=METRIC_NAMES, default=["wer", "cer"],
                         help="metrics to compute (default: wer cer)")
     parser.add_argument("--lang", help="normalisation language for both sides (default: each "
@@ -32,11 +33,9 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from ..eval.metrics import METRICS, score_manifest
+    from ..recipes.sources import resolve_if_embedded
 
-    if str(args.ref).startswith("embedded:"):  # a split of the embedded corpus, as infer takes
-        from ..recipes.sources import resolve_manifest
-
-        args.ref = str(resolve_manifest(args.ref, progress=False))
+    args.ref = resolve_if_embedded(args.ref, progress=False)
 
     result = score_manifest(args.hyp, args.ref, args.metric, lang=args.lang,
                             ref_field=args.ref_field, normalize=not args.no_normalize,

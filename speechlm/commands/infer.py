@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-EMBEDDED = "embedded:"  # speechlm.recipes.sources.PREFIX, without importing the recipes here
-
 HELP = ("run a model on audio files or a manifest (CTC or Whisper ASR, or a speech LM's "
         "asr/st/sqa/chat)")
 
@@ -173,10 +171,10 @@ def run(args):
 
     args.model = str(resolve_model_dir(args.model, expect=None, progress=not args.quiet,
                                        say=lambda m: print(m, file=sys.stderr)))
-    if args.manifest and str(args.manifest).startswith(EMBEDDED):  # as train and tune lm take
-        from ..recipes.sources import resolve_manifest
+    if args.manifest:  # a path, or embedded:LANG/SPLIT as train and tune lm take
+        from ..recipes.sources import resolve_if_embedded
 
-        args.manifest = str(resolve_manifest(args.manifest, progress=not args.quiet))
+        args.manifest = resolve_if_embedded(args.manifest, progress=not args.quiet)
     kind = args.kind = detect_model_kind(args.model)
     task = getattr(args, "task", "asr")
     if kind == "ctc" and task != "asr":

@@ -16,6 +16,13 @@ from ..errors import ConfigError
 PREFIX = "embedded:"
 
 
+def resolve_if_embedded(spec: str, *, progress: bool = True) -> str:
+    """`spec` itself, or the built manifest's path when it names an embedded split: for
+    commands that read their other manifests (and report them missing) on their own."""
+    return str(resolve_manifest(spec, progress=progress)) if str(spec).startswith(PREFIX) \
+        else spec
+
+
 def resolve_manifest(spec: str | Path, *, progress: bool = True) -> Path:
     """The manifest path for `spec` (a file path or `embedded:LANG/SPLIT`)."""
     text = str(spec)

@@ -84,9 +84,11 @@ def save_checkpoint(directory, *, model_state: Mapping[str, torch.Tensor],
             for file in tmp.iterdir():
                 _fsync(file)
             _fsync(tmp)
-    except Exception:  # a failed write (a full disk): give back the space; the last good
-        shutil.rmtree(tmp, ignore_errors=True)  # checkpoint stays. A kill leaves the .tmp,
-        raise                                   # which the next run removes.
+    except Exception:
+        # a failed write (a full disk): give the space back; the last good checkpoint stays.
+        # (A kill leaves the .tmp, which the next run removes.)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         # Swap: final -> .old, tmp -> final, drop .old. A kill in between leaves
         # .old, which remove_stale() renames back when final is missing.
