@@ -356,6 +356,29 @@ def test_continuations_of_another_manifest_are_refused(tiny_ckpt, tmp_path, spee
         module.run(config)
 
 
+def test_init_from_starts_a_run_from_a_trained_adapter(tiny_ckpt, tmp_path, speech_data):
+    quick = {"train.max_steps": 3, "train.eval_every": 3, "train.save_every": 3,
+             "eval.transfer": "null", "eval.generate_items": 0}
+    module, config = load_recipe("recipes/tiny/blsp.yaml", _overrides(
+        tiny_ckpt, tmp_path, speech_data, **quick))
+    module.run(config)
+    first = SpeechLM.from_pretrained(tmp_path / "run" / "final").trainable_state_dict()
+    # a second run from it, at a learning rate too small to move anything: it ends where the
+    # first ended, not at a fresh initialisation
+    module, config = load_recipe("recipes/tiny/blsp.yaml", _overrides(
+        tiny_ckpt, tmp_path, speech_data, **{
+            **quick, "init_from": str(tmp_path / "run" / "final"), "train.lr": 1e-12,
+            "train.max_steps": 1, "train.output_dir": str(tmp_path / "second")}))
+    module.run(config)
+    second = SpeechLM.from_pretrained(tmp_path / "second" / "final").trainable_state_dict()
+    assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
+    module, config = load_recipe("recipes/tiny/blsp.yaml", _overrides(
+        tiny_ckpt, tmp_path, speech_data, **quick, **{
+            "init_from": str(tmp_path), "train.output_dir": str(tmp_path / "third")}))
+    with pytest.raises(ConfigError, match="is not a SpeechLM checkpoint"):
+        module.run(config)
+
+
 @pytest.mark.parametrize("recipe", ["recipes/tiny/blsp.yaml",
                                     "recipes/blsp/whisper_small_qwen2.5_1.5b.yaml",
                                     "recipes/blsp/whisper_large_v3_qwen2.5_7b_lora.yaml",

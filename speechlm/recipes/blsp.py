@@ -139,6 +139,7 @@ class Config:
     task: str = "blsp"
     threads: int | None = None
     model: SpeechLMConfig = field(default_factory=_default_model)
+    init_from: str | None = None              # a trained SpeechLM whose weights start this run
     data: DataConfig = field(default_factory=DataConfig)
     continuations: ContinuationConfig = field(default_factory=ContinuationConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -269,6 +270,31 @@ def build_model(cfg: Config, *, seed: int):
     return SpeechLM.build(cfg.model)
 
 
+def load_trained_weights(model, spec: str, say) -> None:
+    """Start `model` from the trained weights of a SpeechLM checkpoint (same architecture)."""
+    from safetensors.torch import load_file
+
+    from ..models.speech_lm import WEIGHTS_FILE
+    from ..pretrained.resolve import resolve_model_dir
+
+    path = resolve_model_dir(spec, expect=None, say=say)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ConfigError(f"init_from: {path} is not a SpeechLM checkpoint (no {WEIGHTS_FILE}); "
+                          "give the `final` directory a BLSP or InSerter run saved")
+    state = load_file(weights)
+    trainable = model.trainable_state_dict()
+    missing = sorted(set(trainable) - set(state))
+    shapes = [k for k in trainable if k in state and state[k].shape != trainable[k].shape]
+    if missing or shapes:
+        bad = (missing or shapes)[0]
+        raise ConfigError(f"init_from: {path} does not fit this model ({len(missing)} trained "
+                          f"weights missing, {len(shapes)} of another shape, e.g. {bad}); its "
+                          "model section (adapter, options, LoRA) must match this recipe's")
+    model.load_state_dict({k: state[k] for k in trainable}, strict=False)
+    say(f"init_from {path}: {len(trainable)} trained tensors loaded")
+
+
 def _bound_systems(cfg, trained, untrained, source, records):
     """The transfer-table systems: name -> respond(instruction, max_new_tokens)."""
     from .blsp_eval import cascade_texts, generate_from_speech, generate_from_text
@@ -374,6 +400,8 @@ def run(config: Config) -> dict:
 
     # 2. model and cache
     model = build_model(cfg, seed=cfg.train.seed)
+    if cfg.init_from:
+        load_trained_weights(model, cfg.init_from, say)
     say(f"SpeechLM: encoder {model.encoder.kind} ({cfg.model.encoder_path}), LLM "
         f"{cfg.model.llm_path}; trainable {model.num_parameters(True) / 1e6:.3f}M of "
         f"{model.num_parameters() / 1e6:.2f}M parameters")

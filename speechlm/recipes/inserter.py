@@ -149,31 +149,6 @@ def _range(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-def load_trained_weights(model, spec: str, say) -> None:
-    """Start `model` from the trained weights of a SpeechLM checkpoint (same architecture)."""
-    from safetensors.torch import load_file
-
-    from ..models.speech_lm import WEIGHTS_FILE
-    from ..pretrained.resolve import resolve_model_dir
-
-    path = resolve_model_dir(spec, expect=None, say=say)
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ConfigError(f"init_from: {path} is not a SpeechLM checkpoint (no {WEIGHTS_FILE}); "
-                          "give the `final` directory a BLSP or InSerter run saved")
-    state = load_file(weights)
-    trainable = model.trainable_state_dict()
-    missing = sorted(set(trainable) - set(state))
-    shapes = [k for k in trainable if k in state and state[k].shape != trainable[k].shape]
-    if missing or shapes:
-        bad = (missing or shapes)[0]
-        raise ConfigError(f"init_from: {path} does not fit this model ({len(missing)} trained "
-                          f"weights missing, {len(shapes)} of another shape, e.g. {bad}); its "
-                          "model section (adapter, options, LoRA) must match this recipe's")
-    model.load_state_dict({k: state[k] for k in trainable}, strict=False)
-    say(f"init_from {path}: {len(trainable)} trained tensors loaded")
-
-
 # -- the runner -------------------------------------------------------------------------------
 
 
@@ -191,6 +166,7 @@ def run(config: Config) -> dict:
         build_model,
         cached_training_data,
         fit,
+        load_trained_weights,
         resolve_models,
     )
     from .blsp_eval import alignment_metrics
