@@ -129,6 +129,28 @@ class FineWebConfig:
 
 
 @dataclass
+class RefineConfig:
+    # ProX (arXiv 2409.17115): a program per document (drop_doc, keep_doc, remove_lines,
+    # normalize) written by the rules or a local instruct LLM, run under the paper's guard
+    enabled: bool = False
+    writer: Literal["rules", "llm"] = "rules"
+    llm: str = "models:smollm2-135m-instruct"  # the llm writer's model (a dir or a name)
+    chunk_lines: int = 24  # the llm writer reads this many non-blank lines at a time
+    batch_size: int = 8  # llm writer: chunks generated together
+    max_boilerplate_fraction: float = 0.7  # rules: drop_doc() above this share of lines
+    max_error_ops: int = 2  # guard: this many malformed operations -> keep the original
+    min_words: int = 10  # guard: fewer words left -> drop
+    min_kept_fraction: float = 0.05  # guard: less of the words left -> drop
+
+    def __post_init__(self):
+        if self.chunk_lines < 1 or self.batch_size < 1 or self.max_error_ops < 1:
+            raise ValueError("refine.chunk_lines, batch_size and max_error_ops must be >= 1")
+        if not 0 <= self.min_kept_fraction <= 1 or not 0 < self.max_boilerplate_fraction <= 1:
+            raise ValueError("refine.min_kept_fraction must be in [0, 1] and "
+                             "max_boilerplate_fraction in (0, 1]")
+
+
+@dataclass
 class PerplexityConfig:
     # CCNet-style buckets by a word n-gram LM's perplexity (speechlm.corpus.perplexity)
     enabled: bool = False  # needs a reference: the text you want the corpus to read like
@@ -184,6 +206,7 @@ class CleanTextConfig:
     gopher_quality: GopherQualityConfig = field(default_factory=GopherQualityConfig)
     c4: C4Config = field(default_factory=C4Config)
     fineweb: FineWebConfig = field(default_factory=FineWebConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     exact_dedup: ExactDedupConfig = field(default_factory=ExactDedupConfig)
     near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)

@@ -1,7 +1,8 @@
 """The clean-text pipeline as datatrove jobs, and the executors that run them.
 
     filter            read -> ftfy -> language -> Gopher repetition -> Gopher quality -> C4
-                      -> FineWeb quality -> _work/filtered/          (N tasks)
+                      -> FineWeb quality -> ProX refine -> perplexity
+                      -> _work/filtered/                             (N tasks)
     exact_signatures  filtered -> exact-dedup hashes                 (N tasks)
     exact_find        all hashes -> duplicates                       (1 task)
     near_signatures   filtered -> minus exact dups -> MinHash sigs   (N tasks)
@@ -35,7 +36,7 @@ __all__ = ["FILTER_STAGES", "Job", "Layout", "build_jobs", "check_resume", "make
 
 # the stages of the filter job, in order, after the reader
 FILTER_STAGES = ("unicode", "language", "gopher_repetition", "gopher_quality", "c4", "fineweb",
-                 "perplexity")
+                 "refine", "perplexity")
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,14 @@ def _filter_stage(name: str, cfg: CleanTextConfig, layout: Layout):
 
         return FineWebQualityFilter(**filter_kwargs(section), exclusion_writer=removed,
                                     language=lang)
+    if name == "refine":
+        from .prox import Guard
+        from .refine import ProxRefiner
+
+        guard = Guard(section.max_error_ops, section.min_words, section.min_kept_fraction)
+        return ProxRefiner(section.writer, llm=section.llm, chunk_lines=section.chunk_lines,
+                           guard=guard, max_boilerplate_fraction=section.max_boilerplate_fraction,
+                           batch_size=section.batch_size, exclusion_writer=removed)
     if name == "perplexity":
         from .perplexity import NgramPerplexityFilter, prepare_reference_lm
 

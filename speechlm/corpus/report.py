@@ -88,6 +88,11 @@ def build_report(layout: Layout, job_steps: dict[str, list[str]], examples: int 
                  "docs_removed": int(st.get("dropped", 0))}
         if name == "unicode":
             entry["docs_changed"] = int(st.get("changed", 0))
+        if name == "refine":
+            entry["docs_refined"] = int(st.get("outcome_refined", 0))
+            entry["programs_ignored"] = int(st.get("outcome_ignored", 0))
+            for key in ("lines_removed", "replacements", "malformed_ops"):
+                entry[key] = int(_total(st.get(key, 0)))
         if name == "perplexity":
             entry["buckets"] = {k[len("bucket_"):]: int(v) for k, v in sorted(st.items())
                                 if k.startswith("bucket_")}
@@ -170,6 +175,10 @@ def _markdown(report: dict) -> str:
              "|---|---:|---:|---:|---:|"]
     for s in report["stages"]:
         changed = f" ({s['docs_changed']} changed)" if "docs_changed" in s else ""
+        if "docs_refined" in s:
+            changed = (f" ({s['docs_refined']} refined: {s['lines_removed']} lines removed, "
+                       f"{s['replacements']} replacements; {s['programs_ignored']} programs "
+                       f"ignored, {s['malformed_ops']} malformed operations)")
         lines.append(f"| {s['stage']}{changed} | {s['docs_in']} | {s['docs_removed']} | "
                      f"{s['docs_removed_fraction']:.1%} | {s['chars_removed']:,} |")
     if report["bad_input"]["by_reason"]:
