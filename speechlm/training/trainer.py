@@ -661,6 +661,7 @@ class Trainer:
         self._check_resumable(path, state, ckpt.config, ckpt.optimizer_state is not None)
         checkpoint.check_weights_compatible(
             path, ckpt.model_state, {k: tuple(v.shape) for k, v in self.model_state().items()})
+        self._check_same_optimizer(path, state)
         self.model.load_state_dict(ckpt.model_state, strict=False)
         self.optimizer.load_state_dict(ckpt.optimizer_state)
         return state
@@ -671,16 +672,20 @@ class Trainer:
         sharded_checkpoint.check_resumable(path, state, self.dist.world_size)
         saved_config = json.loads((path / checkpoint.CONFIG_FILE).read_text(encoding="utf-8"))
         self._check_resumable(path, state, saved_config, True)
+        self._check_same_optimizer(path, state)
         sharded_checkpoint.load_sharded(path, model=self.model, optimizer=self.optimizer)
         return state
 
     def _check_resumable(self, path: Path, state: dict, saved_config, has_optimizer: bool):
+        """A step checkpoint (not weights only) of this recipe's model."""
         if "sampler" not in state or not has_optimizer:
             raise checkpoint.CheckpointError(
                 f"{path}: holds model weights only (e.g. a best/ snapshot); resume from a "
                 "step_NNNNNN checkpoint")
         checkpoint.check_config_compatible(path, saved_config, self.run_snapshot,
                                            self.identity_keys)
+
+    def _check_same_optimizer(self, path: Path, state: dict) -> None:
         ours = [group["param_names"] for group in self.optimizer.param_groups]
         if state.get("param_groups") != ours:
             raise checkpoint.CheckpointMismatchError(
