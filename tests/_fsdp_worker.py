@@ -2,7 +2,8 @@
 
 Cases (each in OUT/<case>): `full`, an uninterrupted sharded run; `cut`, the same run crashing
 on both ranks in the forward of update 5 (after the step-4 checkpoint), then resumed by a new
-trainer; `bf16`, two updates under the bf16 mixed-precision policy. Rank 0 writes the trained
+trainer; `accum2`, micro-batches of 2 per rank with grad_accum 2 (the same global batch of
+8, gradients reduced on the second only); `bf16`, two updates under the bf16 mixed-precision policy. Rank 0 writes the trained
 model's logits on PROBE to OUT/full/probe_logits.pt and the dtypes a block computed with in the
 bf16 run to OUT/bf16/block_dtypes.txt.
 """
@@ -52,11 +53,12 @@ class CrashingObjective(CausalLMObjective):
         return super().loss(batch)
 
 
-def make_lm_trainer(output_dir, *, rank=0, world_size=1, crash_on_call=None, **overrides):
+def make_lm_trainer(output_dir, *, rank=0, world_size=1, crash_on_call=None,
+                    global_batch=GLOBAL_BATCH, **overrides):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, VOCAB, (ITEMS, LENGTH), generator=g).tolist()
     dataset = TokenDataset([{"input_ids": row, "labels": row} for row in ids])
-    sampler = ToySampler(ITEMS, GLOBAL_BATCH, rank=rank, world_size=world_size)
+    sampler = ToySampler(ITEMS, global_batch, rank=rank, world_size=world_size)
     config = TrainConfig(**{**SETUP, "output_dir": str(output_dir), **overrides})
     return Trainer(config, CrashingObjective(tiny_llama(), crash_on_call), dataset, sampler,
                    collate_fn=CausalLMCollator(0))
@@ -84,6 +86,8 @@ def main(out: Path) -> None:
     except RuntimeError as e:
         assert "simulated crash" in str(e), e
     make_lm_trainer(out / "cut", **kw).fit()
+
+    make_lm_trainer(out / "accum2", global_batch=4, grad_accum=2, save_every=None, **kw).fit()
 
     bf16 = make_lm_trainer(out / "bf16", precision="bf16", max_steps=2, save_every=None, **kw)
     seen = set()  # the dtype a block computes with: the mixed-precision policy's, not fp32

@@ -48,15 +48,16 @@ def train_losses(run_dir):
     return [(r["step"], r["loss"]) for r in read_metrics(run_dir, split="train")]
 
 
-def test_two_sharded_processes_match_one_process(fsdp_run, single_run):
-    sharded = train_losses(fsdp_run / "full")
+@pytest.mark.parametrize("case", ["full", "accum2"])
+def test_two_sharded_processes_match_one_process(fsdp_run, single_run, case):
+    sharded = train_losses(fsdp_run / case)
     single = train_losses(single_run.output_dir)
     assert [s for s, _ in sharded] == list(range(1, SETUP["max_steps"] + 1))
     assert [s for s, _ in single] == [s for s, _ in sharded]
     assert single[-1][1] < single[0][1] - 0.1  # it learns: the curves compared are not flat
     worst = max(abs(a - b) for (_, a), (_, b) in zip(sharded, single, strict=True))
     assert worst < 1e-5, worst  # fp32, only the reduction order differs
-    gathered = sharded_checkpoint.load_full_model_state(fsdp_run / "full" / "step_000006")
+    gathered = sharded_checkpoint.load_full_model_state(fsdp_run / case / "step_000006")
     for key, value in single_run.model.state_dict().items():
         if key in gathered:
             assert torch.allclose(gathered[key], value, atol=1e-5), key

@@ -186,6 +186,7 @@ def gather(path, out_dir, *, extras=None) -> Path:
 
 def _save_transformers(path: Path, state: dict[str, torch.Tensor], out: Path) -> None:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig
+    from transformers.utils import logging as hf_logging
 
     config = AutoConfig.from_pretrained(path / HF_CONFIG_DIR)
     architectures = config.architectures or []
@@ -204,6 +205,12 @@ def _save_transformers(path: Path, state: dict[str, torch.Tensor], out: Path) ->
         raise CheckpointError(f"{path}: weights the model of {HF_CONFIG_DIR}/ does not have: "
                               f"{', '.join(sorted(unexpected)[:5])}")
     model.tie_weights()
-    model.save_pretrained(out)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one line of output from the command, not a bar
+    try:
+        model.save_pretrained(out)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if (path / HF_CONFIG_DIR / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(path / HF_CONFIG_DIR).save_pretrained(out)

@@ -23,8 +23,8 @@ The data is a dataset plus a *batch sampler* with `set_epoch(e)`,
 world_size=distributed.world_size()` after `distributed.init_distributed()`.
 The global batch is per-rank batch x world size x grad_accum.
 
-One update: `grad_accum` micro-batches forward + backward (DDP syncs only on
-the last), unscale (fp16), clip, skip if the loss or gradient is not finite,
+One update: `grad_accum` micro-batches forward + backward (DDP, or FSDP under
+`sharding: fsdp` (speechlm.training.fsdp), syncs only on the last), unscale (fp16), clip, skip if the loss or gradient is not finite,
 optimizer step, scheduler step. Then log, evaluate, save as due.
 
 `fit()` calls `model.train()` first (a submodule that must stay in eval mode,
