@@ -8,7 +8,10 @@ backward, freed after), the root holds what is left (embeddings, final norm,
 LM head). The optimizer then steps on the local shards only.
 
 The objective must call the root model's forward (FSDP gathers the root's
-parameters in its forward hook), as `CausalLMObjective` does under sharding.
+parameters in its forward hook), as `CausalLMObjective` does under sharding,
+and every rank must run that forward for every micro-batch: the gathers are
+collectives, so an objective that returns None (nothing to learn) on one rank
+only would stall the others. Evaluation runs on every rank for the same reason.
 """
 
 from __future__ import annotations
