@@ -38,6 +38,7 @@ COMMANDS: dict[tuple[str | None, str], str] = {
     ("models", "get"): "speechlm.commands.models_get",
     ("convert", "ct2-whisper"): "speechlm.commands.convert_ct2_whisper",
     ("convert", "gguf"): "speechlm.commands.convert_gguf",
+    ("convert", "fsdp"): "speechlm.commands.convert_fsdp",
     ("zoo", "list"): "speechlm.commands.zoo_list",
     ("zoo", "build"): "speechlm.commands.zoo_build",
 }
@@ -48,8 +49,8 @@ GROUP_HELP = {
              "samples, GLM-4-Voice interleaved sequences, text corpus cleaning)",
     "tune": "tune decoding settings on a dev set",
     "models": "models by name: pretrained packages, the zoo, local directories",
-    "convert": "convert checkpoints of other formats (CTranslate2 Whisper, GGUF) to transformers "
-               "directories",
+    "convert": "convert checkpoints of other formats (CTranslate2 Whisper, GGUF, sharded FSDP "
+               "checkpoints) to transformers directories",
     "zoo": "the embedded zoo: models the toolkit trains itself on the embedded corpus",
 }
 

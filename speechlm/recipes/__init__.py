@@ -63,7 +63,21 @@ def load_recipe(path, overrides=()):
         raise ConfigError("override 'task=...': the task is fixed by the recipe file; "
                           "use another recipe instead")
     module = importlib.import_module(TASKS[task])
-    return module, load_config(module.Config, path, overrides)
+    config = load_config(module.Config, path, overrides)
+    check_sharding(task, module, config)
+    return module, config
+
+
+def check_sharding(task: str, module, config) -> None:
+    """ConfigError when the recipe asks train.sharding=fsdp of a runner that cannot finish a
+    sharded run (its end-of-run code needs the whole model in one process)."""
+    if config.train.sharding == "none" or getattr(module, "SHARDING_SUPPORTED", False):
+        return
+    ready = sorted(name for name, path in TASKS.items()
+                   if getattr(importlib.import_module(path), "SHARDING_SUPPORTED", False))
+    raise ConfigError(f"train.sharding={config.train.sharding}: task '{task}' does not support "
+                      f"sharded training yet (tasks that do: {', '.join(ready)}); set "
+                      "train.sharding=none to train it with DDP")
 
 
 def run_recipe(path, overrides=()) -> dict:

@@ -50,6 +50,10 @@ logger = logging.getLogger(__name__)
 FINAL_DIR = "final"
 RESULTS_FILE = "results.json"
 METADATA_FILE = "speechlm.json"
+TOKENIZER_DIR = "tokenizer"
+# train.sharding=fsdp works: the whole model is gathered on rank 0 after training, and
+# `speechlm convert fsdp` turns a sharded checkpoint into final/'s files (gathered_files)
+SHARDING_SUPPORTED = True
 
 DEFAULT_MIXTURE = {"text": 1.0, "continue": 1.0, "repeat": 2.0, "repeat_es": 0.5,
                    "translate_es": 2.0, "translate_en": 0.5, "last_word": 0.5,
@@ -397,6 +401,27 @@ def save_final(model, tokenizer, model_file: Path, out_dir: Path, metadata: dict
     return out_dir
 
 
+def gathered_files(out_dir: Path, run_config: dict, run_dir: Path) -> None:
+    """Beside the weights gathered from a sharded checkpoint (`speechlm convert fsdp`), what
+    save_final writes: the run's tokenizer (+ tokenizer.model) and speechlm.json."""
+    from transformers import AutoTokenizer
+
+    from ..config import config_from_dict
+    from ..data.instructions import heldout_books
+    from ..jsonl import atomic_write
+
+    tokenizer_dir = Path(run_dir) / TOKENIZER_DIR
+    if not (tokenizer_dir / "tokenizer.model").is_file():
+        raise ConfigError(f"{tokenizer_dir}: the run's tokenizer is missing (the text_lm run "
+                          "writes it there when it starts); gather from the run directory "
+                          "that wrote the checkpoint")
+    cfg = config_from_dict(Config, run_config, source=f"{run_dir} checkpoint config")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+    (out_dir / "tokenizer.model").write_bytes((tokenizer_dir / "tokenizer.model").read_bytes())
+    with atomic_write(out_dir / METADATA_FILE) as f:
+        json.dump(model_metadata(cfg, sorted(heldout_books())), f, indent=2, ensure_ascii=False)
+
+
 def model_metadata(config: Config, heldout: list[str]) -> dict:
     """What speechlm.json records: the prompt format and the tasks the model knows."""
     from ..data.instructions import PLAIN_TEXT, TASKS
@@ -512,7 +537,7 @@ def run(config: Config) -> dict:
     # 1. tokenizer
     train_verses, heldout = split_training_verses()
     model_file = train_tokenizer(train_verses, cfg.tokenizer)
-    tokenizer_dir = out / "tokenizer"
+    tokenizer_dir = out / TOKENIZER_DIR
     if dist.is_main:
         load_tokenizer(model_file, tokenizer_dir)
     distributed.barrier()
@@ -579,6 +604,8 @@ def run(config: Config) -> dict:
     steps_before = trainer.step
     result = trainer.fit()
     train_seconds = time.perf_counter() - fit_start
+    # under train.sharding=fsdp a plain model with the gathered weights, on rank 0
+    model = trainer.unsharded_model(lambda: build_model(cfg.model, tokenizer))
     main_sampler = sampler.main if isinstance(sampler, PhasedBatchSampler) else sampler
     mean_batch_tokens = sum(lengths[len(warm_items):]) / max(len(main_sampler), 1)
 

@@ -14,7 +14,9 @@ Everything is written into `step_000100.tmp/`, fsynced, then renamed: a
 directory with a final name is always complete, and a job killed while
 saving leaves only a `.tmp` that resume ignores and the next run removes.
 `output_dir/best/` (weights of the best evaluation so far) is written the
-same way.
+same way. Under `train.sharding: fsdp` a step checkpoint holds `sharded/` (a
+torch.distributed.checkpoint directory, one file per rank) in place of
+`model.safetensors` and `optimizer.pt`; see speechlm.training.sharded_checkpoint.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.json"
+SHARDED_DIR = "sharded"           # model + optimizer of a train.sharding=fsdp run (DCP)
 BEST_DIR = "best"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -89,6 +92,12 @@ def save_checkpoint(directory, *, model_state: Mapping[str, torch.Tensor],
         # (A kill leaves the .tmp, which the next run removes.)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish(tmp, final)
+    return final
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename the finished `tmp` directory to `final`, replacing an existing one."""
     if final.exists():
         # Swap: final -> .old, tmp -> final, drop .old. A kill in between leaves
         # .old, which remove_stale() renames back when final is missing.
@@ -101,13 +110,18 @@ def save_checkpoint(directory, *, model_state: Mapping[str, torch.Tensor],
     else:
         os.replace(tmp, final)
     _fsync(final.parent)
-    return final
+
+
+def is_sharded(path) -> bool:
+    """A checkpoint written under train.sharding=fsdp (its weights are in sharded/)."""
+    return (Path(path) / SHARDED_DIR / ".metadata").is_file()
 
 
 def is_complete(path) -> bool:
     path = Path(path)
     return (path.is_dir() and not path.name.endswith((".tmp", ".old"))
-            and (path / MODEL_FILE).is_file() and (path / STATE_FILE).is_file())
+            and ((path / MODEL_FILE).is_file() or is_sharded(path))
+            and (path / STATE_FILE).is_file())
 
 
 def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
@@ -169,6 +183,11 @@ def load_checkpoint(path, *, map_location="cpu", load_optimizer: bool = True) ->
         raise CheckpointError(
             f"{path}: not a complete checkpoint directory (needs {MODEL_FILE} and "
             f"{STATE_FILE}); pass a directory like <output_dir>/step_000100")
+    if is_sharded(path):
+        raise CheckpointError(
+            f"{path}: a sharded checkpoint (train.sharding=fsdp): resume it with "
+            "train.sharding=fsdp under torchrun with as many processes as wrote it, or gather "
+            f"its weights into a plain directory with `speechlm convert fsdp {path} OUT_DIR`")
     model_state = load_file(str(path / MODEL_FILE), device=str(map_location))
     optimizer_state = None
     if load_optimizer and (path / OPTIMIZER_FILE).is_file():

@@ -23,8 +23,8 @@ The data is a dataset plus a *batch sampler* with `set_epoch(e)`,
 world_size=distributed.world_size()` after `distributed.init_distributed()`.
 The global batch is per-rank batch x world size x grad_accum.
 
-One update: `grad_accum` micro-batches forward + backward (DDP syncs only on
-the last), unscale (fp16), clip, skip if the loss or gradient is not finite,
+One update: `grad_accum` micro-batches forward + backward (DDP, or FSDP under
+`sharding: fsdp` (speechlm.training.fsdp), syncs only on the last), unscale (fp16), clip, skip if the loss or gradient is not finite,
 optimizer step, scheduler step. Then log, evaluate, save as due.
 
 `fit()` calls `model.train()` first (a submodule that must stay in eval mode,
@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import gc
 import inspect
+import json
 import logging
 import math
 import random
@@ -56,7 +57,7 @@ from torch import nn
 
 from ..config import config_to_dict, save_config
 from ..errors import ConfigError, SpeechLMError
-from . import checkpoint, distributed
+from . import checkpoint, distributed, fsdp, sharded_checkpoint
 from .memory import release_freed_heap, resident_anonymous_mb
 from .metrics_log import METRICS_FILE, MetricsLogger, read_metrics
 from .sample_weighting import (
@@ -103,6 +104,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = 0
     find_unused_parameters: bool = False  # DDP: set if some parameters get no gradient
+    # under torchrun: "none" keeps a whole model per process (DDP); "fsdp" shards parameters,
+    # gradients and optimizer state over the processes (FSDP2), for a model trained whole that
+    # does not fit one device; checkpoints are then sharded (speechlm convert fsdp gathers them)
+    sharding: Literal["none", "fsdp"] = "none"
     progress: bool = True
     tensorboard: bool = True
     # loss-based sample reweighting (arXiv 2502.06733); None: the plain loss
@@ -141,6 +146,16 @@ class TrainConfig:
                               "list the modules to freeze and for how many updates")
         if self.resume in ("", None):
             raise ConfigError("train.resume must be 'auto', 'never' or a checkpoint path")
+        if self.sharding not in ("none", "fsdp"):
+            raise ConfigError(f"train.sharding must be 'none' (DDP) or 'fsdp', got "
+                              f"{self.sharding!r}")
+        if self.sharding == "fsdp" and self.precision == "fp16":
+            raise ConfigError("train.sharding=fsdp does not support precision=fp16 (its "
+                              "gradient scaler is not shard-aware); use precision=bf16 or fp32")
+        if self.sharding == "fsdp" and self.freeze_initially:
+            raise ConfigError("train.sharding=fsdp does not support train.freeze_initially "
+                              "(the sharded trainable set is fixed when the model is sharded); "
+                              "use train.freeze, or train.sharding=none")
 
 
 @dataclass
@@ -190,10 +205,13 @@ class Trainer:
             objective.to(self.device)
         self.model.to(self.device)
         self.named_params, self.initially_frozen = self._apply_freezing()
+        self.amp_dtype = _autocast_dtype(cfg.precision, self.device)
+        self.sharded = cfg.sharding == "fsdp"
+        if self.sharded:
+            self.named_params = self._shard()
         self.params = [p for _, p in self.named_params]
         self.optimizer = build_optimizer(self.named_params, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.amp_dtype = _autocast_dtype(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
         # DDP wraps a module whose forward *is* objective.loss, so the objective
@@ -308,7 +326,7 @@ class Trainer:
         for micro in range(k):
             batch = _to_device(next(batches), self.device)
             sync = micro == k - 1 or not self.dist.enabled
-            with contextlib.nullcontext() if sync else self.forward.no_sync():
+            with self._gradient_sync(sync):
                 with self._autocast():
                     out = self.forward(batch)
                 loss, metrics = self._reweighted(out) if self._loss_module.per_sample else out
@@ -356,7 +374,10 @@ class Trainer:
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if self.sharded:
+            grad_norm = fsdp.clip_grad_norm(self.params, max_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         # With fp16 the scaler itself skips steps with inf gradients and lowers its scale.
         finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | self.scaler.is_enabled())
         if not bool(finite):
@@ -409,9 +430,12 @@ class Trainer:
             value < self.best_value if cfg.best_mode == "min" else value > self.best_value)
         if math.isfinite(value) and better:
             self.best_value, self.best_step = value, self.step
+            # best/ holds plain weights, gathered from the shards under sharding
+            model_state = fsdp.full_model_state(self.model) if self.sharded \
+                else self.model_state()
             if self.dist.is_main:
                 checkpoint.save_checkpoint(
-                    self.output_dir / checkpoint.BEST_DIR, model_state=self.model_state(),
+                    self.output_dir / checkpoint.BEST_DIR, model_state=model_state,
                     trainer_state={"step": self.step, "metric": cfg.best_metric,
                                    "value": value, "eval": results},
                     config=self.run_snapshot)
@@ -479,7 +503,7 @@ class Trainer:
         if self._frozen_now is not None:
             logger.info("step %d: unfroze %s", self.step, ", ".join(self.config.freeze_initially))
         self._frozen_now = frozen
-        if self.dist.enabled:
+        if self.dist.enabled and not self.sharded:
             # DDP buckets exactly the parameters that require grad when it is built, so
             # frozen ones cost no communication and need no find_unused_parameters.
             from torch.nn.parallel import DistributedDataParallel
@@ -490,6 +514,42 @@ class Trainer:
                 self._loss_module,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.config.find_unused_parameters)
+
+    def _shard(self) -> list[tuple[str, nn.Parameter]]:
+        """Shard the model with FSDP2 (train.sharding=fsdp); its parameters become shards, so
+        the trainable list is taken again (the optimizer must see the shards)."""
+        if not self.dist.enabled:
+            raise ConfigError(
+                "train.sharding=fsdp shards the model over torchrun processes, but this is a "
+                "single process; run under `torchrun --nproc_per_node N` (N >= 2), or set "
+                "train.sharding=none")
+        blocks = fsdp.shard_model(self.model, self.amp_dtype)
+        if self.dist.is_main:
+            logger.info("FSDP: sharded %d transformer blocks and the root over %d processes",
+                        blocks, self.dist.world_size)
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def _gradient_sync(self, sync: bool):
+        """Gradients are reduced across processes in this backward only if `sync`."""
+        if self.sharded:
+            return fsdp.gradient_sync(self.model, sync)
+        return contextlib.nullcontext() if sync else self.forward.no_sync()
+
+    def unsharded_model(self, build) -> nn.Module | None:
+        """The trained model as a plain module on the main process, None on the others: the
+        model itself, or under train.sharding=fsdp a new `build()` holding the gathered
+        weights (collective: call it on every rank)."""
+        if not self.sharded:
+            return self.model if self.dist.is_main else None
+        state = fsdp.full_model_state(self.model)
+        if not self.dist.is_main:
+            return None
+        model = build()
+        missing = model.load_state_dict(state, strict=False).missing_keys
+        if missing and set(missing) - _tied_keys(model):
+            raise SpeechLMError(f"the gathered weights lack {', '.join(missing[:5])} (parameters "
+                                "frozen for the whole run are not gathered)")
+        return model.to(self.device)
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint stores: state_dict minus parameters frozen for the whole run."""
@@ -523,7 +583,14 @@ class Trainer:
         }
         path = self.output_dir / checkpoint.step_dir_name(self.step)
         distributed.barrier()
-        if self.dist.is_main:
+        if self.sharded:
+            sharded_checkpoint.save_sharded(
+                path, model=self.model, optimizer=self.optimizer, trainer_state=state,
+                config=self.run_snapshot, hf_model=self.model if _is_transformers(self.model)
+                else None)
+            if self.dist.is_main:
+                checkpoint.rotate_checkpoints(self.output_dir, self.config.keep_last)
+        elif self.dist.is_main:
             checkpoint.save_checkpoint(path, model_state=self.model_state(), trainer_state=state,
                                        optimizer_state=self.optimizer.state_dict(),
                                        config=self.run_snapshot)
@@ -556,24 +623,7 @@ class Trainer:
         path = self._resume_path()
         if path is None:
             return
-        ckpt = checkpoint.load_checkpoint(path, map_location="cpu")
-        state = ckpt.trainer_state
-        if "sampler" not in state or ckpt.optimizer_state is None:
-            raise checkpoint.CheckpointError(
-                f"{path}: holds model weights only (e.g. a best/ snapshot); resume from a "
-                "step_NNNNNN checkpoint")
-        checkpoint.check_config_compatible(path, ckpt.config, self.run_snapshot,
-                                           self.identity_keys)
-        checkpoint.check_weights_compatible(
-            path, ckpt.model_state, {k: tuple(v.shape) for k, v in self.model_state().items()})
-        ours = [group["param_names"] for group in self.optimizer.param_groups]
-        if state.get("param_groups") != ours:
-            raise checkpoint.CheckpointMismatchError(
-                f"{path}: the optimizer in the checkpoint trains other parameters than this run "
-                "(train.freeze / freeze_initially changed?); point train.output_dir at a new "
-                "directory")
-        self.model.load_state_dict(ckpt.model_state, strict=False)
-        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        state = self._load_sharded(path) if self.sharded else self._load_plain(path)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler.is_enabled() and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -598,6 +648,50 @@ class Trainer:
                            self.dist.world_size)
             seed_everything(self.config.seed + self.dist.rank + self.step)
         logger.info("resumed from %s (step %d, epoch %d)", path, self.step, self.epoch)
+
+    def _load_plain(self, path: Path) -> dict:
+        """Load model and optimizer of a DDP/single-process checkpoint; its trainer state."""
+        if checkpoint.is_sharded(path):
+            raise checkpoint.CheckpointError(
+                f"{path}: a sharded checkpoint (written with train.sharding=fsdp); resume it "
+                "with train.sharding=fsdp under torchrun with as many processes as wrote it, or "
+                f"gather its weights with `speechlm convert fsdp {path} OUT_DIR`")
+        ckpt = checkpoint.load_checkpoint(path, map_location="cpu")
+        state = ckpt.trainer_state
+        self._check_resumable(path, state, ckpt.config, ckpt.optimizer_state is not None)
+        checkpoint.check_weights_compatible(
+            path, ckpt.model_state, {k: tuple(v.shape) for k, v in self.model_state().items()})
+        self._check_same_optimizer(path, state)
+        self.model.load_state_dict(ckpt.model_state, strict=False)
+        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        return state
+
+    def _load_sharded(self, path: Path) -> dict:
+        """Load the shards of a sharded checkpoint (collective); its trainer state."""
+        state = sharded_checkpoint.read_trainer_state(path)
+        sharded_checkpoint.check_resumable(path, state, self.dist.world_size)
+        saved_config = json.loads((path / checkpoint.CONFIG_FILE).read_text(encoding="utf-8"))
+        self._check_resumable(path, state, saved_config, True)
+        self._check_same_optimizer(path, state)
+        sharded_checkpoint.load_sharded(path, model=self.model, optimizer=self.optimizer)
+        return state
+
+    def _check_resumable(self, path: Path, state: dict, saved_config, has_optimizer: bool):
+        """A step checkpoint (not weights only) of this recipe's model."""
+        if "sampler" not in state or not has_optimizer:
+            raise checkpoint.CheckpointError(
+                f"{path}: holds model weights only (e.g. a best/ snapshot); resume from a "
+                "step_NNNNNN checkpoint")
+        checkpoint.check_config_compatible(path, saved_config, self.run_snapshot,
+                                           self.identity_keys)
+
+    def _check_same_optimizer(self, path: Path, state: dict) -> None:
+        ours = [group["param_names"] for group in self.optimizer.param_groups]
+        if state.get("param_groups") != ours:
+            raise checkpoint.CheckpointMismatchError(
+                f"{path}: the optimizer in the checkpoint trains other parameters than this run "
+                "(train.freeze / freeze_initially changed?); point train.output_dir at a new "
+                "directory")
 
     def _write_run_config(self) -> None:
         if dataclasses.is_dataclass(self._run_config):
@@ -719,6 +813,18 @@ def _to_device(batch, device: torch.device):
     if hasattr(batch, "to") and callable(batch.to):
         return batch.to(device)
     return batch
+
+
+def _is_transformers(model: nn.Module) -> bool:
+    """A transformers PreTrainedModel (its config can rebuild it)."""
+    config = getattr(model, "config", None)
+    return hasattr(config, "save_pretrained") and hasattr(model, "save_pretrained")
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    """State-dict keys a transformers model ties to another weight (rebuilt by tying)."""
+    tied = getattr(model, "_tied_weights_keys", None) or ()
+    return set(tied)
 
 
 def _under(name: str, prefix: str) -> bool:

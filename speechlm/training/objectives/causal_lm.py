@@ -69,9 +69,13 @@ class CausalLMCollator:
 
 
 def _selective_head_ok(model) -> bool:
-    """The LM head can be applied to selected hidden states alone (no logit scaling/capping)."""
+    """The LM head can be applied to selected hidden states alone (no logit scaling/capping).
+    Not under FSDP: a sharded root gathers its own weights (embeddings, head) only in its
+    forward, so the base model and the head cannot be called apart."""
+    from torch.distributed.fsdp import FSDPModule
+
     config = getattr(model, "config", None)
-    return (hasattr(model, "base_model_prefix") and hasattr(model, "get_output_embeddings")
+    return (not isinstance(model, FSDPModule) and hasattr(model, "base_model_prefix") and hasattr(model, "get_output_embeddings")
             and model.get_output_embeddings() is not None
             and not getattr(config, "final_logit_softcapping", None)
             and getattr(config, "logit_scale", None) in (None, 1, 1.0))
