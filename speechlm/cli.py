@@ -33,6 +33,7 @@ COMMANDS: dict[tuple[str | None, str], str] = {
     ("build", "tokenize"): "speechlm.commands.build_tokenize",
     ("build", "interleave"): "speechlm.commands.build_interleave",
     ("build", "clean-text"): "speechlm.commands.build_clean_text",
+    ("build", "prompt-corpus"): "speechlm.commands.build_prompt_corpus",
     ("tune", "lm"): "speechlm.commands.tune_lm",
     ("models", "list"): "speechlm.commands.models_list",
     ("models", "get"): "speechlm.commands.models_get",
@@ -46,7 +47,7 @@ COMMANDS: dict[tuple[str | None, str], str] = {
 GROUP_HELP = {
     "data": "inspect, validate and import manifests",
     "build": "offline data jobs (synthesis, n-gram LM, segmentation, BLSP continuations, InSerter "
-             "samples, GLM-4-Voice interleaved sequences, text corpus cleaning)",
+             "samples, GLM-4-Voice interleaved sequences, text corpus cleaning, PCP prompt corpora)",
     "tune": "tune decoding settings on a dev set",
     "models": "models by name: pretrained packages, the zoo, local directories",
     "convert": "convert checkpoints of other formats (CTranslate2 Whisper, GGUF, sharded FSDP "

@@ -69,6 +69,10 @@ class DataConfig:
     # prompt), learned beside the tasks: without them the LoRA turns "continue" into
     # "repeat", and BLSP's continuations would be the transcripts themselves
     replay_continuations: int = 0
+    # PCP (arXiv 2305.01711): a corpus `speechlm build prompt-corpus` wrote from domain text,
+    # in the same templates, learned beside the tasks (the first N examples; null: all)
+    prompt_corpus: str | None = None
+    prompt_corpus_examples: int | None = None
     max_input_words: int | None = 40            # longer verses are not used as inputs
     paraphrase_prob: float = 0.3                # non-canonical instruction wordings
     max_seq_len: int = 192
@@ -80,6 +84,8 @@ class DataConfig:
 
         if self.replay_continuations < 0:
             raise ConfigError("data.replay_continuations must be >= 0")
+        if self.prompt_corpus_examples is not None and self.prompt_corpus_examples < 1:
+            raise ConfigError("data.prompt_corpus_examples must be >= 1 or null (all)")
         if "text" in self.mixture:
             raise ConfigError("data.mixture: plain text has no prompt to learn from here; "
                               "give instruction tasks only")
@@ -256,6 +262,12 @@ def run(config: Config) -> dict:
     cfg = config
     dist, out, say = start_run(cfg.train, cfg.threads)
     started = time.perf_counter()
+    pcp = []  # read first: a bad file fails before the base LLM is scored
+    if cfg.data.prompt_corpus:
+        from ..pipelines.prompt_corpus import read_prompt_corpus
+
+        pcp = read_prompt_corpus(cfg.data.prompt_corpus, cfg.data.prompt_corpus_examples)
+        say(f"{len(pcp)} prompt-corpus examples from {cfg.data.prompt_corpus}")
     base_dir = resolve_model_dir(cfg.model.init, what="model.init", say=say)
     llm, tokenizer = load_llm(base_dir)
     template = get_template(cfg.model.template,
@@ -282,7 +294,7 @@ def run(config: Config) -> dict:
     examples = build_examples(cfg.data.mixture, train_verses, cfg.data.num_examples,
                               seed=cfg.train.seed, paraphrase_prob=cfg.data.paraphrase_prob,
                               max_input_words=cfg.data.max_input_words)
-    examples = examples + replay
+    examples = examples + replay + pcp
     random.Random(f"{cfg.train.seed}-replay").shuffle(examples)
     items, dropped = encode_examples(tokenizer, template, examples, cfg.data.max_seq_len)
     if not items:
