@@ -6,7 +6,9 @@ gets a character CTC head and is trained on labelled audio with SpecAugment
 style masking, layer-drop, the feature encoder frozen for the whole run and
 the whole encoder for the first updates, under a tri-stage schedule. Several
 training manifests of different languages share one vocabulary and are mixed
-with temperature sampling (each batch from one language, p_l ∝ (n_l/N)^alpha).
+with temperature sampling (each batch from one language, p_l ∝ (n_l/N)^alpha),
+or by Skill-It's online mixture, updated every round from per-language
+validation losses (`data.mixture`, see `speechlm.recipes.ctc_skill_it`).
 
     task: ctc
     model:
@@ -440,9 +442,11 @@ def prepare_audio_data(data: DataConfig, vocab, paths: dict, frames_for_duration
     dataset, sampler, probabilities = _build_sampler(groups, data, seed, dist, total_batches,
                                                      cached, round_batches)
     if dist.is_main and len(groups) > 1:
+        online = data.mixture is not None and data.mixture.strategy == "skill_it"
         say("languages: " + ", ".join(
-            f"{lang} ({groups[lang]['hours']:.2f} h, p={p:.3f})"
-            for lang, p in probabilities.items()))
+            f"{lang} ({groups[lang]['hours']:.2f} h" + (")" if online else f", p={p:.3f})")
+            for lang, p in probabilities.items())
+            + ("; Skill-It sets p at every round" if online else ""))
     return dataset, sampler, probabilities, eval_sets, reports
 
 

@@ -58,6 +58,8 @@ def check_options(data, *, whisper: bool) -> None:
 
 def build_schedule(cfg, model, objective, dataset, sampler, vocab, out: Path, dist, say):
     """The SkillItSchedule of this run (probing the graph first when asked)."""
+    import numpy as np
+
     from ..data.skill_it import skills_graph
     from ..training import distributed
     from ..training.skill_it import SkillItSchedule
@@ -75,7 +77,8 @@ def build_schedule(cfg, model, objective, dataset, sampler, vocab, out: Path, di
         graph = _probed_graph(cfg, model, objective, dataset, sampler, measure, out, dist, say)
     else:
         graph = skills_graph(mixture.graph, train_skills, eval_skills)
-    distributed.barrier()
+    # Every rank must draw the same language at each step: rank 0's probed graph for all.
+    graph = np.asarray(distributed.broadcast_object(np.asarray(graph).tolist()))
     say("Skill-It graph (rows: training skills, columns: validation skills "
         f"{eval_skills}): " + "; ".join(
             f"{s}: {[round(float(w), 3) for w in row]}" for s, row in zip(train_skills, graph,
