@@ -428,6 +428,8 @@ def test_recipe_runs_skill_it_and_resumes_it_exactly(tmp_path, corpus, monkeypat
     graph = json.loads((full / ctc_skill_it.GRAPH_FILE).read_text())
     assert np.shape(graph["graph"]) == (2, 2) and max(map(max, graph["graph"])) == 1.0
     assert results["mixture"]["graph"] == graph["graph"]
+    assert results["mixture"]["last_probabilities"] == pytest.approx(
+        {"en": mixture_log_last(full)["p_en"], "es": mixture_log_last(full)["p_es"]})
     assert (full / ctc_skill_it.PLOT_FILE).read_text().startswith("<svg")
     rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     mixture = [r for r in rows if r["split"] == "mixture"]
@@ -461,6 +463,11 @@ def test_recipe_runs_skill_it_and_resumes_it_exactly(tmp_path, corpus, monkeypat
                    if r["split"] == "mixture"]
     drop_time = [{k: v for k, v in r.items() if k != "time"} for r in mixture]
     assert [{k: v for k, v in r.items() if k != "time"} for r in cut_mixture] == drop_time
+
+
+def mixture_log_last(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "mixture"][-1]
 
 
 def test_recipe_config_errors(tmp_path, corpus):

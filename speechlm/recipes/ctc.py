@@ -350,8 +350,10 @@ def run(config: Config) -> dict:
     results["runtime_skipped"] = runtime_skips.to_dict()
     if schedule is not None and dist.is_main:
         plot = ctc_skill_it.write_plot(out)
+        # results["languages"] is the uniform start; this is where the rounds took it
         results["mixture"] = {"graph": schedule.graph.tolist(),
                               "eval_skills": schedule.eval_skills,
+                              "last_probabilities": schedule.probabilities,
                               "plot": str(plot) if plot else None}
     if dist.is_main:
         _write_json(out / RESULTS_FILE, results)

@@ -18,7 +18,8 @@ the keys of `data.mixture.validation` (all the languages, or only the target).
 This module builds the validation sets, the skills graph (given, identity, or
 estimated by probe runs and written to `output_dir/skills_graph.json`, which a
 resumed run reads back) and the `SkillItSchedule` the Trainer runs; see
-`speechlm.data.skill_it` for the update rule.
+`speechlm.data.skill_it` for the update rule. A round is one epoch of the
+mixture sampler, so the `epoch` in the training log counts rounds.
 """
 
 from __future__ import annotations

@@ -44,6 +44,15 @@ class SkillItSchedule:
     def started(self) -> bool:
         return bool(self.losses)
 
+    @property
+    def probabilities(self) -> dict[str, float] | None:
+        """The mixture set last: from the losses of the last `window` rounds (None before
+        the first measurement)."""
+        if not self.losses:
+            return None
+        probs = skill_it_probabilities(self.graph, self.losses[-self.window:], self.eta)
+        return {s: float(p) for s, p in zip(self.train_skills, probs, strict=True)}
+
     def due(self, epoch: int, batches_in_epoch: int) -> bool:
         """Whether the round (sampler epoch `epoch`) is used up and not yet handled."""
         return batches_in_epoch >= len(self.sampler) and self.ended_epoch != epoch
@@ -62,11 +71,10 @@ class SkillItSchedule:
         if missing:
             raise ValueError(f"no validation loss for skill(s) {missing}")
         self.losses.append([float(losses[s]) for s in self.eval_skills])
-        probs = skill_it_probabilities(self.graph, self.losses[-self.window:], self.eta)
-        self.sampler.set_probabilities(dict(zip(self.train_skills, probs, strict=True)))
+        probs = self.probabilities
+        self.sampler.set_probabilities(probs)
         metrics = {"round": len(self.losses) - 1}
-        metrics.update({f"p_{s}": float(p) for s, p in zip(self.train_skills, probs,
-                                                          strict=True)})
+        metrics.update({f"p_{s}": p for s, p in probs.items()})
         metrics.update({f"val_loss_{s}": float(losses[s]) for s in self.eval_skills})
         return metrics
 
