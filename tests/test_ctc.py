@@ -404,6 +404,72 @@ def test_recipe_trains_with_sample_weighting(tmp_path, corpus):
         assert row["weight_max"] > 1.0 > row["weight_min"] and row["loss"] != row["loss_plain"]
 
 
+def test_recipe_runs_skill_it_and_resumes_it_exactly(tmp_path, corpus, monkeypatch):
+    """Two 'languages' (the same English audio under two codes), the graph probed, rounds of
+    2 updates; a run killed mid-way resumes to the same weights and mixture trajectory
+    without probing again."""
+    from speechlm.recipes import ctc_skill_it, load_recipe
+    from speechlm.training import skill_probe
+
+    extra = "  save_every: 1\n"
+    overrides = ["eval.use_best=false", "data.num_buckets=1",
+                 f"data.train=[{{manifest: '{corpus['train']}', lang: en}}, "
+                 f"{{manifest: '{corpus['train']}', lang: es}}]",
+                 "data.mixture={strategy: skill_it, eta: 0.8, round_steps: 2, graph: probe, "
+                 f"probe_steps: 3, validation: {{en: '{corpus['dev']}', es: '{corpus['dev']}'}}}}"]
+
+    def run(name):
+        module, config = load_recipe(_recipe(tmp_path, corpus, steps=6, out=tmp_path / name,
+                                              extra=extra), overrides)
+        return module.run(config)
+
+    results = run("full")
+    full = tmp_path / "full"
+    graph = json.loads((full / ctc_skill_it.GRAPH_FILE).read_text())
+    assert np.shape(graph["graph"]) == (2, 2) and max(map(max, graph["graph"])) == 1.0
+    assert results["mixture"]["graph"] == graph["graph"]
+    assert results["mixture"]["last_probabilities"] == pytest.approx(
+        {"en": mixture_log_last(full)["p_en"], "es": mixture_log_last(full)["p_es"]})
+    assert (full / ctc_skill_it.PLOT_FILE).read_text().startswith("<svg")
+    rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    mixture = [r for r in rows if r["split"] == "mixture"]
+    assert [r["step"] for r in mixture] == [0, 2, 4, 6]
+    assert all(r["p_en"] + r["p_es"] == pytest.approx(1.0) for r in mixture)
+
+    real_loss, calls = CTCObjective.loss, []
+
+    def dies_at_update_4(self, batch):  # 3 x 2 probe updates come first
+        calls.append(1)
+        if len(calls) == 6 + 4:
+            raise RuntimeError("simulated crash")
+        return real_loss(self, batch)
+
+    monkeypatch.setattr(CTCObjective, "loss", dies_at_update_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run("cut")
+    monkeypatch.setattr(CTCObjective, "loss", real_loss)
+
+    def no_second_probe(*args, **kwargs):
+        raise AssertionError("a resumed run must read its probed graph back")
+
+    monkeypatch.setattr(skill_probe, "probe_skills_graph", no_second_probe)
+    run("cut")
+    cut = tmp_path / "cut"
+    full_w, cut_w = _weights(full), _weights(cut)
+    for name in full_w:
+        assert torch.equal(full_w[name], cut_w[name]), name
+    cut_mixture = [r for r in (json.loads(line) for line in
+                               (cut / "metrics.jsonl").read_text().splitlines())
+                   if r["split"] == "mixture"]
+    drop_time = [{k: v for k, v in r.items() if k != "time"} for r in mixture]
+    assert [{k: v for k, v in r.items() if k != "time"} for r in cut_mixture] == drop_time
+
+
+def mixture_log_last(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "mixture"][-1]
+
+
 def test_recipe_config_errors(tmp_path, corpus):
     from speechlm.recipes import load_recipe
 

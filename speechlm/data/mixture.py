@@ -23,14 +23,52 @@ step (shard the per-language samplers by rank; they keep equal batch counts
 per rank). `state_dict(num_consumed=...)` / `load_state_dict` resume exactly
 mid-epoch, including each per-language sampler's own position and epoch.
 
+`SkillItMixtureSampler` is the same mixture with probabilities that change
+between rounds (Skill-It, see `speechlm.data.skill_it`); `MixtureConfig` is a
+recipe's `data.mixture` section choosing between the two.
+
 numpy only: importing this module does not import torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
+
+from ..errors import ConfigError
+
+
+@dataclass
+class MixtureConfig:
+    """`data.mixture`: how the languages' batches are mixed (temperature: data.alpha)."""
+
+    strategy: Literal["temperature", "skill_it"] = "temperature"
+    # skill_it (arXiv 2307.14430); see speechlm.data.skill_it
+    eta: float = 0.5                      # the paper uses 0.2-0.8
+    window: int = 3                       # rounds of validation losses summed
+    round_steps: int = 100                # updates per round (the mixture is fixed in a round)
+    graph: Any = None                     # null/identity | probe | {skill: {skill: w}} | k x m
+    probe_steps: int = 50                 # updates on each skill alone (graph: probe)
+    validation: dict[str, str] = field(default_factory=dict)  # skill -> held-out manifest
+    max_validation_items: int | None = 100  # per skill and round
+
+    def __post_init__(self):
+        where = "data.mixture"
+        if not (isinstance(self.eta, (int, float)) and np.isfinite(self.eta) and self.eta >= 0):
+            raise ConfigError(f"{where}.eta must be >= 0 (0.2-0.8 in the paper), got {self.eta!r}")
+        for name in ("window", "round_steps", "probe_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_validation_items is not None and self.max_validation_items < 1:
+            raise ConfigError(f"{where}.max_validation_items must be >= 1 or null, got "
+                              f"{self.max_validation_items}")
+        if self.strategy == "skill_it" and not self.validation:
+            raise ConfigError(f"{where}.validation: Skill-It needs a held-out manifest per "
+                              "validation skill, e.g. {es: embedded:es/dev, en: embedded:en/dev} "
+                              "(only the target, {es: ...}, to steer towards it)")
 
 
 def temperature_probabilities(sizes, alpha: float) -> np.ndarray:
@@ -303,3 +341,69 @@ class TemperatureMixtureSampler:
                 "sizes": [self.sizes[lang] for lang in self.languages],
                 "num_items": [self.num_items[lang] for lang in self.languages],
                 "epoch_length": self._epoch_length, "world_size": self.world_size}
+
+
+class SkillItMixtureSampler(TemperatureMixtureSampler):
+    """A language mixture whose probabilities change between rounds (Skill-It), resumable.
+
+    Every mixture epoch is one *round* of `round_batches` batches drawn with that
+    round's probabilities (seeded by (seed, round), as the temperature mixture's
+    epochs are), so a round's draws never change once it has begun.
+    `set_probabilities(p)` sets the mixture of the round that has not begun yet:
+    this one if nothing has been drawn from it, else the next one (allowed only
+    once this round is used up). The state holds both, so a resumed run draws
+    exactly what an uninterrupted one would have. Starts uniform.
+    """
+
+    def __init__(self, samplers: Mapping[str, object], *, round_batches: int, seed: int = 0):
+        super().__init__(samplers, alpha=0.0, seed=seed, num_batches=round_batches)
+        self._pending: np.ndarray | None = None
+
+    def set_probabilities(self, probabilities: Mapping[str, float]) -> None:
+        probs = self._checked(probabilities)
+        if self._position == 0 and self._resume_at == 0:
+            self._probs, self._pending = probs, None  # this round has not begun: it uses them
+            self._sequence_cache = None
+        elif self._position >= self._epoch_length:
+            self._pending = probs                     # this round is over: the next one does
+        else:
+            raise RuntimeError(f"round {self.epoch} is under way ({self._position} of "
+                               f"{self._epoch_length} batches drawn): its mixture is fixed; "
+                               "set the next round's mixture when this one is used up")
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch and self._pending is not None:
+            self._probs, self._pending = self._pending, None
+            self._sequence_cache = None
+        super().set_epoch(epoch)
+
+    def state_dict(self, num_consumed: int | None = None) -> dict:
+        pending = None if self._pending is None else self._pending.tolist()
+        return {**super().state_dict(num_consumed), "probabilities": self._probs.tolist(),
+                "pending_probabilities": pending}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "probabilities" not in state:
+            raise ValueError("mixture sampler state has no probabilities (written by a "
+                             "temperature mixture?); resume with the same data.mixture")
+        # The round's own probabilities first: the loaded position is counted in its draws.
+        probs = self._checked(dict(zip(self.languages, state["probabilities"], strict=True)))
+        pending = state.get("pending_probabilities")
+        super().load_state_dict(state)
+        self._probs, self._sequence_cache = probs, None
+        self._pending = None if pending is None else self._checked(
+            dict(zip(self.languages, pending, strict=True)))
+        self._starts = self._epoch_starts(self._position)
+
+    def _checked(self, probabilities: Mapping[str, float]) -> np.ndarray:
+        if set(probabilities) != set(self.languages):
+            raise ValueError(f"probabilities must name exactly the languages {self.languages}, "
+                             f"got {list(probabilities)}")
+        probs = np.array([float(probabilities[lang]) for lang in self.languages])
+        if not np.all(np.isfinite(probs)) or np.any(probs < 0) or not probs.sum() > 0:
+            raise ValueError(f"probabilities must be finite, >= 0 and not all 0, got "
+                             f"{probs.tolist()}")
+        return probs / probs.sum()
+
+    def _fingerprint(self) -> dict:
+        return {**super()._fingerprint(), "round_batches": self._epoch_length}

@@ -6,7 +6,9 @@ gets a character CTC head and is trained on labelled audio with SpecAugment
 style masking, layer-drop, the feature encoder frozen for the whole run and
 the whole encoder for the first updates, under a tri-stage schedule. Several
 training manifests of different languages share one vocabulary and are mixed
-with temperature sampling (each batch from one language, p_l ∝ (n_l/N)^alpha).
+with temperature sampling (each batch from one language, p_l ∝ (n_l/N)^alpha),
+or by Skill-It's online mixture, updated every round from per-language
+validation losses (`data.mixture`, see `speechlm.recipes.ctc_skill_it`).
 
     task: ctc
     model:
@@ -50,6 +52,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..data.curriculum import CurriculumConfig
+from ..data.mixture import MixtureConfig
 from ..errors import ConfigError
 from ..training.trainer import TrainConfig
 
@@ -140,6 +143,9 @@ class DataConfig:
     sortagrad_epochs: int = 0             # first epochs shortest-first (SortaGrad), then shuffled
     num_buckets: int = 10
     alpha: float = 0.7                    # language sampling p_l ∝ (n_l/N)^alpha
+    # null: the temperature mixture (alpha); {strategy: skill_it, ...}: Skill-It's online
+    # mixture (arXiv 2307.14430; see speechlm.recipes.ctc_skill_it)
+    mixture: MixtureConfig | None = None
     size_by: Literal["hours", "items"] = "hours"
     min_duration: float | None = 0.5
     max_duration: float | None = 30.0
@@ -158,6 +164,8 @@ class DataConfig:
     def __post_init__(self):
         if isinstance(self.curriculum, dict):
             self.curriculum = CurriculumConfig(**self.curriculum)
+        if isinstance(self.mixture, dict):
+            self.mixture = MixtureConfig(**self.mixture)
         if self.curriculum is not None and not self.bucketing:
             raise ConfigError("data.curriculum needs data.bucketing: true (it paces the "
                               "duration-bucketed sampler); set data.bucketing=true or "
@@ -208,7 +216,7 @@ def run(config: Config) -> dict:
     from ..training import checkpoint, distributed
     from ..training.objectives.ctc import CTCCollator, CTCObjective, say
     from ..training.trainer import Trainer, seed_everything
-    from . import ctc_whisper
+    from . import ctc_skill_it, ctc_whisper
 
     cfg = config
     data = cfg.data
@@ -230,6 +238,7 @@ def run(config: Config) -> dict:
     seed_everything(cfg.train.seed)
     whisper_dir = ctc_whisper.init_dir(cfg.model.init)
     ctc_whisper.check_options(cfg.model, whisper_dir is not None)
+    ctc_skill_it.check_options(data, whisper=whisper_dir is not None)
     sample_rate = data.sample_rate
     cache, cached_layer = None, None
     if whisper_dir is not None:
@@ -264,7 +273,9 @@ def run(config: Config) -> dict:
     dataset, sampler, probabilities, eval_sets, reports = prepare_audio_data(
         data, vocab, paths, frames_for_duration, min_duration, cfg.train.seed, dist, out,
         total_batches=cfg.train.max_steps * cfg.train.grad_accum,
-        cached=cache.dataset if cache is not None else None)
+        cached=cache.dataset if cache is not None else None,
+        round_batches=data.mixture.round_steps * cfg.train.grad_accum
+        if ctc_skill_it.enabled(data) else None)
     dev_set = eval_sets.get("dev")
     if cache is not None:
         if dev_set is not None:  # during training; the final scores below read the audio
@@ -283,8 +294,10 @@ def run(config: Config) -> dict:
         unseen_dev_chars=unseen_dev,
         examples_path=out / "dev_examples.jsonl" if dist.is_main else None)
     objective.cached_layer = cached_layer
+    schedule = ctc_skill_it.build_schedule(cfg, model, objective, dataset, sampler, vocab, out,
+                                           dist, say) if ctc_skill_it.enabled(data) else None
     trainer = Trainer(train_cfg, objective, dataset, sampler, collate_fn=CTCCollator(),
-                      run_config=cfg)
+                      run_config=cfg, mixture_schedule=schedule)
     objective.attach(trainer)
     objective.warn_at_last_step = False  # the final scoring below warns instead
     runtime_skips = objective.skip_report = SkipReport()
@@ -335,6 +348,13 @@ def run(config: Config) -> dict:
         model.train(modes)
     results["blank_collapse"] = any(results.get(s, {}).get("blank_collapse") for s in eval_sets)
     results["runtime_skipped"] = runtime_skips.to_dict()
+    if schedule is not None and dist.is_main:
+        plot = ctc_skill_it.write_plot(out)
+        # results["languages"] is the uniform start; this is where the rounds took it
+        results["mixture"] = {"graph": schedule.graph.tolist(),
+                              "eval_skills": schedule.eval_skills,
+                              "last_probabilities": schedule.probabilities,
+                              "plot": str(plot) if plot else None}
     if dist.is_main:
         _write_json(out / RESULTS_FILE, results)
         say(results_table(results, eval_sets))
@@ -381,12 +401,13 @@ def training_vocab(data: DataConfig, train: TrainConfig, paths: dict, train_lang
 
 def prepare_audio_data(data: DataConfig, vocab, paths: dict, frames_for_duration, min_duration,
                        seed: int, dist, out: Path, *, total_batches: int | None = None,
-                       cached=None):
+                       cached=None, round_batches: int | None = None):
     """(train dataset, batch sampler, language probabilities, {split: dev/test dataset},
     data reports) for labelled audio: transcripts encoded and checked up front, skipped items
     counted and written to out/data_report.json. `total_batches` (max_steps x grad_accum)
     paces `data.curriculum`. `cached(records, name)`: the training dataset of a language
-    (e.g. with cached encoder frames) instead of an AudioDataset."""
+    (e.g. with cached encoder frames) instead of an AudioDataset. `round_batches`: the
+    batches of a Skill-It round (data.mixture.strategy=skill_it)."""
     from ..data.dataset import AudioDataset
     from ..training.objectives.ctc import count_sample_rates, prepare_ctc_records, say
 
@@ -421,11 +442,13 @@ def prepare_audio_data(data: DataConfig, vocab, paths: dict, frames_for_duration
         for rep in reports:
             say(rep.summary())
     dataset, sampler, probabilities = _build_sampler(groups, data, seed, dist, total_batches,
-                                                     cached)
+                                                     cached, round_batches)
     if dist.is_main and len(groups) > 1:
+        online = data.mixture is not None and data.mixture.strategy == "skill_it"
         say("languages: " + ", ".join(
-            f"{lang} ({groups[lang]['hours']:.2f} h, p={p:.3f})"
-            for lang, p in probabilities.items()))
+            f"{lang} ({groups[lang]['hours']:.2f} h" + (")" if online else f", p={p:.3f})")
+            for lang, p in probabilities.items())
+            + ("; Skill-It sets p at every round" if online else ""))
     return dataset, sampler, probabilities, eval_sets, reports
 
 
@@ -514,11 +537,16 @@ def hours_subset(records: list[dict], max_hours: float, report) -> list[dict]:
 
 
 def _build_sampler(groups: dict[str, dict], data: DataConfig, seed: int, dist,
-                   total_batches: int | None = None, cached=None):
+                   total_batches: int | None = None, cached=None,
+                   round_batches: int | None = None):
     """(dataset, batch sampler, language probabilities) for one or several languages."""
     from ..data.curriculum import CurriculumBucketSampler, record_difficulties
     from ..data.dataset import AudioDataset
-    from ..data.mixture import TemperatureMixtureSampler, temperature_probabilities
+    from ..data.mixture import (
+        SkillItMixtureSampler,
+        TemperatureMixtureSampler,
+        temperature_probabilities,
+    )
     from ..data.sampler import DurationBucketSampler, RandomBatchSampler
 
     curriculum = data.curriculum
@@ -566,6 +594,12 @@ def _build_sampler(groups: dict[str, dict], data: DataConfig, seed: int, dist,
     if len(groups) == 1:
         lang = next(iter(groups))
         return datasets[lang], samplers[lang], {lang: 1.0}
+    if data.mixture is not None and data.mixture.strategy == "skill_it":
+        if round_batches is None:
+            raise ConfigError("data.mixture.strategy=skill_it is not supported by this recipe "
+                              "(it does not size the rounds); use strategy=temperature")
+        mixture = SkillItMixtureSampler(samplers, round_batches=round_batches, seed=seed)
+        return mixture.concat_datasets(datasets), mixture, mixture.probabilities
     mixture = TemperatureMixtureSampler(samplers, alpha=data.alpha, seed=seed,
                                         sizes={lang: g["size"] for lang, g in groups.items()})
     return mixture.concat_datasets(datasets), mixture, mixture.probabilities

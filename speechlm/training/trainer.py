@@ -23,8 +23,15 @@ The data is a dataset plus a *batch sampler* with `set_epoch(e)`,
 world_size=distributed.world_size()` after `distributed.init_distributed()`.
 The global batch is per-rank batch x world size x grad_accum.
 
+`mixture_schedule` (optional): a `speechlm.training.skill_it.SkillItSchedule`
+over the batch sampler (the Skill-It online mixture). The skills' validation
+losses are measured before the first update and whenever a round is used up;
+the next round's mixture and those losses are logged as split "mixture" and
+kept in the checkpoints.
+
 One update: `grad_accum` micro-batches forward + backward (DDP, or FSDP under
-`sharding: fsdp` (speechlm.training.fsdp), syncs only on the last), unscale (fp16), clip, skip if the loss or gradient is not finite,
+`sharding: fsdp` (speechlm.training.fsdp), syncs only on the last), unscale
+(fp16), clip, skip if the loss or gradient is not finite,
 optimizer step, scheduler step. Then log, evaluate, save as due.
 
 `fit()` calls `model.train()` first (a submodule that must stay in eval mode,
@@ -187,7 +194,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, objective, dataset, batch_sampler, *,
                  collate_fn=None, run_config: Any = None,
-                 identity_keys: Sequence[str] = ("model",)):
+                 identity_keys: Sequence[str] = ("model",), mixture_schedule=None):
         self.config = cfg = config
         self.objective = objective
         self.model: nn.Module = objective.model
@@ -238,6 +245,10 @@ class Trainer:
         self.last_lr = cfg.lr
         self._sampler_takes_count = "num_consumed" in inspect.signature(
             batch_sampler.state_dict).parameters
+        # Skill-It (speechlm.training.skill_it): the mixture changes at every round's end.
+        self.mixture_schedule = mixture_schedule
+        if mixture_schedule is not None and mixture_schedule.sampler is not batch_sampler:
+            raise ValueError("mixture_schedule must drive this trainer's batch sampler")
 
     # -- the loop ---------------------------------------------------------------
 
@@ -260,6 +271,8 @@ class Trainer:
 
         bar = progress_bar(total=cfg.max_steps, initial=self.step, desc="train",
                            dynamic_ncols=True, disable=not (cfg.progress and self.dist.is_main))
+        if self.mixture_schedule is not None and not self.mixture_schedule.started:
+            log.log("mixture", self.step, self.mixture_schedule.start(self._skill_losses()))
         batches = self._batches()
         window: dict[str, float] = {}
         window_steps, window_start = 0, time.perf_counter()
@@ -275,6 +288,7 @@ class Trainer:
                 grad_norm = self._update(loss)
                 release_freed_heap()  # batches of new shapes fragment the heap otherwise
                 if grad_norm is None:
+                    self._end_mixture_round(log)
                     continue
                 self.step += 1
                 bar.update(1)
@@ -302,6 +316,7 @@ class Trainer:
                         last or (cfg.eval_every and self.step % cfg.eval_every == 0)):
                     eval_metrics = self.evaluate()
                     log.log("eval", self.step, eval_metrics)
+                self._end_mixture_round(log)  # before saving: the checkpoint holds the new p
                 self.train_seconds = seconds_before + time.perf_counter() - session_start
                 if last or (cfg.save_every and self.step % cfg.save_every == 0):
                     self.save()
@@ -409,14 +424,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Run objective.evaluate in eval mode; keep output_dir/best when the metric improves."""
         cfg = self.config
-        modes = {module: module.training for module in self.model.modules()}
-        self.model.eval()
-        try:
-            with torch.no_grad(), self._autocast():
-                results = self.objective.evaluate(self.model)
-        finally:
-            for module, training in modes.items():
-                module.training = training
+        with self._eval_mode():
+            results = self.objective.evaluate(self.model)
         results = distributed.broadcast_object(
             {key: float(value) for key, value in (results or {}).items()})
         if not results:
@@ -440,6 +449,31 @@ class Trainer:
                                    "value": value, "eval": results},
                     config=self.run_snapshot)
         return results
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """Eval mode under no_grad (and autocast); every module's own mode restored after."""
+        modes = {module: module.training for module in self.model.modules()}
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                yield
+        finally:
+            for module, training in modes.items():
+                module.training = training
+
+    def _skill_losses(self) -> dict[str, float]:
+        """The Skill-It validation loss of every skill (rank 0's numbers on every rank)."""
+        with self._eval_mode():
+            losses = self.mixture_schedule.measure(self.model)
+        return distributed.broadcast_object({k: float(v) for k, v in losses.items()})
+
+    def _end_mixture_round(self, log: MetricsLogger) -> None:
+        """At the end of a Skill-It round: measure, set the next round's mixture, log it."""
+        schedule = self.mixture_schedule
+        if schedule is None or not schedule.due(self.epoch, self.batches_in_epoch):
+            return
+        log.log("mixture", self.step, schedule.end_round(self.epoch, self._skill_losses()))
 
     # -- data -------------------------------------------------------------------
 
@@ -581,6 +615,8 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "param_groups": [group["param_names"] for group in self.optimizer.param_groups],
         }
+        if self.mixture_schedule is not None:
+            state["mixture"] = self.mixture_schedule.state_dict()
         path = self.output_dir / checkpoint.step_dir_name(self.step)
         distributed.barrier()
         if self.sharded:
@@ -629,6 +665,12 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         try:
             self.batch_sampler.load_state_dict(state["sampler"])
+            if self.mixture_schedule is not None:
+                if "mixture" not in state:
+                    raise ValueError("the checkpoint was written without the Skill-It mixture "
+                                     "(data.mixture.strategy changed?); resume with the same "
+                                     "data.mixture or start a new train.output_dir")
+                self.mixture_schedule.load_state_dict(state["mixture"])
         except (ValueError, KeyError) as e:
             raise checkpoint.CheckpointMismatchError(f"{path}: {e}") from None
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
