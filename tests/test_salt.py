@@ -281,3 +281,48 @@ def test_scores_do_not_depend_on_the_batching():
     one_by_one = score_items(teacher, items, 0, 8, max_batch_tokens=1)
     batched = score_items(teacher, items, 0, 8, max_batch_tokens=200)
     assert torch.allclose(one_by_one, batched, equal_nan=True, atol=1e-5)
+
+
+# -- the text_lm recipe end to end ----------------------------------------------------------
+
+
+def _text_lm_config(out, hidden, **extra):
+    from speechlm.config import config_from_dict
+    from speechlm.recipes import text_lm
+
+    return config_from_dict(text_lm.Config, {
+        "task": "text_lm",
+        "tokenizer": {"vocab_size": 400, "every": 40},
+        "model": {"config": {"hidden_size": hidden, "intermediate_size": 2 * hidden,
+                             "num_hidden_layers": 1, "num_attention_heads": 2,
+                             "num_key_value_heads": 2, "max_position_embeddings": 256}},
+        "data": {"mixture": {"text": 1.0, "repeat": 1.0}, "num_examples": 60,
+                 "max_seq_len": 128, "max_batch_tokens": 512, "plain_text_words": 12,
+                 "max_input_words": 12,
+                 "warmup": {"mixture": {"repeat": 1.0}, "steps": 2, "num_examples": 40}},
+        "train": {"max_steps": 8, "lr": 5e-3, "warmup_steps": 1, "log_every": 1,
+                  "save_every": 4, "output_dir": str(out), "tensorboard": False,
+                  "progress": False},
+        "eval": {"max_items": 2, "dev_items": 2, "batch_size": 2, "tasks": ["repeat"],
+                 "paraphrases": False, "examples": 0},
+        **extra,
+    })
+
+
+def test_text_lm_run_distils_then_trains_on_ce_with_the_selection(tmp_path, monkeypatch):
+    from speechlm.recipes import text_lm, text_lm_salt
+
+    monkeypatch.setenv("SPEECHLM_CACHE", str(tmp_path / "cache"))
+    text_lm.run(_text_lm_config(tmp_path / "teacher", hidden=16))
+    salt = {"teacher": str(tmp_path / "teacher" / "final"), "kd_steps": 4,
+            "selection": {"top_k": 20, "keep_fraction": 0.5}}
+    student = tmp_path / "student"
+    text_lm.run(_text_lm_config(student, hidden=32, salt=salt))
+    rows = read_metrics(student, split="train")
+    assert [r["salt_kd"] for r in rows] == [1.0] * 4 + [0.0] * 4
+    saved = json.loads((student / text_lm_salt.SELECTION_FILE).read_text())
+    # kd_steps (4) outlasts the warm-up phase (2): both pools were selected
+    assert set(saved["report"]) == {"warm-up", "main"}
+    main = saved["report"]["main"]
+    assert main["items"] >= 40 and 0 < main["kept"] <= main["items"] // 2 + 1
+    assert (student / "final" / "config.json").is_file()
