@@ -6,7 +6,8 @@ configured but past its switch (plain CE), and in SALT's KD phase (teacher: 2 la
 width 64, 0.37M parameters); and on the tiny CTC model (recipes/tiny/ctc_es.yaml; 4
 utterances of 5 s) with and without TaiLr. The arms alternate, and time is CPU time of
 this process (time.process_time, one thread), so other jobs on the machine do not enter
-the ratio; the value is the median over rounds.
+the ratio (their cache traffic still adds noise); each round runs the arms in a rotated
+order, and the value is the median over rounds.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ def _timed_update(objective, optimizer, batch) -> float:
 
 def _rounds(arms: dict, rounds: int, warmup: int = 2) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in arms}
+    names = list(arms)
     for r in range(warmup + rounds):
-        for name, step in arms.items():
-            seconds = step()
+        for name in names[r % len(names):] + names[: r % len(names)]:  # no arm always first
+            seconds = arms[name]()
             if r >= warmup:
                 times[name].append(seconds)
     return {name: statistics.median(values) for name, values in times.items()}
@@ -98,7 +100,7 @@ def ctc_arms():
 
 def run(quick: bool = False) -> list[dict]:
     torch.set_num_threads(1)
-    rounds = 3 if quick else 10
+    rounds = 3 if quick else 15
     rows = []
     lm = _rounds(text_lm_arms(), rounds)
     for name in ("salt_after_switch", "salt_kd_phase"):
