@@ -416,7 +416,7 @@ def test_recipe_with_tailr_resumes_a_killed_run_to_the_same_weights(tmp_path, co
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for row in rows:
         assert 0.1 <= row["tailr_weight_min"] <= row["tailr_weight_mean"] <= 1.0
-        assert row["loss"] <= row["loss_plain"]
+        assert row["loss"] <= row["tailr_loss_plain"]
 
 
 def test_recipe_trains_with_sample_weighting(tmp_path, corpus):

@@ -56,7 +56,7 @@ def test_training_loss_is_the_weighted_token_mean_and_weights_carry_no_gradient(
     objective = _objective_on(logits.log_softmax(-1), frames, TaiLrConfig(0.5, 0.1))
     loss, metrics = objective.loss(batch)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert metrics["loss_plain"].item() == pytest.approx((per_item.sum() / 6).item(), rel=1e-6)
+    assert metrics["tailr_loss_plain"].item() == pytest.approx((per_item.sum() / 6).item(), rel=1e-6)
     assert metrics["tailr_weight_mean"].item() == pytest.approx(w.mean().item(), rel=1e-6)
     assert metrics["tailr_weight_min"].item() == pytest.approx(w.min().item(), rel=1e-6)
     grad, = torch.autograd.grad(loss, logits)
@@ -64,7 +64,7 @@ def test_training_loss_is_the_weighted_token_mean_and_weights_carry_no_gradient(
     assert torch.allclose(grad, want, atol=1e-6)
     plain = _objective_on(logits.log_softmax(-1), frames, None)
     plain_loss, plain_metrics = plain.loss(batch)
-    assert plain_loss.item() == pytest.approx(metrics["loss_plain"].item(), rel=1e-6)
+    assert plain_loss.item() == pytest.approx(metrics["tailr_loss_plain"].item(), rel=1e-6)
     assert "tailr_weight_mean" not in plain_metrics
 
 

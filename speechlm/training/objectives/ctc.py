@@ -310,7 +310,7 @@ class CTCObjective:
     only blanks early in every run). Call `attach(trainer)` so the guard knows the step.
     tailr: weight each training utterance's loss by TaiLr's w of its length-normalised CTC
     probability (speechlm.training.tailr; for training on pseudo-labels); the metrics then
-    carry loss_plain (unweighted) and tailr_weight_mean / tailr_weight_min. Dev loss and
+    carry tailr_loss_plain (unweighted) and tailr_weight_mean / tailr_weight_min. Dev loss and
     scores are never weighted.
     """
 
@@ -438,7 +438,7 @@ class CTCObjective:
         if self.tailr is not None:
             weights = tailr_weights(ctc_label_probability(per_item, label_lengths),
                                     self.tailr.gamma, self.tailr.w_min)
-            metrics.update(loss_plain=loss.detach(), tailr_weight_mean=weights.mean(),
+            metrics.update(tailr_loss_plain=loss.detach(), tailr_weight_mean=weights.mean(),
                            tailr_weight_min=weights.min())
             per_item = per_item * weights
             loss = self.reduce(per_item, label_lengths)
