@@ -526,19 +526,18 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-# -- the runner -------------------------------------------------------------------------------
+# -- SALT (salt:) -----------------------------------------------------------------------------
 
 
 def salt_setup(cfg: Config, tokenizer, dataset, num_warm: int, sampler, recipe_sampler, out,
                is_main: bool, say):
     """(sampler, SALTDistiller) for `salt`: the teacher, and with salt.selection the
     sampler whose KD phase draws from the selected sequences (speechlm.recipes.text_lm_salt)."""
+    from ..training import distributed
     from ..training.salt import SALTDistiller
     from . import text_lm_salt
 
     salt = cfg.salt
-    from ..training import distributed
-
     teacher = text_lm_salt.load_teacher(salt, tokenizer, cfg.model.attn_implementation,
                                         progress=cfg.train.progress)
     teacher.to(distributed.resolve_device(cfg.train.device))  # scores the data there too
