@@ -381,6 +381,44 @@ def test_recipe_resumes_a_killed_run_to_the_same_weights(tmp_path, corpus, monke
         assert torch.equal(full[name], resumed[name]), name
 
 
+def test_recipe_with_tailr_resumes_a_killed_run_to_the_same_weights(tmp_path, corpus,
+                                                                    monkeypatch):
+    """TaiLr keeps no state of its own (its weights come from the model at each step): a
+    killed run resumes to the uninterrupted run's weights, and the loss is the weighted one."""
+    from speechlm.recipes import load_recipe
+
+    overrides = ["eval.use_best=false", "train.eval_every=6", "train.save_every=2",
+                 "data.num_buckets=1", "loss.tailr={gamma: 0.5, w_min: 0.1}"]
+    module, full_config = load_recipe(_recipe(tmp_path, corpus, steps=6, out=tmp_path / "full"),
+                                      overrides)
+    module.run(full_config)
+    cut = tmp_path / "cut"
+    _, cut_config = load_recipe(_recipe(tmp_path, corpus, steps=6, out=cut), overrides)
+    real_loss, calls = CTCObjective.loss, []
+
+    def dies_at_call_4(self, batch):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("simulated crash")
+        return real_loss(self, batch)
+
+    monkeypatch.setattr(CTCObjective, "loss", dies_at_call_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        module.run(cut_config)
+    assert (cut / "step_000002").is_dir() and not (cut / "step_000004").exists()
+    monkeypatch.setattr(CTCObjective, "loss", real_loss)
+    module.run(cut_config)
+    full, resumed = _weights(tmp_path / "full"), _weights(cut)
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+    rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for row in rows:
+        assert 0.1 <= row["tailr_weight_min"] <= row["tailr_weight_mean"] <= 1.0
+        assert row["loss"] <= row["tailr_loss_plain"]
+
+
 def test_recipe_trains_with_sample_weighting(tmp_path, corpus):
     from speechlm.recipes import load_recipe
 

@@ -105,3 +105,17 @@ def test_teacher_is_trained_first_and_unusable_labels_stop_the_run(tmp_path, cor
     assert (tmp_path / "run" / "teacher" / "final" / "config.json").is_file()
     report = json.loads((tmp_path / "run" / "teacher" / "results.json").read_text())
     assert report["step"] == 4
+
+
+def test_tailr_weights_the_student_stage_only(tmp_path, corpus, confident_teacher):
+    module, config = load_recipe(_recipe(tmp_path, corpus, min_confidence=0.5,
+                                         teacher=confident_teacher),
+                                 ["tailr={gamma: 0.5, w_min: 0.1}"])
+    module.run(config)
+    run = tmp_path / "run"
+    for stage, weighted in (("student", True), ("finetune", False)):
+        rows = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text()
+                .splitlines() if '"split": "train"' in line]
+        assert rows and all(("tailr_weight_mean" in r) == weighted for r in rows), stage
+        saved = (run / stage / "config.yaml").read_text()
+        assert ("gamma: 0.5" in saved) == weighted

@@ -71,11 +71,14 @@ def load_recipe(path, overrides=()):
 def check_sharding(task: str, module, config) -> None:
     """ConfigError when the recipe asks train.sharding=fsdp of a runner that cannot finish a
     sharded run (its end-of-run code needs the whole model in one process)."""
-    if config.train.sharding == "none" or getattr(module, "SHARDING_SUPPORTED", False):
+    # a recipe that chains other runners keeps its train section inside theirs (self_training:
+    # ctc.train)
+    train = getattr(config, "train", None) or getattr(getattr(config, "ctc", None), "train", None)
+    if train is None or train.sharding == "none" or getattr(module, "SHARDING_SUPPORTED", False):
         return
     ready = sorted(name for name, path in TASKS.items()
                    if getattr(importlib.import_module(path), "SHARDING_SUPPORTED", False))
-    raise ConfigError(f"train.sharding={config.train.sharding}: task '{task}' does not support "
+    raise ConfigError(f"train.sharding={train.sharding}: task '{task}' does not support "
                       f"sharded training yet (tasks that do: {', '.join(ready)}); set "
                       "train.sharding=none to train it with DDP")
 

@@ -54,6 +54,7 @@ from typing import Any, Literal
 from ..data.curriculum import CurriculumConfig
 from ..data.mixture import MixtureConfig
 from ..errors import ConfigError
+from ..training.tailr import TaiLrConfig
 from ..training.trainer import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -197,12 +198,24 @@ class EvalConfig:
 
 
 @dataclass
+class LossConfig:
+    # TaiLr: each training utterance's loss weighted by the model's length-normalised CTC
+    # probability of its labels, for pseudo-labels (speechlm.training.tailr); null: plain
+    tailr: TaiLrConfig | None = None
+
+    def __post_init__(self):
+        if isinstance(self.tailr, dict):
+            self.tailr = TaiLrConfig(**self.tailr)
+
+
+@dataclass
 class Config:
     task: str = "ctc"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(best_metric="cer"))
     eval: EvalConfig = field(default_factory=EvalConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
 
 def run(config: Config) -> dict:
@@ -292,7 +305,8 @@ def run(config: Config) -> dict:
         max_eval_items=cfg.eval.max_dev_items, examples=cfg.eval.examples,
         collapse_threshold=cfg.eval.collapse_threshold, guard_from_step=guard_from,
         unseen_dev_chars=unseen_dev,
-        examples_path=out / "dev_examples.jsonl" if dist.is_main else None)
+        examples_path=out / "dev_examples.jsonl" if dist.is_main else None,
+        tailr=cfg.loss.tailr)
     objective.cached_layer = cached_layer
     schedule = ctc_skill_it.build_schedule(cfg, model, objective, dataset, sampler, vocab, out,
                                            dist, say) if ctc_skill_it.enabled(data) else None

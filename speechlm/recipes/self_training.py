@@ -8,7 +8,8 @@ model and the gold data; each stage is that config plus its own overrides:
 2. pseudo-label `unlabelled` manifests with the teacher, keeping utterances
    whose confidence is at least `min_confidence`;
 3. student: trained on the pseudo-labels (plus the gold data if
-   `student_with_gold`), then `student_overrides`;
+   `student_with_gold`), with TaiLr weighting of its loss if `tailr` is set
+   (speechlm.training.tailr), then `student_overrides`;
 4. fine-tune: the student fine-tuned on gold (`model.init` = the student),
    then `finetune_overrides`.
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from ..config import apply_overrides
 from ..errors import ConfigError
+from ..training.tailr import TaiLrConfig
 from . import ctc
 
 STAGES = ("teacher", "student", "finetune")
@@ -43,8 +45,14 @@ class Config:
     student_overrides: list[str] = field(default_factory=list)
     finetune_overrides: list[str] = field(default_factory=list)
     output_dir: str = "runs/self_training"
+    # TaiLr weighting of the student's CTC loss (its ctc.loss.tailr), against pseudo-label
+    # noise (speechlm.training.tailr); with student_with_gold the gold utterances are
+    # weighted too. null: the plain loss
+    tailr: TaiLrConfig | None = None
 
     def __post_init__(self):
+        if isinstance(self.tailr, dict):
+            self.tailr = TaiLrConfig(**self.tailr)
         if not 0 <= self.min_confidence <= 1:
             raise ConfigError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
 
@@ -58,6 +66,8 @@ def stage_config(config: Config, stage: str, *, student_data=None, init=None) ->
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=student_data))
     if init is not None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init=init))
+    if stage == "student" and config.tailr is not None:
+        cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, tailr=config.tailr))
     overrides = {"student": config.student_overrides,
                  "finetune": config.finetune_overrides}.get(stage, [])
     return apply_overrides(cfg, overrides) if overrides else cfg

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import ConfigError
+from ..training.salt import SALTConfig
 from ..training.trainer import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,24 @@ class Config:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         lr=3e-3, warmup_steps=50, weight_decay=0.1, betas=(0.9, 0.95), save_every=None))
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # SALT (arXiv 2410.18779): KD from a smaller teacher for the first salt.kd_steps updates,
+    # then plain CE; optional selection of the KD phase's data (speechlm.training.salt)
+    salt: SALTConfig | None = None
+
+    def __post_init__(self):
+        if isinstance(self.salt, dict):
+            self.salt = SALTConfig(**self.salt)
+        if self.salt is None:
+            return
+        if self.salt.kd_steps >= self.train.max_steps:
+            raise ConfigError(f"salt.kd_steps={self.salt.kd_steps} >= train.max_steps="
+                              f"{self.train.max_steps}: the run would never switch to plain CE; "
+                              "lower salt.kd_steps (the paper distills the first ~15-20% of "
+                              "training)")
+        if self.train.sharding == "fsdp":
+            raise ConfigError("salt is not supported with train.sharding=fsdp (the teacher's "
+                              "forward beside a sharded student is untested); use "
+                              "train.sharding=none, or salt: null")
 
 
 # -- the parts --------------------------------------------------------------------------------
@@ -507,6 +526,46 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+# -- SALT (salt:) -----------------------------------------------------------------------------
+
+
+def salt_setup(cfg: Config, tokenizer, dataset, num_warm: int, sampler, recipe_sampler, out,
+               is_main: bool, say):
+    """(sampler, SALTDistiller) for `salt`: the teacher, and with salt.selection the
+    sampler whose KD phase draws from the selected sequences (speechlm.recipes.text_lm_salt)."""
+    from ..training import distributed
+    from ..training.salt import SALTDistiller
+    from . import text_lm_salt
+
+    salt = cfg.salt
+    teacher = text_lm_salt.load_teacher(salt, tokenizer, cfg.model.attn_implementation,
+                                        progress=cfg.train.progress)
+    teacher.to(distributed.resolve_device(cfg.train.device))  # scores the data there too
+    say(f"SALT: KD from {salt.teacher} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M "
+        f"parameters) for the first {salt.kd_steps} updates (weight {salt.kd_weight}, "
+        f"temperature {salt.temperature}), then plain CE")
+    if salt.selection is not None:
+        items = dataset.items
+        # the KD phase draws from the warm-up items first, from the main ones if it outlasts them
+        pools = {"warm-up": range(0, num_warm)} if num_warm else {}
+        if salt.kd_steps > cfg.data.warmup.steps:
+            pools["main"] = range(num_warm, len(items))
+        keep = text_lm_salt.selection(salt, teacher, items, pools, tokenizer.pad_token_id, out,
+                                      max_batch_tokens=cfg.data.max_batch_tokens,
+                                      is_main=is_main, say=say)
+        lengths = dataset.lengths()
+
+        def build(flags):
+            return recipe_sampler([n for n, k in zip(lengths[:num_warm], flags[:num_warm],
+                                                     strict=True) if k],
+                                  [n for n, k in zip(lengths[num_warm:], flags[num_warm:],
+                                                     strict=True) if k])
+
+        sampler = text_lm_salt.kd_phase_sampler(
+            sampler, build, keep, kd_batches=salt.kd_steps * cfg.train.grad_accum)
+    return sampler, SALTDistiller(teacher, salt)
+
+
 # -- the runner -------------------------------------------------------------------------------
 
 
@@ -524,6 +583,7 @@ def run(config: Config) -> dict:
         split_training_verses,
     )
     from ..data.sampler import DurationBucketSampler
+    from ..data.switch_sampler import SwitchBatchSampler
     from ..jsonl import atomic_write
     from ..training import distributed
     from ..training.objectives.causal_lm import CausalLMCollator, CausalLMObjective, TokenDataset
@@ -589,24 +649,36 @@ def run(config: Config) -> dict:
                                      num_buckets=cfg.data.num_buckets, shuffle=True, seed=seed,
                                      rank=dist.rank, world_size=dist.world_size)
 
+    def recipe_sampler(warm_lengths, main_lengths):
+        sampler = bucket_sampler(main_lengths, cfg.train.seed)
+        if warm_lengths:
+            sampler = PhasedBatchSampler(bucket_sampler(warm_lengths, cfg.train.seed + 1),
+                                         sampler, warmup_batches=warm.steps * cfg.train.grad_accum,
+                                         offset=len(warm_lengths))
+        return sampler
+
     lengths = dataset.lengths()
-    sampler = bucket_sampler(lengths[len(warm_items):], cfg.train.seed)
-    if warm_items:
-        sampler = PhasedBatchSampler(bucket_sampler(lengths[: len(warm_items)], cfg.train.seed + 1),
-                                     sampler, warmup_batches=warm.steps * cfg.train.grad_accum,
-                                     offset=len(warm_items))
+    sampler = recipe_sampler(lengths[: len(warm_items)], lengths[len(warm_items):])
+    distiller = None
+    if cfg.salt is not None:
+        sampler, distiller = salt_setup(cfg, tokenizer, dataset, len(warm_items), sampler,
+                                        recipe_sampler, out, dist.is_main, say)
     objective = CausalLMObjective(model, evaluate_fn=dev_loss_fn(tokenizer, dev_examples,
-                                                                 cfg.eval.batch_size))
+                                                                 cfg.eval.batch_size),
+                                  salt=distiller)
     trainer = Trainer(cfg.train, objective, dataset, sampler,
                       collate_fn=CausalLMCollator(tokenizer.pad_token_id), run_config=cfg,
                       identity_keys=("model", "tokenizer"))
+    objective.attach(trainer)
     fit_start = time.perf_counter()
     steps_before = trainer.step
     result = trainer.fit()
     train_seconds = time.perf_counter() - fit_start
     # under train.sharding=fsdp a plain model with the gathered weights, on rank 0
     model = trainer.unsharded_model(lambda: build_model(cfg.model, tokenizer))
-    main_sampler = sampler.main if isinstance(sampler, PhasedBatchSampler) else sampler
+    main_sampler = sampler.then if isinstance(sampler, SwitchBatchSampler) else sampler
+    main_sampler = main_sampler.main if isinstance(main_sampler, PhasedBatchSampler) \
+        else main_sampler
     mean_batch_tokens = sum(lengths[len(warm_items):]) / max(len(main_sampler), 1)
 
     # 4. save and 5. score the saved model

@@ -16,7 +16,10 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CausalLMCollator", "CausalLMObjective", "TokenDataset", "token_losses"]
+from ..salt import salt_loss
+
+__all__ = ["CausalLMCollator", "CausalLMObjective", "TokenDataset", "learned_logits",
+           "token_losses"]
 
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -81,10 +84,10 @@ def _selective_head_ok(model) -> bool:
             and getattr(config, "logit_scale", None) in (None, 1, 1.0))
 
 
-def token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 labels: torch.Tensor, *, selective_head: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-token loss [N], predicted ids [N], row of each [N]) over the learned positions.
+def learned_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   labels: torch.Tensor, *, selective_head: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(float32 logits [N, V], targets [N], row of each [N]) at the learned positions.
 
     Position t predicts labels[t + 1]; N counts the labels that are not -100.
     """
@@ -101,31 +104,71 @@ def token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
                        use_cache=False).logits[:, :-1][learned]
-    logits = logits.float()
-    losses = F.cross_entropy(logits, targets[learned], reduction="none")
+    return logits.float(), targets[learned], rows
+
+
+def token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 labels: torch.Tensor, *, selective_head: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-token loss [N], predicted ids [N], row of each [N]) over the learned positions."""
+    logits, targets, rows = learned_logits(model, input_ids, attention_mask, labels,
+                                           selective_head=selective_head)
+    losses = F.cross_entropy(logits, targets, reduction="none")
     return losses, logits.argmax(-1), rows
 
 
 class CausalLMObjective:
-    """Mean next-token cross-entropy on the learned positions; optional `evaluate_fn(model)`."""
+    """Mean next-token cross-entropy on the learned positions; optional `evaluate_fn(model)`.
+
+    salt: a `speechlm.training.salt.SALTDistiller`: while it is active (the first kd_steps
+    updates; call `attach(trainer)` so the objective knows the update count) the loss is
+    SALT's CE + KD mix with the teacher's logits at the same positions, then plain CE. With
+    it the metrics also carry `loss_ce` (the plain CE) and `salt_kd` (1 during KD, else 0).
+    """
 
     def __init__(self, model, *, evaluate_fn: Callable[[torch.nn.Module], dict] | None = None,
-                 selective_head: bool = True):
+                 selective_head: bool = True, salt=None):
         self.model = model
         self.evaluate_fn = evaluate_fn
         self.selective_head = selective_head
+        self.salt = salt
+        self.trainer = None
+
+    def attach(self, trainer) -> None:
+        """Let the loss know the update count (SALT's switch from KD to plain CE)."""
+        self.trainer = trainer
+
+    def to(self, device) -> None:
+        if self.salt is not None:
+            self.salt.to(device)
 
     def loss(self, batch):
         labels = batch["labels"]
         if labels.numel() == 0 or not bool((labels[:, 1:] != -100).any()):
             return None  # nothing to learn in this batch
-        losses, predicted, _ = token_losses(self.model, batch["input_ids"],
-                                            batch["attention_mask"], labels,
+        inputs = (batch["input_ids"], batch["attention_mask"], labels)
+        logits, targets, _ = learned_logits(self.model, *inputs,
                                             selective_head=self.selective_head)
-        targets = labels[:, 1:][labels[:, 1:] != -100]
-        accuracy = (predicted == targets).float().mean()
-        return losses.mean(), {"token_accuracy": accuracy.detach(),
-                               "label_tokens": float(losses.numel())}
+        accuracy = (logits.detach().argmax(-1) == targets).float().mean()
+        metrics = {"token_accuracy": accuracy, "label_tokens": float(targets.numel())}
+        if self.salt is None or not self.salt.active(self._step()):
+            loss = F.cross_entropy(logits, targets, reduction="none").mean()
+            if self.salt is None:
+                return loss, metrics
+            return loss, {**metrics, "loss_ce": loss.detach(), "salt_kd": 0.0}
+        with torch.no_grad():
+            teacher_logits, _, _ = learned_logits(self.salt.teacher, *inputs,
+                                                  selective_head=self.selective_head)
+        cfg = self.salt.config
+        loss, ce, kd = salt_loss(logits, teacher_logits, targets, weight=cfg.kd_weight,
+                                 temperature=cfg.temperature)
+        return loss, {**metrics, "loss_ce": ce.detach(), "loss_kd": kd.detach(), "salt_kd": 1.0}
+
+    def _step(self) -> int:
+        if self.trainer is None:
+            raise RuntimeError("CausalLMObjective with salt needs attach(trainer) before "
+                               "training: the switch from KD to CE follows the update count")
+        return int(self.trainer.step)
 
     def evaluate(self, model) -> dict[str, float]:
         return self.evaluate_fn(model) if self.evaluate_fn is not None else {}

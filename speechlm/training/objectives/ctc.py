@@ -62,6 +62,7 @@ from ...models.ctc import (
     uses_attention_mask,
 )
 from ...text.normalize import normalize_transcript
+from ..tailr import TaiLrConfig, ctc_label_probability, tailr_weights
 
 logger = logging.getLogger(__name__)
 
@@ -307,13 +308,18 @@ class CTCObjective:
     dev: an AudioDataset of records prepared with `prepare_ctc_records(training=False)`.
     guard_from_step: evaluations before this update never report blank collapse (CTC emits
     only blanks early in every run). Call `attach(trainer)` so the guard knows the step.
+    tailr: weight each training utterance's loss by TaiLr's w of its length-normalised CTC
+    probability (speechlm.training.tailr; for training on pseudo-labels); the metrics then
+    carry tailr_loss_plain (unweighted) and tailr_weight_mean / tailr_weight_min. Dev loss and
+    scores are never weighted.
     """
 
     def __init__(self, model, vocab: CharVocab, *, dev=None, reduction: str = "token_mean",
                  sample_rate: int = 16000, eval_batch_duration: float = 200.0,
                  max_eval_items: int | None = None, examples: int = 3,
                  collapse_threshold: float = 0.9, guard_from_step: int = 0,
-                 unseen_dev_chars: Sequence[str] = (), examples_path=None):
+                 unseen_dev_chars: Sequence[str] = (), examples_path=None,
+                 tailr: TaiLrConfig | None = None):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.model = model
@@ -328,6 +334,7 @@ class CTCObjective:
         self.guard_from_step = guard_from_step
         self.unseen_dev_chars = list(unseen_dev_chars)
         self.examples_path = Path(examples_path) if examples_path else None
+        self.tailr = tailr  # TaiLr weights on the training loss (speechlm.training.tailr)
         # Batches of cached encoder frames hold this hidden state of the encoder (set by the
         # recipe when it trains on an encoder cache; see WhisperEncoderForCTC).
         self.cached_layer: int | None = None
@@ -373,13 +380,15 @@ class CTCObjective:
         targets = labels[labels >= 0]
         per_item = F.ctc_loss(log_probs.transpose(0, 1), targets, frames, label_lengths,
                               blank=self.vocab.blank_id, reduction="none", zero_infinity=True)
+        return self.reduce(per_item, label_lengths), per_item
+
+    def reduce(self, per_item: torch.Tensor, label_lengths: torch.Tensor) -> torch.Tensor:
+        """The batch loss of per-utterance losses under `self.reduction`."""
         if self.reduction == "token_mean":
-            loss = per_item.sum() / label_lengths.sum().clamp_min(1)
-        elif self.reduction == "mean":
-            loss = (per_item / label_lengths.clamp_min(1)).mean()
-        else:
-            loss = per_item.sum()
-        return loss, per_item
+            return per_item.sum() / label_lengths.sum().clamp_min(1)
+        if self.reduction == "mean":
+            return (per_item / label_lengths.clamp_min(1)).mean()
+        return per_item.sum()
 
     def sample_ctc_losses(self, per_item: torch.Tensor,
                           label_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -424,8 +433,16 @@ class CTCObjective:
         needed = torch.tensor([label_frames_needed(row[row >= 0].tolist()) for row in labels.cpu()],
                               device=frames.device)
         infeasible = (frames < needed).float().mean()
-        return loss, per_item, label_lengths, {
-            "infeasible_frac": infeasible, "skipped_items": float(len(batch.get("skipped", ())))}
+        metrics = {"infeasible_frac": infeasible,
+                   "skipped_items": float(len(batch.get("skipped", ())))}
+        if self.tailr is not None:
+            weights = tailr_weights(ctc_label_probability(per_item, label_lengths),
+                                    self.tailr.gamma, self.tailr.w_min)
+            metrics.update(tailr_loss_plain=loss.detach(), tailr_weight_mean=weights.mean(),
+                           tailr_weight_min=weights.min())
+            per_item = per_item * weights
+            loss = self.reduce(per_item, label_lengths)
+        return loss, per_item, label_lengths, metrics
 
     # -- evaluation -------------------------------------------------------------------------
 

@@ -1,0 +1,144 @@
+"""SALT (arXiv 2410.18779): a smaller teacher LM helps the student early, then steps aside.
+
+For the first `kd_steps` updates the loss on each learned token is
+
+    (1 - w) * CE(gold, p_s) + w * tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau))
+
+averaged over the batch's learned tokens: the teacher's soft labels are extra supervision
+(tau^2 keeps the KD gradient's scale independent of tau, as in Hinton et al.). From update
+`kd_steps` on the loss is the plain CE and the teacher is not run. The switch depends only
+on the trainer's update count, which every checkpoint stores, so a resumed run switches at
+the same update as an uninterrupted one.
+
+Data selection (SALT_DS, optional): the KD phase draws only from "challenging yet
+learnable" sequences. The teacher scores each training sequence once, before training:
+a token is learnable when its gold token is among the teacher's top-k predictions, and the
+sequence's score is the median of the teacher's loss over its learnable tokens. A sequence
+with no learnable token scores NaN and is never kept. The kept sequences are those scoring
+at or above the (1 - keep_fraction) quantile of the pool's scores (keep_fraction 0.5: at or
+above the median). After the KD phase training draws from all the data again.
+
+The teacher must share the student's tokenizer (same vocabulary, same ids).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+
+@dataclass
+class SelectionConfig:
+    """`salt.selection`: which sequences the KD phase trains on (null: all of them)."""
+
+    top_k: int = 10               # a token is learnable when the gold token is in the top-k
+    keep_fraction: float = 0.5    # kept share of the scored pool (0.5: at or above the median)
+
+    def __post_init__(self):
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ConfigError(f"salt.selection.top_k must be an integer >= 1, got "
+                              f"{self.top_k!r} (the paper's learnability test: gold token in "
+                              "the teacher's top-k)")
+        if not (isinstance(self.keep_fraction, (int, float)) and 0 < self.keep_fraction <= 1):
+            raise ConfigError(f"salt.selection.keep_fraction must be in (0, 1], got "
+                              f"{self.keep_fraction!r} (0.5 keeps the sequences at or above "
+                              "the median score)")
+
+
+@dataclass
+class SALTConfig:
+    """`salt:` of a text LM recipe; null (the default) trains on plain CE throughout."""
+
+    teacher: str = ""             # the smaller LM: a directory, cached hub id or zoo:NAME
+    kd_steps: int = 0             # updates with the KD loss; plain CE afterwards
+    kd_weight: float = 0.5        # w: the KD term's share of the loss
+    temperature: float = 1.0      # tau, applied to both teacher and student logits
+    selection: SelectionConfig | None = None
+
+    def __post_init__(self):
+        if isinstance(self.selection, dict):
+            self.selection = SelectionConfig(**self.selection)
+        if not self.teacher:
+            raise ConfigError("salt.teacher is empty: name the smaller teacher LM (a trained "
+                              "model directory, e.g. runs/tiny/llm_small/final, or zoo:NAME)")
+        if not isinstance(self.kd_steps, int) or self.kd_steps < 1:
+            raise ConfigError(f"salt.kd_steps must be an integer >= 1, got {self.kd_steps!r} "
+                              "(updates distilled from the teacher; the paper uses the first "
+                              "~15-20% of training; set salt: null to train without SALT)")
+        if not (isinstance(self.kd_weight, (int, float)) and 0 < self.kd_weight <= 1):
+            raise ConfigError(f"salt.kd_weight must be in (0, 1], got {self.kd_weight!r} "
+                              "(the KD term's share of the loss; 0 would be plain CE)")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise ConfigError(f"salt.temperature must be a number > 0, got "
+                              f"{self.temperature!r} (1.0 distills the teacher's own "
+                              "distribution)")
+
+
+def kd_token_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """tau^2 * KL(softmax(teacher / tau) || softmax(student / tau)) per row [N]."""
+    teacher_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    return kl * (temperature * temperature)
+
+
+def salt_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+              targets: torch.Tensor, *, weight: float, temperature: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(KD-phase loss, mean CE, mean KD) over the N learned tokens (logits [N, V])."""
+    ce = F.cross_entropy(student_logits.float(), targets, reduction="none").mean()
+    kd = kd_token_losses(student_logits, teacher_logits.detach(), temperature).mean()
+    return (1 - weight) * ce + weight * kd, ce, kd
+
+
+def sequence_scores(teacher_logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
+                    num_rows: int, top_k: int) -> torch.Tensor:
+    """SALT_DS score of each of `num_rows` sequences [num_rows], float64: the median of the
+    teacher's loss over the tokens whose gold token is in the teacher's top-k (ties with
+    the k-th logit count as in), NaN for a sequence with no such token."""
+    logits = teacher_logits.float()
+    losses = F.cross_entropy(logits, targets, reduction="none").double()
+    gold = logits.gather(1, targets[:, None])
+    learnable = (logits > gold).sum(-1) < top_k
+    scores = torch.full((num_rows,), math.nan, dtype=torch.float64)
+    for row in range(num_rows):
+        chosen = losses[(rows == row) & learnable]
+        if chosen.numel():
+            scores[row] = torch.quantile(chosen, 0.5)
+    return scores
+
+
+def select_sequences(scores: torch.Tensor, keep_fraction: float) -> torch.Tensor:
+    """Boolean mask of the kept sequences: score >= the (1 - keep_fraction) quantile of the
+    finite scores (linear interpolation); NaN scores are never kept."""
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    finite = ~torch.isnan(scores)
+    if not bool(finite.any()):
+        return finite
+    threshold = torch.quantile(scores[finite], 1.0 - keep_fraction)
+    return finite & (scores >= threshold)
+
+
+class SALTDistiller:
+    """The teacher and the schedule: KD while `active(step)`, the loss of a KD-phase batch."""
+
+    def __init__(self, teacher: torch.nn.Module, config: SALTConfig):
+        self.teacher = teacher.eval()
+        for param in self.teacher.parameters():
+            param.requires_grad_(False)
+        self.config = config
+
+    def active(self, step: int) -> bool:
+        """KD for updates 0 .. kd_steps - 1 (step: updates already made)."""
+        return step < self.config.kd_steps
+
+    def to(self, device) -> SALTDistiller:
+        self.teacher.to(device)
+        return self
