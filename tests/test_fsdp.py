@@ -1,14 +1,12 @@
 """train.sharding=fsdp: two gloo processes with FSDP2 train a tiny Llama like one process does,
 a crashed sharded run resumes exactly, and `speechlm convert fsdp` gathers a transformers dir."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from _fsdp_worker import PROBE, SETUP, make_lm_trainer
+from _torchrun import run_workers
 
 from speechlm.cli import main as cli_main
 from speechlm.errors import ConfigError
@@ -21,14 +19,7 @@ WORKER = Path(__file__).with_name("_fsdp_worker.py")
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(WORKER), str(out)],
-        cwd=WORKER.parent, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+    return run_workers(WORKER, tmp_path_factory.mktemp("fsdp"))
 
 
 @pytest.fixture(scope="module")

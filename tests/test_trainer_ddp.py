@@ -1,12 +1,10 @@
 """Two gloo processes on CPU train like one process with the same global batch."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _torchrun import run_workers
 from _trainer_ddp_worker import COMMON, DDP_CASES, SINGLE_CASES
 from _trainer_toy import make_trainer
 
@@ -18,14 +16,7 @@ WORKER = Path(__file__).with_name("_trainer_ddp_worker.py")
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(WORKER), str(out)],
-        cwd=WORKER.parent, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+    return run_workers(WORKER, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.mark.parametrize("case", list(DDP_CASES))
