@@ -48,7 +48,35 @@ class IndexMapBatchSampler:
         self.inner.load_state_dict(state["inner"])
 
 
-class SwitchBatchSampler:
+class EpochListSampler:
+    """A batch sampler whose epoch is a list of batches computed by `_epoch_batches()` (a
+    function of the seeds and `self.epoch`), so resuming only skips the batches consumed.
+    Subclasses set `self.epoch = 0` and `self._resume_at = self._position = 0`, and put
+    `position_state()` in their state_dict and `load_position()` in load_state_dict."""
+
+    def __iter__(self):
+        batches = self._epoch_batches()
+        start, self._resume_at = self._resume_at, 0
+        self._position = start
+        for i in range(start, len(batches)):
+            self._position = i + 1
+            yield batches[i]
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch = int(epoch)
+            self._resume_at = self._position = 0
+
+    def position_state(self, num_consumed: int | None = None) -> dict:
+        return {"kind": type(self).__name__, "epoch": self.epoch,
+                "position": self._position if num_consumed is None else int(num_consumed)}
+
+    def load_position(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self._resume_at = self._position = int(state["position"])
+
+
+class SwitchBatchSampler(EpochListSampler):
     """`switch_batches` batches from `first`, then `then` (see the module doc)."""
 
     def __init__(self, first, then, *, switch_batches: int):
@@ -75,26 +103,11 @@ class SwitchBatchSampler:
             first_epoch += 1
         return early[: self.switch_batches] + later[self.switch_batches:]
 
-    def __iter__(self):
-        batches = self._epoch_batches()
-        start, self._resume_at = self._resume_at, 0
-        self._position = start
-        for i in range(start, len(batches)):
-            self._position = i + 1
-            yield batches[i]
-
     def __len__(self) -> int:
         return max(len(self.then), self.switch_batches) if self.epoch == 0 else len(self.then)
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch = int(epoch)
-            self._resume_at = self._position = 0
-
     def state_dict(self, num_consumed: int | None = None) -> dict:
-        return {"kind": type(self).__name__, "epoch": self.epoch,
-                "position": self._position if num_consumed is None else int(num_consumed),
-                "switch_batches": self.switch_batches,
+        return {**self.position_state(num_consumed), "switch_batches": self.switch_batches,
                 "first": self.first.state_dict(), "then": self.then.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -106,8 +119,7 @@ class SwitchBatchSampler:
         # (_from_start drops the resume point they load)
         self.first.load_state_dict(state["first"])
         self.then.load_state_dict(state["then"])
-        self.epoch = int(state["epoch"])
-        self._resume_at = self._position = int(state["position"])
+        self.load_position(state)
 
 
 def _from_start(sampler, epoch: int):

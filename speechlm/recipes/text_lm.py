@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..data.switch_sampler import EpochListSampler
 from ..errors import ConfigError
 from ..training.salt import SALTConfig
 from ..training.trainer import TrainConfig
@@ -280,7 +281,7 @@ def encode_for_training(tokenizer, examples, max_seq_len: int) -> tuple[list[dic
     return items, summary
 
 
-class PhasedBatchSampler:
+class PhasedBatchSampler(EpochListSampler):
     """`warmup_batches` batches from `warmup` (cycling its epochs), then `main`'s epoch 0;
     later epochs are `main`'s alone. Dataset indices of `main` are shifted by `offset` (the
     warm-up items come first in the dataset). Resumable like the samplers it wraps: the
@@ -308,26 +309,12 @@ class PhasedBatchSampler:
         self.main.set_epoch(self.epoch)
         return batches + [[i + self.offset for i in b] for b in self.main]
 
-    def __iter__(self):
-        batches = self._epoch_batches()
-        start, self._resume_at = self._resume_at, 0
-        self._position = start
-        for i in range(start, len(batches)):
-            self._position = i + 1
-            yield batches[i]
-
     def __len__(self) -> int:
         return (self.warmup_batches if self.epoch == 0 else 0) + len(self.main)
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch = int(epoch)
-            self._resume_at = self._position = 0
-
     def state_dict(self, num_consumed: int | None = None) -> dict:
-        return {"kind": type(self).__name__, "epoch": self.epoch,
-                "position": self._position if num_consumed is None else int(num_consumed),
-                "warmup_batches": self.warmup_batches, "offset": self.offset,
+        return {**self.position_state(num_consumed), "warmup_batches": self.warmup_batches,
+                "offset": self.offset,
                 "warmup": self.warmup.state_dict(), "main": self.main.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -341,8 +328,7 @@ class PhasedBatchSampler:
             if theirs != ours:
                 raise ValueError(f"sampler state does not match this sampler (differs in: "
                                  f"{key} data)")
-        self.epoch = int(state["epoch"])
-        self._resume_at = self._position = int(state["position"])
+        self.load_position(state)
 
 
 def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64,
