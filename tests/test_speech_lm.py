@@ -281,3 +281,34 @@ def test_adapter_output_scale_starts_speech_at_the_llms_embedding_scale(tiny_ckp
     assert torch.all(default.adapter.norm.weight == 1.0)  # BLSP's own init
     with pytest.raises(ConfigError, match="adapter_output_scale must be 'llm', a number or null"):
         _model(tiny_ckpt, adapter="blsp", adapter_output_scale="tokens")
+
+
+def test_a_frozen_llm_trains_through_bf16_weights_and_eager_attention(tiny_ckpt):
+    from speechlm.training.objectives.blsp import BlspObjective
+
+    audio, lengths = _batch()
+    batch = {"audio": audio, "audio_lengths": lengths, "texts": ["a b", "c d e"],
+             "continuation": RESPONSES}
+
+    def loss_and_grads(model):
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = BlspObjective(model, loss="ce+kd").loss(batch)
+        loss.backward()
+        return float(loss), [p.grad for p in model.adapter.parameters()]
+
+    reference = loss_and_grads(_model(tiny_ckpt))
+    model = _model(tiny_ckpt)
+    assert model.speed_up_frozen_llm(torch.bfloat16, "cpu") == ["LLM weights in bf16",
+                                                                "eager attention"]
+    assert model.llm.dtype == torch.bfloat16 and model.llm.config._attn_implementation == "eager"
+    assert next(model.adapter.parameters()).dtype == torch.float32  # what trains stays fp32
+    loss, grads = loss_and_grads(model)
+    assert loss == pytest.approx(reference[0], rel=0.02)
+    assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+
+    # nothing changes when the LLM trains (its weights need their fp32 copy) or under fp32
+    tuned = _model(tiny_ckpt, lora=LoraSettings(r=4))
+    assert tuned.speed_up_frozen_llm(torch.bfloat16, "cpu") == []
+    assert tuned.llm.dtype == torch.float32
+    assert _model(tiny_ckpt).speed_up_frozen_llm(None, "cuda") == []

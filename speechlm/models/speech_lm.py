@@ -56,6 +56,7 @@ from .prompts import (
     get_template,
     pick_pad_id,
 )
+from .shared_prefix import cache_kwarg, prefix_cache, prefix_first, shared_prefix_length
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +237,28 @@ class SpeechLM(nn.Module):
     def device(self) -> torch.device:
         return self.llm.get_input_embeddings().weight.device
 
+    def speed_up_frozen_llm(self, amp_dtype: torch.dtype | None, device_type: str) -> list[str]:
+        """Make a frozen LLM cheaper to train through; returns what changed (nothing when
+        any LLM weight trains: LoRA, PLoRA, unfrozen).
+
+        - Under bf16 autocast its weights are stored in bf16: nothing updates them, so no
+          fp32 master copy is needed, and autocast would otherwise cast every frozen weight
+          again on every call (it caches casts only of weights that train).
+        - On a CPU its attention runs eagerly: PyTorch's CPU flash-attention backward is
+          slower than plain matmuls at these lengths (~160 positions)."""
+        if self._plora is not None or any(p.requires_grad for p in self.llm.parameters()):
+            return []
+        changes = []
+        if amp_dtype == torch.bfloat16 and self.llm.dtype == torch.float32:
+            self.llm.to(torch.bfloat16)
+            changes.append("LLM weights in bf16")
+        config = getattr(self.llm, "config", None)
+        if device_type == "cpu" and hasattr(self.llm, "set_attn_implementation") and \
+                getattr(config, "_attn_implementation", "eager") != "eager":
+            self.llm.set_attn_implementation("eager")
+            changes.append("eager attention")
+        return changes
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters that train (requires_grad), by name: what save_pretrained writes."""
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
@@ -394,6 +417,14 @@ class SpeechLM(nn.Module):
                       eos_token_id=self.stop_token_ids() or None)
         kwargs.update(generate_kwargs)
         with self._llm_context(inputs, True):
+            # the template's opening is the same in every row: prefill it once (shared_prefix)
+            shared = (shared_prefix_length(inputs) if self._plora is None
+                      and kwargs.get("num_beams", 1) == 1 and inputs.padding_side == "left" else 0)
+            if shared:
+                base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+                kwargs[cache_kwarg(base)] = prefix_cache(getattr(base, base.base_model_prefix),
+                                                         inputs, shared)
+                inputs = prefix_first(inputs, shared)
             return self.llm.generate(inputs_embeds=inputs.inputs_embeds,
                                      attention_mask=inputs.attention_mask, **kwargs)
 

@@ -336,7 +336,8 @@ def resolve_models(cfg, say):
         llm_path=str(resolve_model_dir(cfg.model.llm_path, say=say))))
 
 
-def fit(cfg, objective, dataset, collate, durations, dist, identity_keys) -> tuple:
+def fit(cfg, objective, dataset, collate, durations, dist, identity_keys, say=logger.info
+        ) -> tuple:
     """Train `objective` on duration-bucketed batches with the shared Trainer (resumable);
     returns (TrainResult, the "train" section of results.json without wall time)."""
     from ..data.sampler import DurationBucketSampler
@@ -349,6 +350,9 @@ def fit(cfg, objective, dataset, collate, durations, dist, identity_keys) -> tup
                                     world_size=dist.world_size)
     trainer = Trainer(cfg.train, objective, dataset, sampler, collate_fn=collate, run_config=cfg,
                       identity_keys=identity_keys)
+    faster = objective.model.speed_up_frozen_llm(trainer.amp_dtype, trainer.device.type)
+    if faster:
+        say(f"frozen LLM: {', '.join(faster)} (training speed)")
     result = trainer.fit()
     # the time of every session of the run (a resumed run counts from its checkpoint)
     seconds = result.train_seconds
@@ -428,7 +432,7 @@ def run(config: Config) -> dict:
                               embed_loss=cfg.loss.embed_loss,
                               ctc_weight=cfg.loss.ctc_weight, evaluate_fn=evaluate)
     result, train_summary = fit(cfg, objective, dataset, collate, durations, dist,
-                                ("model", "loss"))
+                                ("model", "loss"), say)
 
     results: dict = {}
     if dist.is_main:

@@ -222,7 +222,7 @@ def run(config: Config) -> dict:
                               ctc_weight=cfg.loss.ctc_weight, template=TRAIN_TEMPLATE,
                               evaluate_fn=evaluate)
     result, train_summary = fit(cfg, objective, dataset, collate, durations, dist,
-                                ("model", "loss", "init_from"))
+                                ("model", "loss", "init_from"), say)
 
     results: dict = {}
     if dist.is_main:

@@ -2,9 +2,12 @@
 
 Reference (what the original BLSP code does): the frozen encoder runs on every
 step, batches are random (padded to their longest clip, no bucketing), fp32,
-no cache. Ours: encoder outputs read from the on-disk cache
-(`speechlm.pipelines.encoder_cache`) and duration-bucketed batches (bf16 too
-where the device has it; on this CPU both run fp32). Same models, same data,
+no cache, every row runs its whole prompt. Ours: encoder outputs read from the
+on-disk cache (`speechlm.pipelines.encoder_cache`), duration-bucketed batches,
+the prompt opening all rows share run once per batch
+(`speechlm.models.shared_prefix`), bf16 where the device has it, and the frozen
+LLM made cheaper to train through as the recipes do
+(`SpeechLM.speed_up_frozen_llm`: bf16 weights, eager attention on a CPU). Same models, same data,
 same batch size (16 utterances), same number of steps, same initial adapter:
 the two loops alternate in blocks of 5 steps so that load from other processes
 hits both alike. Reported: utterances trained per second (ratio ours /
@@ -117,6 +120,7 @@ def run(quick: bool = False, steps: int | None = None, real: bool | None = None)
 
         ref_model, ref_opt = build(encoder_pad_to_window=True) if real else build()
         our_model, our_opt = build()
+        faster = our_model.speed_up_frozen_llm(torch.bfloat16 if bf16 else None, "cpu")
         start = time.perf_counter()
         cache = EncoderCache.for_encoder(tmp / "cache", our_model.encoder, encoder_dir)
         cache.fill(our_model.encoder, records)
@@ -129,8 +133,8 @@ def run(quick: bool = False, steps: int | None = None, real: bool | None = None)
         our_batches = list(DurationBucketSampler(durations, max_batch_duration=10_000.0,
                                                  max_batch_size=BATCH, seed=0))
 
-        def loop(model, opt, dataset, collate, batches, amp=False):
-            objective = BlspObjective(model, loss="ce")
+        def loop(model, opt, dataset, collate, batches, amp=False, share_prefix=True):
+            objective = BlspObjective(model, loss="ce", share_prefix=share_prefix)
             position = 0
             while True:
                 batch = collate([dataset[i] for i in batches[position % len(batches)]])
@@ -142,7 +146,7 @@ def run(quick: bool = False, steps: int | None = None, real: bool | None = None)
                 opt.step()
                 yield float(loss), len(batch["continuation"])
 
-        ref = loop(ref_model, ref_opt, audio, AudioCollator(), ref_batches)
+        ref = loop(ref_model, ref_opt, audio, AudioCollator(), ref_batches, share_prefix=False)
         ours = loop(our_model, our_opt, cached, collate_encoder_batch, our_batches, amp=bf16)
         totals = {"ref": [0.0, 0, []], "ours": [0.0, 0, []]}
         done = 0
@@ -161,7 +165,8 @@ def run(quick: bool = False, steps: int | None = None, real: bool | None = None)
     tail = {k: v[2][-10:] for k, v in totals.items()}
     note = (f"{which}; {len(records)} utterances of the embedded train split; {steps} steps of "
             f"{BATCH} utterances each; cache built once in {cache_seconds:.1f}s"
-            + ("; ours in bf16 autocast" if bf16 else ""))
+            + ("; ours in bf16 autocast" if bf16 else "")
+            + (f"; ours' frozen LLM: {', '.join(faster)}" if faster else ""))
     return [
         {"benchmark": "blsp_training", "metric": "utterances/s, cache + buckets vs reference loop",
          "value": rate["ours"], "baseline": rate["ref"], "ratio": rate["ours"] / rate["ref"],

@@ -25,7 +25,9 @@ Losses (BLSP, arXiv 2309.00916; BLSP-KD, arXiv 2405.19041):
   teaches the adapter to fire that many at inference (BLSP-KD).
 
 The LM head runs only on response positions (the prompt and speech are most of
-the sequence, and a real LLM's vocabulary makes full logits costly).
+the sequence, and a real LLM's vocabulary makes full logits costly), and the
+template's opening, the same in every row, runs once per batch
+(`speechlm.models.shared_prefix`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import ConfigError
+from ...models.shared_prefix import cache_kwarg, prefix_cache, shared_prefix_length
 
 __all__ = ["LOSSES", "BlspObjective", "ResponseLogits", "batch_speech", "kd_loss",
            "response_logits"]
@@ -59,9 +62,11 @@ def _causal_lm(llm):
     return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
 
 
-def response_logits(model, inputs, *, use_lora: bool = True) -> ResponseLogits:
+def response_logits(model, inputs, *, use_lora: bool = True, share_prefix: bool = True
+                    ) -> ResponseLogits:
     """The LLM of `model` (a SpeechLM) on `inputs`, logits at the positions that predict
-    response tokens only (position t predicts labels[t + 1])."""
+    response tokens only (position t predicts labels[t + 1]). share_prefix: run the opening
+    every row has in common once (False: in every row, as reference code does)."""
     from .causal_lm import _selective_head_ok
 
     targets = inputs.labels[:, 1:]
@@ -70,9 +75,13 @@ def response_logits(model, inputs, *, use_lora: bool = True) -> ResponseLogits:
     with model._llm_context(inputs, use_lora):
         if _selective_head_ok(causal):
             base = getattr(causal, causal.base_model_prefix)
-            hidden = base(inputs_embeds=inputs.inputs_embeds,
-                          attention_mask=inputs.attention_mask, use_cache=False).last_hidden_state
-            logits = causal.get_output_embeddings()(hidden[:, :-1][learned])
+            # the template's opening is the same in every row: run it once (shared_prefix)
+            shared = shared_prefix_length(inputs) if share_prefix and model._plora is None else 0
+            extra = {cache_kwarg(base): prefix_cache(base, inputs, shared)} if shared else {}
+            hidden = base(inputs_embeds=inputs.inputs_embeds[:, shared:],
+                          attention_mask=inputs.attention_mask, use_cache=bool(shared),
+                          **extra).last_hidden_state
+            logits = causal.get_output_embeddings()(hidden[:, :-1][learned[:, shared:]])
         else:
             logits = model.llm(inputs_embeds=inputs.inputs_embeds,
                                attention_mask=inputs.attention_mask,
@@ -178,6 +187,8 @@ class BlspObjective:
     template: the prompt template of the training data when it is not the model's own (InSerter
     trains on plain interleaved text, "interleaved", and answers in "blsp").
     evaluate_fn(model) -> dict: the behaviour-alignment evaluation (optional).
+    share_prefix: the prompt opening every row has in common runs once per batch (the same
+    logits; False only to measure against loops that do not).
     """
 
     def __init__(self, model, *, loss: str = "ce", temperature: float = 2.0,
@@ -185,7 +196,8 @@ class BlspObjective:
                  embed_weight: float = 0.0, embed_loss: str = "mse+ce", ctc_weight: float = 0.0,
                  instruction: str | None = None,
                  template: str | None = None,
-                 evaluate_fn: Callable[[torch.nn.Module], dict] | None = None):
+                 evaluate_fn: Callable[[torch.nn.Module], dict] | None = None,
+                 share_prefix: bool = True):
         if loss not in LOSSES:
             raise ConfigError(f"loss.kind must be one of {', '.join(LOSSES)}, got {loss!r}")
         if temperature <= 0:
@@ -206,6 +218,7 @@ class BlspObjective:
         self.instruction = instruction
         self.template = template
         self.evaluate_fn = evaluate_fn
+        self.share_prefix = share_prefix
 
     def instructions(self, batch: dict):
         """Per-item `instruction` fields of the batch (e.g. InSerter's text before the speech)
@@ -251,7 +264,7 @@ class BlspObjective:
 
     def _loss(self, batch: dict, responses: Sequence[str]):
         inputs, extra = self.student_inputs(batch, responses)
-        student = response_logits(self.model, inputs)
+        student = response_logits(self.model, inputs, share_prefix=self.share_prefix)
         metrics: dict[str, float] = {"response_tokens": float(student.targets.numel())}
         total = student.logits.new_zeros(())
         weights = {"count": self.count_weight, "embed": self.embed_weight, "ctc": self.ctc_weight}
@@ -267,7 +280,7 @@ class BlspObjective:
         if self.kind in ("kd", "ce+kd"):
             with torch.no_grad():
                 teacher = response_logits(self.model, self.teacher_inputs(batch, responses),
-                                          use_lora=False)
+                                          use_lora=False, share_prefix=self.share_prefix)
             if teacher.targets.shape != student.targets.shape or \
                     not torch.equal(teacher.targets, student.targets):
                 raise RuntimeError("teacher and student response tokens differ; the template "
