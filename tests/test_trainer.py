@@ -230,6 +230,20 @@ def test_trainer_applies_the_schedule(tmp_path):
     assert lrs[0] == pytest.approx(1e-3) and lrs[2] == pytest.approx(1e-2)
 
 
+def test_a_run_can_stop_partway_down_a_longer_schedule(tmp_path):
+    full = make_trainer(tmp_path / "full", max_steps=8, schedule="cosine", warmup_steps=2)
+    full.fit()
+    part = make_trainer(tmp_path / "part", max_steps=5, schedule="cosine", warmup_steps=2,
+                        schedule_steps=8)
+    part.fit()
+    full_lrs = [r["lr"] for r in read_metrics(tmp_path / "full", split="train")]
+    part_lrs = [r["lr"] for r in read_metrics(tmp_path / "part", split="train")]
+    assert len(part_lrs) == 5 and part_lrs == pytest.approx(full_lrs[:5])
+    assert part_lrs[-1] > full_lrs[-1] * 2  # still high: the schedule had not ended
+    with pytest.raises(ConfigError, match=r"schedule_steps \(4\) must be >= max_steps \(5\)"):
+        TrainConfig(max_steps=5, schedule_steps=4)
+
+
 def test_schedule_config_errors():
     with pytest.raises(ConfigError, match="warmup_steps is not used by schedule=tri_stage"):
         TrainConfig(schedule="tri_stage", warmup_steps=10)

@@ -68,7 +68,8 @@ class ContinuationConfig:
 class DataConfig:
     train: str = "embedded:en/train"          # ASR manifest (path or embedded:LANG/SPLIT)
     dev: str | None = "embedded:en/dev"       # held-out speech for the alignment metric
-    train_continuations: str | None = None    # stage-1 output; None: written by this run
+    # stage-1 output (a file, or zoo:NAME for a BLSP zoo member's own); None: written here
+    train_continuations: str | None = None
     dev_continuations: str | None = None
     max_train_items: int | None = None        # the first N train records (None: all)
     max_batch_duration: float = 60.0          # seconds of padded audio per batch
@@ -155,7 +156,10 @@ def _continuations(spec: str | None, manifest: Path, out: Path, cfg: Config, llm
                    say) -> Path:
     """The stage-1 file for `manifest`: checked when given, else written (or resumed) now."""
     from ..pipelines.continuations import build_continuations, check_continuations
+    from ..pretrained.resolve import ZOO_PREFIX
 
+    if spec is not None and spec.startswith(ZOO_PREFIX):
+        spec = _zoo_continuations(spec, out.name, say)
     if spec is not None:
         path = Path(spec)
         check_continuations(path, manifest=manifest)
@@ -168,6 +172,22 @@ def _continuations(spec: str | None, manifest: Path, out: Path, cfg: Config, llm
                                   device=cfg.train.device, progress=cfg.train.progress, say=say)
     say(f"stage 1 ({manifest.name} -> {out}): {summary.summary()}")
     return out
+
+
+def _zoo_continuations(spec: str, name: str, say) -> str | None:
+    """`zoo:NAME`: that BLSP zoo member's own stage-1 file of the same split (`name`:
+    train.jsonl or dev.jsonl), so a run that continues a member's training reads the
+    continuations it trained on; None (write them here) when the member has none, as a
+    build installed from the package's shipped copy does not."""
+    from .. import zoo
+    from ..pretrained.resolve import ZOO_PREFIX
+
+    member = zoo.ensure(spec[len(ZOO_PREFIX):], say=say)
+    path = member.run_dir / "continuations" / name
+    if path.is_file():
+        return str(path)
+    say(f"{spec} has no stage-1 file {name} (a shipped build carries none): writing it here")
+    return None
 
 
 def first_records(manifest: Path, n: int, out_dir: Path) -> Path:

@@ -63,7 +63,9 @@ def _tri_stage(step: int, max_steps: int, ratios, init_lr_scale: float,
 
 def lr_lambda(config) -> Callable[[int], float]:
     """The factor function for a TrainConfig-like object (fields named as in lr_factor)."""
-    kwargs = dict(schedule=config.schedule, max_steps=config.max_steps,
+    # schedule_steps: the length the schedule is laid out over, when a run stops before it
+    kwargs = dict(schedule=config.schedule,
+                  max_steps=getattr(config, "schedule_steps", None) or config.max_steps,
                   warmup_steps=config.warmup_steps, final_lr_scale=config.final_lr_scale,
                   init_lr_scale=config.init_lr_scale,
                   tri_stage_ratios=tuple(config.tri_stage_ratios))

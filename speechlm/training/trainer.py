@@ -83,6 +83,9 @@ class TrainConfig:
     """Everything about *how* to train; the recipe's `train:` section."""
 
     max_steps: int = 1000                 # optimizer updates
+    # the number of updates the lr schedule spans when the run stops earlier (fairseq's
+    # --total-num-update): a point partway down a long schedule, continued later elsewhere
+    schedule_steps: int | None = None
     grad_accum: int = 1                   # micro-batches per update
     lr: float = 1e-4                      # peak learning rate
     weight_decay: float = 0.01            # AdamW; never applied to biases and norm weights
@@ -131,6 +134,10 @@ class TrainConfig:
         for name, value in {**positive, **optional_positive}.items():
             if value is not None and value < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {value}")
+        if self.schedule_steps is not None and self.schedule_steps < self.max_steps:
+            raise ConfigError(f"train.schedule_steps ({self.schedule_steps}) must be >= "
+                              f"max_steps ({self.max_steps}), or null to end the schedule "
+                              "at max_steps")
         for name in ("lr", "eps"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
