@@ -379,6 +379,34 @@ def test_init_from_starts_a_run_from_a_trained_adapter(tiny_ckpt, tmp_path, spee
         module.run(config)
 
 
+def test_a_run_reads_a_zoo_members_continuations_or_writes_its_own(tiny_ckpt, tmp_path,
+                                                                   speech_data, monkeypatch):
+    from speechlm import zoo
+
+    quick = {"train.max_steps": 2, "train.eval_every": 2, "train.save_every": 2,
+             "eval.transfer": "null", "eval.generate_items": 0}
+    module, config = load_recipe("recipes/tiny/blsp.yaml", _overrides(
+        tiny_ckpt, tmp_path, speech_data, **quick))
+    module.run(config)  # "the member": a finished run with its stage-1 files
+    member_dir = {"run": tmp_path / "run"}
+    monkeypatch.setattr(zoo, "ensure", lambda name, **kw: zoo.ZooModel(
+        name, member_dir["run"] / "final", member_dir["run"], {}, False, 0.0))
+    spec = {"data.train_continuations": "zoo:blsp_en", "data.dev_continuations": "zoo:blsp_en"}
+    module, config = load_recipe("recipes/tiny/blsp.yaml", _overrides(
+        tiny_ckpt, tmp_path, speech_data, **quick, **spec,
+        **{"train.output_dir": str(tmp_path / "second")}))
+    module.run(config)
+    assert not (tmp_path / "second" / "continuations").exists()  # read the member's
+
+    member_dir["run"] = tmp_path / "empty"  # a member without them (a shipped install)
+    (tmp_path / "empty").mkdir()
+    module, config = load_recipe("recipes/tiny/blsp.yaml", _overrides(
+        tiny_ckpt, tmp_path, speech_data, **quick, **spec,
+        **{"train.output_dir": str(tmp_path / "third")}))
+    module.run(config)
+    assert (tmp_path / "third" / "continuations" / "train.jsonl").is_file()
+
+
 @pytest.mark.parametrize("recipe", ["recipes/tiny/blsp.yaml",
                                     "recipes/blsp/whisper_small_qwen2.5_1.5b.yaml",
                                     "recipes/blsp/whisper_large_v3_qwen2.5_7b_lora.yaml",
