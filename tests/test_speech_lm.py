@@ -307,6 +307,14 @@ def test_a_frozen_llm_trains_through_bf16_weights_and_eager_attention(tiny_ckpt)
     assert loss == pytest.approx(reference[0], rel=0.02)
     assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
 
+    # after training it goes back to the LLM as saved and loaded: its own fp32 weights
+    model.restore_frozen_llm()
+    fresh = _model(tiny_ckpt)
+    assert model.llm.dtype == torch.float32
+    assert model.llm.config._attn_implementation == fresh.llm.config._attn_implementation
+    assert all(torch.equal(a, b) for a, b in zip(model.llm.state_dict().values(),
+                                                   fresh.llm.state_dict().values(), strict=True))
+
     # nothing changes when the LLM trains (its weights need their fp32 copy) or under fp32
     tuned = _model(tiny_ckpt, lora=LoraSettings(r=4))
     assert tuned.speed_up_frozen_llm(torch.bfloat16, "cpu") == []

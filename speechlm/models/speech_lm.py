@@ -177,6 +177,7 @@ class SpeechLM(nn.Module):
         for p in llm.parameters():
             p.requires_grad_(not config.freeze_llm)
         self._plora = None
+        self._speed_up_undo = None  # what speed_up_frozen_llm changed, for restore_frozen_llm
         if config.lora is not None:
             llm = apply_llm_lora(llm, config.lora)
         if config.plora is not None:
@@ -249,15 +250,33 @@ class SpeechLM(nn.Module):
         if self._plora is not None or any(p.requires_grad for p in self.llm.parameters()):
             return []
         changes = []
+        config = getattr(self.llm, "config", None)
+        undo = {"attention": getattr(config, "_attn_implementation", None)}
         if amp_dtype == torch.bfloat16 and self.llm.dtype == torch.float32:
             self.llm.to(torch.bfloat16)
+            undo["reload_from"] = self.config.llm_path
             changes.append("LLM weights in bf16")
-        config = getattr(self.llm, "config", None)
         if device_type == "cpu" and hasattr(self.llm, "set_attn_implementation") and \
-                getattr(config, "_attn_implementation", "eager") != "eager":
+                undo["attention"] not in (None, "eager"):
             self.llm.set_attn_implementation("eager")
             changes.append("eager attention")
+        if changes:
+            self._speed_up_undo = undo
         return changes
+
+    def restore_frozen_llm(self) -> None:
+        """Undo `speed_up_frozen_llm`, so that what is evaluated after training is the model
+        as it is saved and loaded: the LLM's own fp32 weights, read again from where they came
+        from (casting the bf16 copy back would keep its rounding), and its attention."""
+        undo = getattr(self, "_speed_up_undo", None)
+        if undo is None:
+            return
+        if "reload_from" in undo:
+            original, _ = load_llm(undo["reload_from"])
+            self.llm.to(torch.float32).load_state_dict(original.state_dict())
+        if undo["attention"] is not None:
+            self.llm.set_attn_implementation(undo["attention"])
+        self._speed_up_undo = None
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters that train (requires_grad), by name: what save_pretrained writes."""

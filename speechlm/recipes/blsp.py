@@ -374,6 +374,8 @@ def fit(cfg, objective, dataset, collate, durations, dist, identity_keys, say=lo
     if faster:
         say(f"frozen LLM: {', '.join(faster)} (training speed)")
     result = trainer.fit()
+    # what is evaluated and saved from here on is the model as users load it
+    objective.model.restore_frozen_llm()
     # the time of every session of the run (a resumed run counts from its checkpoint)
     seconds = result.train_seconds
     return result, {"steps": result.step, "final_train_loss": result.train_metrics.get("loss"),
