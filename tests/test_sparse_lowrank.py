@@ -226,3 +226,110 @@ def test_bad_settings_are_refused_with_the_field():
         apply_spdf(Block(), ["mlp"], sparsity=0.5, seed=0)
     with pytest.raises(ConfigError, match="rank must be >= 1"):
         apply_sltrain(Block(), ["q_proj"], rank=0, alpha=2, density=0.1, seed=0)
+
+
+# -- in a Llama, through the Trainer: resume, and the saved model ---------------------------
+
+VOCAB = 32
+
+
+def _llama(sparse=None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from speechlm.models.sparse_lowrank import apply_sparse_lowrank
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, vocab_size=VOCAB))
+    model.set_attn_implementation("eager")
+    if sparse is not None:
+        apply_sparse_lowrank(model, sparse)
+    return model
+
+
+def _items(n=24):
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(3, VOCAB, (6 + i % 5,), generator=g).tolist() for i in range(n)]
+    return [{"input_ids": x, "labels": [-100] + x[1:]} for x in ids]
+
+
+def _trainer(out, sparse, fail_on_call=None):
+    from speechlm.data.sampler import DurationBucketSampler
+    from speechlm.training.objectives.causal_lm import (
+        CausalLMCollator,
+        CausalLMObjective,
+        TokenDataset,
+    )
+    from speechlm.training.trainer import TrainConfig, Trainer
+
+    class Crashing(CausalLMObjective):
+        calls = 0
+
+        def loss(self, batch):
+            self.calls += 1
+            if self.calls == fail_on_call:
+                raise RuntimeError("simulated crash")
+            return super().loss(batch)
+
+    objective = Crashing(_llama(sparse))
+    lengths = [len(item["input_ids"]) for item in _items()]
+    sampler = DurationBucketSampler(lengths, max_batch_duration=40, num_buckets=2, seed=0)
+    config = TrainConfig(max_steps=6, lr=1e-2, warmup_steps=0, weight_decay=0.1, log_every=1,
+                         save_every=1, output_dir=str(out), progress=False, tensorboard=False)
+    trainer = Trainer(config, objective, TokenDataset(_items()), sampler,
+                      collate_fn=CausalLMCollator(pad_id=0))
+    objective.attach(trainer)
+    return trainer
+
+
+@pytest.mark.parametrize("kind", ["sltrain", "spdf"])
+def test_a_killed_run_resumes_bit_exactly_and_saves_a_plain_llama(tmp_path, kind):
+    from transformers import AutoModelForCausalLM
+
+    from speechlm.models.sparse_lowrank import to_plain_dense
+
+    sparse = SparseLowRankConfig(kind=kind, rank=4, alpha=4, density=0.1, sparsity=0.75,
+                                 seed=5)
+    full = _trainer(tmp_path / "full", sparse)
+    full.fit()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _trainer(tmp_path / "killed", sparse, fail_on_call=4).fit()
+    resumed = _trainer(tmp_path / "killed", sparse)  # a new process: supports/masks re-drawn
+    assert resumed.fit().step == 6
+    for (name, a), (_, b) in zip(resumed.model.state_dict().items(),
+                                 full.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    model = full.model
+    q_proj = model.model.layers[0].self_attn.q_proj
+    if kind == "spdf":
+        assert torch.count_nonzero(q_proj.weight[~q_proj.spdf_mask]) == 0
+    else:
+        assert isinstance(q_proj, SLTrainLinear) and q_proj.B.abs().sum() > 0
+    ids = torch.tensor([_items()[0]["input_ids"]])
+    with torch.no_grad():
+        before = model(ids).logits
+    to_plain_dense(model).save_pretrained(tmp_path / "final")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, before)
+    if kind == "spdf":
+        zeros = (plain.model.layers[0].mlp.up_proj.weight == 0).float().mean()
+        assert zeros == 0.75
+
+
+def test_text_lm_recipe_validates_the_section():
+    from speechlm.config import config_from_dict
+    from speechlm.recipes import text_lm
+
+    config = config_from_dict(text_lm.Config, {"model": {"sparse_lowrank": {
+        "kind": "spdf", "sparsity": 0.5, "targets": ["gate_proj"]}}})
+    assert config.model.sparse_lowrank.sparsity == 0.5
+    with pytest.raises(ConfigError, match="model.sparse_lowrank.density must be in"):
+        config_from_dict(text_lm.Config, {"model": {"sparse_lowrank": {"density": 2.0}}})
+    with pytest.raises(ConfigError, match="sparse_lowrank.*kind"):
+        config_from_dict(text_lm.Config, {"model": {"sparse_lowrank": {"kind": "lora"}}})
+    with pytest.raises(ConfigError, match="not supported with train.sharding=fsdp"):
+        config_from_dict(text_lm.Config, {"model": {"sparse_lowrank": {}},
+                                          "train": {"sharding": "fsdp"}})
