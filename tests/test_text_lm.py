@@ -162,3 +162,44 @@ def test_phased_sampler_resumes_mid_epoch(cut):
     assert consumed + list(fresh) == full
     with pytest.raises(ValueError, match="warmup_batches"):
         _phased(warm_batches=4).load_state_dict(state)
+
+
+@pytest.mark.parametrize("kind", ["sltrain", "spdf"])
+def test_sparse_lowrank_run_trains_and_saves_the_plain_dense_model(tmp_path, monkeypatch, kind):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("SPEECHLM_CACHE", str(tmp_path / "cache"))
+    config = config_from_dict(text_lm.Config, {
+        "tokenizer": {"vocab_size": 512, "every": 20},
+        "model": {"config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                             "num_attention_heads": 2, "num_key_value_heads": 2,
+                             "max_position_embeddings": 256, "tie_word_embeddings": True},
+                  "sparse_lowrank": {"kind": kind, "rank": 16, "density": 0.05,
+                                     "sparsity": 0.75}},
+        "data": {"mixture": {"text": 1.0, "repeat": 1.0}, "num_examples": 200,
+                 "max_seq_len": 128, "max_batch_tokens": 1024},
+        "train": {"max_steps": 20, "lr": 5e-3, "warmup_steps": 2, "log_every": 5,
+                  "output_dir": str(tmp_path / "run"), "tensorboard": False, "progress": False},
+        "eval": {"max_items": 2, "dev_items": 2, "batch_size": 4, "tasks": ["repeat"],
+                 "paraphrases": False, "examples": 0},
+    })
+    results = text_lm.run(config)
+    losses = [json.loads(line)["loss"] for line in
+              (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["split"] == "train"]
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert results["reload_identical"] is True
+    report = results["model"]["sparse_lowrank"]
+    dense_linears = 2 * (4 * 64 * 64 + 3 * 64 * 128)
+    if kind == "sltrain":  # the 14 projections hold r·(d_in + d_out) + nnz instead of d_in·d_out
+        shapes = [(64, 64)] * 4 + [(64, 128)] * 3
+        sltrain = 2 * sum(16 * (a + b) + round(0.05 * a * b) for a, b in shapes)
+        others = 512 * 64 + 2 * 2 * 64 + 64  # tied embedding, the layers' norms, final norm
+        assert report["trainable"] == others + sltrain < others + dense_linears
+        assert report["spdf_masked"] == 0
+    else:
+        assert report["spdf_masked"] == 0.75 * dense_linears
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    zeros = (model.model.layers[1].mlp.down_proj.weight == 0).float().mean().item()
+    assert zeros == (0.75 if kind == "spdf" else 0.0)

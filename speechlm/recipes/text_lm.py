@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 from ..data.switch_sampler import EpochListSampler
 from ..errors import ConfigError
+from ..models.sparse_lowrank import SparseLowRankConfig
 from ..training.salt import SALTConfig
 from ..training.trainer import TrainConfig
 
@@ -86,6 +87,9 @@ class ModelConfig:
     # default). On CPU, eager attention trains these small models faster than SDPA, whose
     # CPU backward is slow at short lengths.
     attn_implementation: Literal["eager", "sdpa"] = "eager"
+    # SLTrain (sparse plus low-rank) or SPDF (sparse masks) on the attention/MLP projections
+    # while training (speechlm.models.sparse_lowrank); final/ is always the plain dense model
+    sparse_lowrank: SparseLowRankConfig | None = None
 
 
 @dataclass
@@ -184,6 +188,10 @@ class Config:
     def __post_init__(self):
         if isinstance(self.salt, dict):
             self.salt = SALTConfig(**self.salt)
+        if self.model.sparse_lowrank is not None and self.train.sharding == "fsdp":
+            raise ConfigError("model.sparse_lowrank is not supported with train.sharding=fsdp "
+                              "(gathering SLTrain shards into the dense model is untested); use "
+                              "train.sharding=none, or model.sparse_lowrank: null")
         if self.salt is None:
             return
         if self.salt.kd_steps >= self.train.max_steps:
@@ -253,6 +261,10 @@ def build_model(cfg: ModelConfig, tokenizer):
     config.architectures = ["LlamaForCausalLM"]
     model = LlamaForCausalLM(config)
     model.set_attn_implementation(cfg.attn_implementation)
+    if cfg.sparse_lowrank is not None:
+        from ..models.sparse_lowrank import apply_sparse_lowrank
+
+        apply_sparse_lowrank(model, cfg.sparse_lowrank)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=64)
@@ -629,6 +641,13 @@ def run(config: Config) -> dict:
     model = build_model(cfg.model, tokenizer)
     params = sum(p.numel() for p in model.parameters())
     say(f"model: LlamaForCausalLM, {params / 1e6:.2f}M parameters")
+    sparse = cfg.model.sparse_lowrank
+    if sparse is not None:
+        from ..models.sparse_lowrank import parameter_report
+
+        report = parameter_report(model)
+        say(f"model.sparse_lowrank: {sparse.kind}, {report['trainable'] / 1e6:.2f}M trainable "
+            f"parameters, {report['spdf_masked'] / 1e6:.2f}M of them held at zero")
     def bucket_sampler(lengths, seed):
         return DurationBucketSampler(lengths, max_batch_duration=cfg.data.max_batch_tokens,
                                      max_batch_size=cfg.data.max_batch_size,
@@ -662,6 +681,10 @@ def run(config: Config) -> dict:
     train_seconds = time.perf_counter() - fit_start
     # under train.sharding=fsdp a plain model with the gathered weights, on rank 0
     model = trainer.unsharded_model(lambda: build_model(cfg.model, tokenizer))
+    if model is not None and sparse is not None:
+        from ..models.sparse_lowrank import to_plain_dense
+
+        to_plain_dense(model)  # SLTrain merged into dense weights, SPDF masks dropped
     main_sampler = sampler.then if isinstance(sampler, SwitchBatchSampler) else sampler
     main_sampler = main_sampler.main if isinstance(main_sampler, PhasedBatchSampler) \
         else main_sampler
@@ -705,7 +728,8 @@ def run(config: Config) -> dict:
                       "wall_seconds": time.perf_counter() - started},
             "data": summary,
             "model": {"parameters": params, "vocab_size": len(tokenizer),
-                      "config": dict(cfg.model.config)},
+                      "config": dict(cfg.model.config),
+                      **({"sparse_lowrank": report} if sparse is not None else {})},
             "final_dir": str(final_dir),
             "reload_identical": after == before,
         }
