@@ -44,3 +44,26 @@ def test_another_score_of_the_task_can_be_spread():
     assert row["value"] == pytest.approx(100.0)  # every word is there, though WER is 140%
     [row] = transfer_spread.spread(rows, "nobody", resamples=50)
     assert row["value"] == pytest.approx(140.0)
+
+
+def test_per_item_sums_give_the_same_intervals_as_scoring_every_resample(monkeypatch):
+    refs = [f"verse {i} says the lord is near" for i in range(30)]
+    rows = (_rows("untrained adapter", "repeat", [(r, "the text is") for r in refs])
+            + _rows("trained", "repeat", [(r, r.replace("lord", "land") + " and more" * (i % 3))
+                                          for i, r in enumerate(refs)])
+            + _rows("untrained adapter", "mentions_god", [("yes" if i % 5 == 0 else "no", "no")
+                                                          for i in range(30)])
+            + _rows("trained", "mentions_god", [("yes" if i % 5 == 0 else "no",
+                                                 "yes" if i % 5 == 0 or i % 7 == 0 else "no")
+                                                for i in range(30)]))
+    for metric in (None, "cer", "word_recall"):
+        fast = transfer_spread.spread(rows, "untrained adapter", resamples=50, metric=metric)
+        with monkeypatch.context() as m:
+            m.setattr(transfer_spread, "_item_stats", lambda *a: None)
+            slow = transfer_spread.spread(rows, "untrained adapter", resamples=50, metric=metric)
+        assert len(fast) == len(slow) == 4
+        for f, s in zip(fast, slow, strict=True):
+            assert f.keys() == s.keys() and (f["task"], f["system"]) == (s["task"], s["system"])
+            assert [f[k] for k in f if k not in ("task", "system")] == pytest.approx(
+                [s[k] for k in s if k not in ("task", "system")]), (metric, f)
+        assert any(r.get("diff") for r in fast)
