@@ -48,6 +48,8 @@ MEMBERS: dict[str, tuple[str, str]] = {
                                 "BLSP adapter (KD) + smollm2_verses"),
     "blsp_whisper_smollm2_ce": ("blsp_whisper_smollm2_ce.yaml", "speech LLM: Whisper base + "
                                 "BLSP adapter (CE, the paper's loss) + smollm2_verses"),
+    "blsp_whisper_smollm2_kd_long": ("blsp_whisper_smollm2_kd_long.yaml", "speech LLM: "
+                                     "blsp_whisper_smollm2_kd trained 900 more updates"),
 }
 
 

@@ -215,7 +215,7 @@ task: blsp
 model: {{encoder_path: "{encoder}", llm_path: "zoo:smollm2_verses", adapter: stack,
         adapter_options: {{stack_factor: 4}}, template: chat,
         instruction: "Continue the following text in a coherent and engaging style with less than 40 words."}}
-data: {{train: "embedded:en/train", dev: "embedded:en/dev", max_batch_duration: 30.0}}
+data: {{train: "embedded:en/train", dev: "embedded:en/dev", max_batch_duration: 30.0{data}}}
 continuations: {{max_new_tokens: 6, batch_size: 8}}
 loss: {{kind: {loss}}}
 train: {{max_steps: 2, lr: 1.0e-3, warmup_steps: 1, log_every: 1, tensorboard: false,
@@ -227,7 +227,7 @@ eval: {{dev_items: 2, generate_items: 1, transfer_items: 2, batch_size: 2,
 
 @pytest.fixture
 def tiny_real_zoo(small_corpus, monkeypatch, tmp_path, tiny_ckpt):
-    """The demo's zoo members (smollm2_verses, blsp_whisper_smollm2_kd/_ce) as 2-update
+    """The demo's zoo members (smollm2_verses, blsp_whisper_smollm2_kd/_ce/_kd_long) as 2-update
     recipes on a tiny ChatML LLM and a tiny Whisper, over the small corpus."""
     from speechlm import zoo
     from speechlm.testing.tiny_gguf import write_tiny_gguf
@@ -235,11 +235,17 @@ def tiny_real_zoo(small_corpus, monkeypatch, tmp_path, tiny_ckpt):
     _, llm = write_tiny_gguf(tmp_path / "llm" / "tiny.gguf")
     paths = {"smollm2_verses": tmp_path / "skills.yaml",
              "blsp_whisper_smollm2_kd": tmp_path / "blsp_kd.yaml",
-             "blsp_whisper_smollm2_ce": tmp_path / "blsp_ce.yaml"}
+             "blsp_whisper_smollm2_ce": tmp_path / "blsp_ce.yaml",
+             "blsp_whisper_smollm2_kd_long": tmp_path / "blsp_kd_long.yaml"}
     paths["smollm2_verses"].write_text(TINY_SKILLS_RECIPE.format(llm=llm))
     for loss in ("kd", "ce"):
         paths[f"blsp_whisper_smollm2_{loss}"].write_text(TINY_REAL_BLSP_RECIPE.format(
-            encoder=tiny_ckpt("whisper"), loss=loss))
+            encoder=tiny_ckpt("whisper"), loss=loss, data=""))
+    # the KD member trained on: from its adapter, on its own stage-1 continuations
+    kd = "zoo:blsp_whisper_smollm2_kd"
+    paths["blsp_whisper_smollm2_kd_long"].write_text(f"init_from: {kd}\n" + TINY_REAL_BLSP_RECIPE.format(
+        encoder=tiny_ckpt("whisper"), loss="kd",
+        data=f", train_continuations: {kd}, dev_continuations: {kd}"))
     real = zoo.recipe_path
     monkeypatch.setattr(zoo, "recipe_path", lambda name: paths.get(name) or real(name))
     return paths

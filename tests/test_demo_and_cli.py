@@ -27,31 +27,33 @@ def test_demo_builds_reports_and_reuses_the_cache(tiny_real_zoo, monkeypatch, ca
     first_run = capsys.readouterr().out
     # each of the table's slow parts reports its time while the table is computed
     assert "transfer: repeat       BLSP-KD (T=2)" in first_run
-    assert first_run.count("  transfer: ") == 2 * 5 * 3  # two tables, 5 systems, 3 tasks
+    assert first_run.count("  transfer: ") == 2 * 6 * 3  # two tables, 6 systems, 3 tasks
     lines = []
     assert demo.run_demo(jobs=1, progress=False, out=lines.append) == 0
     text = "\n".join(lines)
     assert "cached at" in text and "training zoo model" not in text  # nothing built again
-    # every stage says how long it took (9: models, corpus, 3 members, live run, 2 tables,
+    # every stage says how long it took (10: models, corpus, 4 members, live run, 2 tables,
     # the answered clips)
-    assert sum(re.fullmatch(r"   \(\d+ s\)", line) is not None for line in lines) == 9
+    assert sum(re.fullmatch(r"   \(\d+ s\)", line) is not None for line in lines) == 10
     assert "== Zoo model 'smollm2_verses'" in text and "before" in text and "after" in text
-    for name in ("blsp_whisper_smollm2_kd", "blsp_whisper_smollm2_ce"):
+    for name in ("blsp_whisper_smollm2_kd", "blsp_whisper_smollm2_ce",
+                 "blsp_whisper_smollm2_kd_long"):
         assert f"== Zoo model '{name}'" in text
     assert "Live: the same BLSP training" in text and "3 updates" in text
     tables = [i for i, line in enumerate(lines) if line.lstrip().startswith("== Zero-shot")]
     assert len(tables) == 2 and "Piper" in lines[tables[1]]
     for row in ("untrained adapter", "BLSP (CE, the paper's loss)", "BLSP-KD (T=2)",
+                "BLSP-KD, 900 more updates",
                 "cascade (Whisper's own transcript)", "cascade (reference text)"):
         assert sum(row in line for line in lines) == 2, row
     assert "instruction: Repeat the following text exactly." in text and "answer:" in text
-    # --web then serves the demo's BLSP-KD member (the web page and the API)
+    # --web then serves the demo's longest-trained BLSP-KD member (the web page and the API)
     served = {}
     from speechlm.serving import server
     monkeypatch.setattr(server, "serve", lambda model, **kw: served.update(model=model, **kw))
     assert cli.main(["demo", "--no-progress", "--jobs", "1", "--web", "--port", "8123"]) == 0
     from speechlm import zoo
-    assert served["model"] == str(zoo.cached("blsp_whisper_smollm2_kd").model_dir)
+    assert served["model"] == str(zoo.cached("blsp_whisper_smollm2_kd_long").model_dir)
     assert served["port"] == 8123 and served["host"] == "127.0.0.1"
     test_records = read_manifest(embedded_corpus.embedded_manifest_path("test"))
     assert all(r["duration"] > 1.0 and r["translation"] for r in test_records)
