@@ -139,6 +139,12 @@ def load_llm(path: str | os.PathLike, *, trust_remote_code: bool = False,
     return llm.eval(), tokenizer
 
 
+def causal_lm_of(llm):
+    """The transformers CausalLM inside `llm` (a peft model's base model keeps its LoRA
+    layers, which run in place)."""
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
 def _as_list(value: str | Sequence[str] | None, n: int, default: str, what: str) -> list[str]:
     if value is None:
         return [default] * n
@@ -268,7 +274,7 @@ class SpeechLM(nn.Module):
         """Undo `speed_up_frozen_llm`, so that what is evaluated after training is the model
         as it is saved and loaded: the LLM's own fp32 weights, read again from where they came
         from (casting the bf16 copy back would keep its rounding), and its attention."""
-        undo = getattr(self, "_speed_up_undo", None)
+        undo = self._speed_up_undo
         if undo is None:
             return
         if "reload_from" in undo:
@@ -440,7 +446,7 @@ class SpeechLM(nn.Module):
             shared = (shared_prefix_length(inputs) if self._plora is None
                       and kwargs.get("num_beams", 1) == 1 and inputs.padding_side == "left" else 0)
             if shared:
-                base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+                base = causal_lm_of(self.llm)
                 kwargs[cache_kwarg(base)] = prefix_cache(getattr(base, base.base_model_prefix),
                                                          inputs, shared)
                 inputs = prefix_first(inputs, shared)

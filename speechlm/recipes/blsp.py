@@ -159,7 +159,7 @@ def _continuations(spec: str | None, manifest: Path, out: Path, cfg: Config, llm
     from ..pretrained.resolve import ZOO_PREFIX
 
     if spec is not None and spec.startswith(ZOO_PREFIX):
-        spec = _zoo_continuations(spec, out.name, say)
+        spec = _zoo_continuations(spec[len(ZOO_PREFIX):], out.name, say)
     if spec is not None:
         path = Path(spec)
         check_continuations(path, manifest=manifest)
@@ -174,19 +174,18 @@ def _continuations(spec: str | None, manifest: Path, out: Path, cfg: Config, llm
     return out
 
 
-def _zoo_continuations(spec: str, name: str, say) -> str | None:
+def _zoo_continuations(member_name: str, name: str, say) -> str | None:
     """`zoo:NAME`: that BLSP zoo member's own stage-1 file of the same split (`name`:
     train.jsonl or dev.jsonl), so a run that continues a member's training reads the
     continuations it trained on; None (write them here) when the member has none, as a
     build installed from the package's shipped copy does not."""
     from .. import zoo
-    from ..pretrained.resolve import ZOO_PREFIX
 
-    member = zoo.ensure(spec[len(ZOO_PREFIX):], say=say)
-    path = member.run_dir / "continuations" / name
+    path = zoo.ensure(member_name, say=say).run_dir / "continuations" / name
     if path.is_file():
         return str(path)
-    say(f"{spec} has no stage-1 file {name} (a shipped build carries none): writing it here")
+    say(f"zoo:{member_name} has no stage-1 file {name} (a shipped build carries none): "
+        "writing it here")
     return None
 
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from ...errors import ConfigError
 from ...models.shared_prefix import cache_kwarg, prefix_cache, shared_prefix_length
+from ...models.speech_lm import causal_lm_of
 
 __all__ = ["LOSSES", "BlspObjective", "ResponseLogits", "batch_speech", "kd_loss",
            "response_logits"]
@@ -57,11 +58,6 @@ class ResponseLogits:
     rows: torch.Tensor
 
 
-def _causal_lm(llm):
-    """The transformers CausalLM inside (a peft model's base model keeps its LoRA layers)."""
-    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-
-
 def response_logits(model, inputs, *, use_lora: bool = True, share_prefix: bool = True
                     ) -> ResponseLogits:
     """The LLM of `model` (a SpeechLM) on `inputs`, logits at the positions that predict
@@ -71,7 +67,7 @@ def response_logits(model, inputs, *, use_lora: bool = True, share_prefix: bool 
 
     targets = inputs.labels[:, 1:]
     learned = targets != -100
-    causal = _causal_lm(model.llm)
+    causal = causal_lm_of(model.llm)
     with model._llm_context(inputs, use_lora):
         if _selective_head_ok(causal):
             base = getattr(causal, causal.base_model_prefix)
