@@ -50,6 +50,9 @@ MEMBERS: dict[str, tuple[str, str]] = {
                                 "BLSP adapter (CE, the paper's loss) + smollm2_verses"),
     "blsp_whisper_smollm2_kd_long": ("blsp_whisper_smollm2_kd_long.yaml", "speech LLM: "
                                      "blsp_whisper_smollm2_kd trained 900 more updates"),
+    "blsp_whisper_smollm2_kd_more": ("blsp_whisper_smollm2_kd_more.yaml", "speech LLM: "
+                                     "blsp_whisper_smollm2_kd_long trained 600 more updates "
+                                     "on three times the speech"),
 }
 
 

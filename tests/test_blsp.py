@@ -407,6 +407,31 @@ def test_a_run_reads_a_zoo_members_continuations_or_writes_its_own(tiny_ckpt, tm
     assert (tmp_path / "third" / "continuations" / "train.jsonl").is_file()
 
 
+def test_more_speech_is_spoken_continued_and_trained_on_beside_train(tiny_ckpt, tmp_path,
+                                                                   speech_data, small_corpus):
+    quick = {"train.max_steps": 2, "train.eval_every": 2, "train.save_every": 2,
+             "eval.transfer": "null", "eval.generate_items": 0,
+             "data.train": "embedded:en/train", "data.dev": "embedded:en/dev",
+             "data.max_batch_duration": 20.0}
+    module, config = load_recipe("recipes/tiny/blsp.yaml", _overrides(
+        tiny_ckpt, tmp_path, speech_data, **quick, **{"data.more_speech": 5}))
+    results = module.run(config)
+    more = [json.loads(line) for line in
+            (tmp_path / "run" / "continuations" / "more_train.jsonl").open()]
+    assert len(more) == 5 and all(c["continuation"] for c in more)
+    assert all(c["id"].startswith("en-more-train-") for c in more)
+    assert results["data"]["train_items"] == 12 + 5  # the split's 12 and 5 more
+    # bad settings name the field and the fix
+    with pytest.raises(ConfigError, match="data.train must be an embedded split"):
+        load_recipe("recipes/tiny/blsp.yaml", _overrides(
+            tiny_ckpt, tmp_path, speech_data, **{"data.more_speech": 5}))
+    module, config = load_recipe("recipes/tiny/blsp.yaml", _overrides(
+        tiny_ckpt, tmp_path, speech_data, **quick, **{
+            "data.more_speech": 40000, "train.output_dir": str(tmp_path / "second")}))
+    with pytest.raises(ConfigError, match=r"data.more_speech: .*only 30077 verses qualify"):
+        module.run(config)
+
+
 @pytest.mark.parametrize("recipe", ["recipes/tiny/blsp.yaml",
                                     "recipes/blsp/whisper_small_qwen2.5_1.5b.yaml",
                                     "recipes/blsp/whisper_large_v3_qwen2.5_7b_lora.yaml",

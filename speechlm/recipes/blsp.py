@@ -72,6 +72,10 @@ class DataConfig:
     train_continuations: str | None = None
     dev_continuations: str | None = None
     max_train_items: int | None = None        # the first N train records (None: all)
+    # N more verses of the training books spoken by the training voices (built into the cache
+    # once, continued in stage 1 into continuations/more_train.jsonl) trained on beside `train`;
+    # needs `train` to be an embedded split (embedded:LANG/train)
+    more_speech: int = 0
     max_batch_duration: float = 60.0          # seconds of padded audio per batch
     max_batch_size: int | None = None
     num_buckets: int = 10
@@ -83,6 +87,12 @@ class DataConfig:
             raise ConfigError("data.max_batch_duration must be > 0 (seconds)")
         if self.max_train_items is not None and self.max_train_items < 1:
             raise ConfigError("data.max_train_items must be >= 1 or null")
+        if self.more_speech < 0:
+            raise ConfigError(f"data.more_speech must be >= 0 (verses), got {self.more_speech}")
+        if self.more_speech and not str(self.train).startswith("embedded:"):
+            raise ConfigError(f"data.more_speech speaks more verses of the embedded corpus, so "
+                              f"data.train must be an embedded split such as embedded:en/train, "
+                              f"not {self.train!r}; add your own speech to data.train instead")
 
 
 @dataclass
@@ -187,6 +197,18 @@ def _zoo_continuations(member_name: str, name: str, say) -> str | None:
     say(f"zoo:{member_name} has no stage-1 file {name} (a shipped build carries none): "
         "writing it here")
     return None
+
+
+def more_speech_manifest(data: DataConfig, progress: bool) -> Path:
+    """The manifest of data.more_speech more training-book verses in data.train's language."""
+    from ..pipelines.embedded_corpus import build_more_training_speech
+    from .sources import PREFIX
+
+    lang = str(data.train)[len(PREFIX):].partition("/")[0]
+    try:
+        return build_more_training_speech(lang, data.more_speech, progress=progress)
+    except ValueError as exc:
+        raise ConfigError(f"data.more_speech: {exc}") from exc
 
 
 def first_records(manifest: Path, n: int, out_dir: Path) -> Path:
@@ -416,8 +438,15 @@ def run(config: Config) -> dict:
                                   out / "continuations" / "dev.jsonl", cfg, cfg.model.llm_path,
                                   say)
         dev_records = read_continuations(dev_file, limit=cfg.eval.dev_items)
+    more_file = None
+    if cfg.data.more_speech:
+        more_file = _continuations(None, more_speech_manifest(cfg.data, cfg.train.progress),
+                                   out / "continuations" / "more_train.jsonl", cfg,
+                                   cfg.model.llm_path, say)
     stage1_seconds = time.perf_counter() - stage1
     train_records = read_continuations(train_file, limit=cfg.data.max_train_items)
+    if more_file is not None:
+        train_records += read_continuations(more_file)
     transfer_records: list[dict] = []
     if cfg.eval.transfer is not None:
         transfer_records = _manifest_records(resolve_manifest(cfg.eval.transfer),
