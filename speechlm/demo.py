@@ -9,8 +9,9 @@
    text alone (LoRA), so the table's text bound is strong;
 4. the zoo's BLSP speech LLMs (frozen Whisper base encoder, trained adapter,
    frozen `smollm2_verses`), one with BLSP's cross-entropy on the LLM's own
-   continuations, one with BLSP-KD, and that one trained 900 updates more
-   (1500 in all): installed from the package's shipped
+   continuations, one with BLSP-KD, and that one trained longer (1500 updates on
+   the 3000 training utterances, then 600 on three times the speech; the zoo's
+   `blsp_whisper_smollm2_kd_long` is the step between): installed from the package's shipped
    builds (hours of CPU training; `speechlm zoo build --retrain NAME`
    reproduces them), and a few minutes of the same training run live, from
    stage-1 continuations through the encoder-output cache to adapter updates,
@@ -32,7 +33,7 @@ from pathlib import Path
 SKILLS = "smollm2_verses"
 BLSP_MEMBERS = {"BLSP (CE, the paper's loss)": "blsp_whisper_smollm2_ce",
                 "BLSP-KD (T=2)": "blsp_whisper_smollm2_kd",
-                "BLSP-KD, 900 more updates": "blsp_whisper_smollm2_kd_long"}
+                "BLSP-KD, longer, 3x the speech": "blsp_whisper_smollm2_kd_more"}
 TASKS = ["repeat", "last_word", "mentions_god"]
 TABLES = {"held-out eSpeak voices (Scottish English m8, Caribbean English f5)":
           "embedded:en/test",
@@ -43,7 +44,7 @@ LIVE_OVERRIDES = ("data.max_train_items=400", "train.max_steps=48", "train.eval_
                   "train.save_every=16", "train.log_every=4", "eval.transfer=null",
                   "eval.curve_tasks=[]", "eval.dev_items=32", "eval.generate_items=0")
 EXAMPLES = 3
-SERVED = "blsp_whisper_smollm2_kd_long"  # the model `speechlm demo --web` lets people talk to
+SERVED = "blsp_whisper_smollm2_kd_more"  # the model `speechlm demo --web` lets people talk to
 
 
 def run_demo(*, jobs: int | None = None, progress: bool = True, out=print) -> int:

@@ -227,8 +227,8 @@ eval: {{dev_items: 2, generate_items: 1, transfer_items: 2, batch_size: 2,
 
 @pytest.fixture
 def tiny_real_zoo(small_corpus, monkeypatch, tmp_path, tiny_ckpt):
-    """The demo's zoo members (smollm2_verses, blsp_whisper_smollm2_kd/_ce/_kd_long) as 2-update
-    recipes on a tiny ChatML LLM and a tiny Whisper, over the small corpus."""
+    """The demo's zoo members (smollm2_verses, blsp_whisper_smollm2_kd/_ce/_kd_long/_kd_more) as
+    2-update recipes on a tiny ChatML LLM and a tiny Whisper, over the small corpus."""
     from speechlm import zoo
     from speechlm.testing.tiny_gguf import write_tiny_gguf
 
@@ -236,7 +236,8 @@ def tiny_real_zoo(small_corpus, monkeypatch, tmp_path, tiny_ckpt):
     paths = {"smollm2_verses": tmp_path / "skills.yaml",
              "blsp_whisper_smollm2_kd": tmp_path / "blsp_kd.yaml",
              "blsp_whisper_smollm2_ce": tmp_path / "blsp_ce.yaml",
-             "blsp_whisper_smollm2_kd_long": tmp_path / "blsp_kd_long.yaml"}
+             "blsp_whisper_smollm2_kd_long": tmp_path / "blsp_kd_long.yaml",
+             "blsp_whisper_smollm2_kd_more": tmp_path / "blsp_kd_more.yaml"}
     paths["smollm2_verses"].write_text(TINY_SKILLS_RECIPE.format(llm=llm))
     for loss in ("kd", "ce"):
         paths[f"blsp_whisper_smollm2_{loss}"].write_text(TINY_REAL_BLSP_RECIPE.format(
@@ -246,6 +247,11 @@ def tiny_real_zoo(small_corpus, monkeypatch, tmp_path, tiny_ckpt):
     paths["blsp_whisper_smollm2_kd_long"].write_text(f"init_from: {kd}\n" + TINY_REAL_BLSP_RECIPE.format(
         encoder=tiny_ckpt("whisper"), loss="kd",
         data=f", train_continuations: {kd}, dev_continuations: {kd}"))
+    # ... and trained on again with more speech
+    paths["blsp_whisper_smollm2_kd_more"].write_text(
+        "init_from: zoo:blsp_whisper_smollm2_kd_long\n" + TINY_REAL_BLSP_RECIPE.format(
+            encoder=tiny_ckpt("whisper"), loss="kd",
+            data=f", train_continuations: {kd}, dev_continuations: {kd}, more_speech: 3"))
     real = zoo.recipe_path
     monkeypatch.setattr(zoo, "recipe_path", lambda name: paths.get(name) or real(name))
     return paths

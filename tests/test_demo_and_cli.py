@@ -27,7 +27,8 @@ def test_demo_builds_reports_and_reuses_the_cache(tiny_real_zoo, monkeypatch, ca
     first_run = capsys.readouterr().out
     # each of the table's slow parts reports its time while the table is computed
     assert "transfer: repeat       BLSP-KD (T=2)" in first_run
-    assert first_run.count("  transfer: ") == 2 * 6 * 3  # two tables, 6 systems, 3 tasks
+    # two tables of 6 systems (the tiny members' own tables do not ask mentions_god)
+    assert first_run.count("  transfer: mentions_god") == 2 * 6
     lines = []
     assert demo.run_demo(jobs=1, progress=False, out=lines.append) == 0
     text = "\n".join(lines)
@@ -37,13 +38,13 @@ def test_demo_builds_reports_and_reuses_the_cache(tiny_real_zoo, monkeypatch, ca
     assert sum(re.fullmatch(r"   \(\d+ s\)", line) is not None for line in lines) == 10
     assert "== Zoo model 'smollm2_verses'" in text and "before" in text and "after" in text
     for name in ("blsp_whisper_smollm2_kd", "blsp_whisper_smollm2_ce",
-                 "blsp_whisper_smollm2_kd_long"):
+                 "blsp_whisper_smollm2_kd_more"):
         assert f"== Zoo model '{name}'" in text
     assert "Live: the same BLSP training" in text and "3 updates" in text
     tables = [i for i, line in enumerate(lines) if line.lstrip().startswith("== Zero-shot")]
     assert len(tables) == 2 and "Piper" in lines[tables[1]]
     for row in ("untrained adapter", "BLSP (CE, the paper's loss)", "BLSP-KD (T=2)",
-                "BLSP-KD, 900 more updates",
+                "BLSP-KD, longer, 3x the speech",
                 "cascade (Whisper's own transcript)", "cascade (reference text)"):
         assert sum(row in line for line in lines) == 2, row
     assert "instruction: Repeat the following text exactly." in text and "answer:" in text
@@ -53,7 +54,7 @@ def test_demo_builds_reports_and_reuses_the_cache(tiny_real_zoo, monkeypatch, ca
     monkeypatch.setattr(server, "serve", lambda model, **kw: served.update(model=model, **kw))
     assert cli.main(["demo", "--no-progress", "--jobs", "1", "--web", "--port", "8123"]) == 0
     from speechlm import zoo
-    assert served["model"] == str(zoo.cached("blsp_whisper_smollm2_kd_long").model_dir)
+    assert served["model"] == str(zoo.cached("blsp_whisper_smollm2_kd_more").model_dir)
     assert served["port"] == 8123 and served["host"] == "127.0.0.1"
     test_records = read_manifest(embedded_corpus.embedded_manifest_path("test"))
     assert all(r["duration"] > 1.0 and r["translation"] for r in test_records)
