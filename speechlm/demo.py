@@ -205,11 +205,32 @@ def _transfer_table(members: dict, spec: str, progress: bool, out) -> str:
         loaded = {label: SpeechLM.from_pretrained(m.model_dir).eval()
                   for label, m in members.items()}
         rows: list[dict] = []
-        table = systems_table(loaded, records, TASKS, hyps_out=rows, say=out)
+        table = systems_table(loaded, records, TASKS, hyps_out=rows, say=out,
+                              source=_encoded(loaded, records, progress, out))
         write_jsonl(path.with_suffix(".hyps.jsonl"), rows)  # tools/transfer_spread.py reads it
         with atomic_write(path) as f:
             json.dump(table, f, indent=1)
     return format_transfer_table(json.loads(path.read_text()))
+
+
+def _encoded(models: dict, records: list[dict], progress: bool, out):
+    """The table's speech, encoded once into the encoder-output cache: every speech row
+    shares the same frozen encoder, so each of its tasks reads the cached outputs instead
+    of running Whisper on the clips again."""
+    from .paths import cache_dir
+    from .pipelines.encoder_cache import EncoderCache
+    from .pretrained.resolve import resolve_model_dir
+    from .recipes.blsp_eval import SpeechSource
+
+    model = next(iter(models.values()))
+    paths = {m.config.encoder_path for m in models.values()}
+    if len(paths) > 1:  # different encoders: each row encodes its own clips
+        return SpeechSource()
+    cache = EncoderCache.for_encoder(cache_dir() / "encoder_outputs", model.encoder,
+                                     resolve_model_dir(model.config.encoder_path))
+    summary = cache.fill(model.encoder, records, progress=progress)
+    out(f"  encoder outputs of the {len(records)} clips: {summary.summary()}")
+    return SpeechSource(cache)
 
 
 def _examples(member, progress: bool) -> str:
