@@ -23,13 +23,23 @@ class _LineWriter:
 
     def write(self, text: str) -> None:
         line = text.replace("\r", "").rstrip()
-        done = line.split(" [")[0]  # "desc: 40%|####  | 4/10": the part that counts work
+        done = _work_done(line)
         if line and done != self.last:  # closing redraws the last state once more
             self.stream.write(line + "\n")
             self.last = done
 
     def flush(self) -> None:
         self.stream.flush()
+
+
+def _work_done(line: str) -> str:
+    """The part of a bar that counts work: "desc: 40%" and "4/10" of "desc: 40%|####  | 4/10
+    [00:02<00:03, 1.9it/s]", without the bar itself, whose width changes with the length of
+    the rate beside it."""
+    head, bar, rest = line.partition("|")
+    if not bar:
+        return line.split(" [")[0]
+    return head + "|" + rest.rpartition("|")[2].split(" [")[0]
 
 
 def _interval() -> float:

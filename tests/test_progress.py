@@ -35,6 +35,19 @@ def test_off_a_terminal_the_interval_bounds_the_lines(monkeypatch):
         f"generate: {p:>3}%" for p in (0, 20, 40, 60, 80, 100)]
 
 
+def test_a_closing_redraw_with_a_narrower_bar_is_not_a_new_line():
+    from speechlm.progress import _LineWriter
+
+    log = io.StringIO()
+    writer = _LineWriter(log)
+    # the same state twice; the rate got longer, so tqdm drew the bar one character narrower
+    writer.write("\rgenerate: 100%|##########| 5/5 [00:00<00:00, 999.1it/s]")
+    writer.write("\rgenerate: 100%|#########| 5/5 [00:00<00:00, 12345.6it/s]")
+    writer.write("\rgenerate: 5it [00:00, 9.1it/s]")
+    writer.write("\rgenerate: 5it [00:01, 4.9it/s]")  # no total: counts alone decide too
+    assert len(log.getvalue().splitlines()) == 2
+
+
 def test_on_a_terminal_the_bar_is_tqdm_as_usual():
     class Terminal(io.StringIO):
         def isatty(self):
