@@ -219,7 +219,7 @@ def _encoded(models: dict, records: list[dict], progress: bool, out):
     of running Whisper on the clips again."""
     from .paths import cache_dir
     from .pipelines.encoder_cache import EncoderCache
-    from .pretrained.resolve import resolve_model_dir
+    from .recipes.blsp import _encoder_dir
     from .recipes.blsp_eval import SpeechSource
 
     model = next(iter(models.values()))
@@ -227,7 +227,7 @@ def _encoded(models: dict, records: list[dict], progress: bool, out):
     if len(paths) > 1:  # different encoders: each row encodes its own clips
         return SpeechSource()
     cache = EncoderCache.for_encoder(cache_dir() / "encoder_outputs", model.encoder,
-                                     resolve_model_dir(model.config.encoder_path))
+                                     _encoder_dir(model))
     summary = cache.fill(model.encoder, records, progress=progress)
     out(f"  encoder outputs of the {len(records)} clips: {summary.summary()}")
     return SpeechSource(cache)
