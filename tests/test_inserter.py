@@ -161,7 +161,7 @@ def test_interleaved_template_learns_only_the_text_after_the_speech(tiny_ckpt):
 
 
 def test_tiny_inserter_run_learns_saves_and_writes_both_tables(tiny_ckpt, tmp_path,
-                                                               small_corpus):
+                                                               small_corpus, capsys):
     samples = tmp_path / "ins"
     # short texts after the speech: an untrained LLM can be steered to a few tokens
     build_inserter(str(_corpus(tmp_path, n=20)), samples, voices=VOICES,
@@ -179,7 +179,7 @@ def test_tiny_inserter_run_learns_saves_and_writes_both_tables(tiny_ckpt, tmp_pa
         "data.dev_items=4", f"data.encoder_cache={tmp_path / 'enc'}",
         "data.max_batch_duration=6.0", "loss.kind=ce", "train.max_steps=40", "train.lr=1.0e-2",
         "train.warmup_steps=0", "train.eval_every=40", "train.save_every=40",
-        "train.log_every=5", f"train.output_dir={tmp_path / 'run'}", "train.progress=false",
+        "train.log_every=5", f"train.output_dir={tmp_path / 'run'}", "train.progress=true",
         "train.tensorboard=false", f"eval.transfer={transfer}", "eval.transfer_items=4",
         "eval.speech_instruct=embedded:en/test", "eval.speech_instruct_items=2",
         "eval.speech_instruct_tasks=[repeat, last_word]", "eval.generate_items=2",
@@ -195,6 +195,10 @@ def test_tiny_inserter_run_learns_saves_and_writes_both_tables(tiny_ckpt, tmp_pa
     assert {"align_kl", "align_ce_speech"} <= set(results["alignment"])
     hyps = [json.loads(line) for line in (run / "eval_hyps.jsonl").open()]
     assert {h["setting"] for h in hyps} == {"transfer", "speech_instruct"}
+    # the tables take minutes on real models: each system and task says when it is done
+    out = capsys.readouterr().out
+    assert "transfer: repeat" in out and "spoken instruction: last_word" in out
+    assert "cascade (reference text)" in out.split("spoken instruction: repeat")[-1]
     # the saved model answers in the instruction template; init_from starts a second run there
     saved = json.loads((run / "final" / "speechlm_config.json").read_text())
     assert saved["config"]["template"] == "blsp"
@@ -240,3 +244,15 @@ def test_cli_builds_samples_with_a_local_vits_checkpoint(tiny_ckpt, tmp_path, ca
     assert cli_main(["build", "inserter", "--corpus", str(_corpus(tmp_path, n=4)), "--tts",
                      "vits", "--out", str(tmp_path / "none")]) == 2
     assert "--tts vits: give the model directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", ["recipes/inserter/whisper_base_smollm2_135m.yaml",
+                                    "recipes/inserter/whisper_base_smollm2_135m_after_blsp.yaml"])
+def test_real_model_inserter_recipes_validate(recipe):
+    _, config = load_recipe(recipe)
+    assert config.model.template == "chat" and config.model.adapter == "stack"
+    assert config.eval.speech_instruct == "embedded:en/test"
+    if "after_blsp" in recipe:
+        # tabled beside the adapter it starts from
+        assert config.init_from == "zoo:blsp_whisper_smollm2_kd_more"
+        assert list(config.eval.compare.values()) == [config.init_from]

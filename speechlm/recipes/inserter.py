@@ -239,7 +239,7 @@ def run(config: Config) -> dict:
         rows: list[dict] = []
         tables = evaluate_systems(systems, source, transfer_records, cfg.eval.transfer_tasks,
                                   instruct_records, batch_size=cfg.eval.batch_size,
-                                  hyps_out=rows)
+                                  hyps_out=rows, say=say)
         write_jsonl(out / "eval_hyps.jsonl", rows)
         results = {
             **tables,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import ConfigError
 
@@ -84,11 +84,15 @@ def _respond_speech(model, source, records, instruction, max_new_tokens, batch_s
 
 def evaluate_systems(systems: dict, source, transfer_records: Sequence[dict],
                      transfer_tasks: Sequence[str], instruct_records: Sequence[dict], *,
-                     batch_size: int = 32, hyps_out: list | None = None) -> dict:
+                     batch_size: int = 32, hyps_out: list | None = None,
+                     say: Callable[[str], None] | None = None) -> dict:
     """{"transfer": table, "speech_instruct": table} for SpeechLMs `systems` (name -> model)
     plus the cascades (the last system's LLM reading the reference text, and the encoder's
     own transcript when it is a CTC model); a table is {system: {task: scores}}. Every
-    system answers in its model's own template."""
+    system answers in its model's own template. `say`, when given, hears one line per
+    system and task with its time (the two tables take many minutes)."""
+    import time
+
     from ..data.instructions import TASKS
     from .blsp_eval import cascade_texts, generate_from_text, transfer_scores
 
@@ -103,7 +107,8 @@ def evaluate_systems(systems: dict, source, transfer_records: Sequence[dict],
             bound[name] = lambda ins, n, texts=texts: generate_from_text(
                 text_model, texts, ins, max_new_tokens=n, batch_size=batch_size)
         rows: list[dict] = []
-        out["transfer"] = transfer_scores(bound, transfer_records, transfer_tasks, hyps_out=rows)
+        out["transfer"] = transfer_scores(bound, transfer_records, transfer_tasks, hyps_out=rows,
+                                          say=say)
         if hyps_out is not None:
             hyps_out += [{"setting": "transfer", **r} for r in rows]
     if instruct_records:
@@ -114,12 +119,19 @@ def evaluate_systems(systems: dict, source, transfer_records: Sequence[dict],
             picked = [i for i, r in enumerate(instruct_records) if r["task"] == name]
             recs = [instruct_records[i] for i in picked]
             refs = [r["reference"] for r in recs]
-            answers = {s: _respond_speech(m, source, recs, "", task.max_new_tokens, batch_size)
-                       for s, m in systems.items()}
-            for system, texts in cascades.items():
-                answers[system] = generate_from_text(
-                    text_model, [texts[i] for i in picked], "",
-                    max_new_tokens=task.max_new_tokens, batch_size=batch_size)
+            answers = {}
+            for system in table:
+                start = time.perf_counter()
+                if system in systems:
+                    answers[system] = _respond_speech(systems[system], source, recs, "",
+                                                      task.max_new_tokens, batch_size)
+                else:
+                    answers[system] = generate_from_text(
+                        text_model, [cascades[system][i] for i in picked], "",
+                        max_new_tokens=task.max_new_tokens, batch_size=batch_size)
+                if say is not None:
+                    say(f"  spoken instruction: {name:<12} {system:<34} {len(recs)} answers in "
+                        f"{time.perf_counter() - start:.0f} s")
             for system, hyps in answers.items():
                 scores = task.score(refs, hyps, [r["input"] for r in recs])
                 scores["n"] = len(recs)
