@@ -118,25 +118,40 @@ def test_lora_trains_the_decoder_only_and_the_saved_dir_decodes(tmp_path, corpus
                  "--lang", "es", "--out", str(hyps), "--quiet"]) == 0
     inferred = {json.loads(x)["id"]: json.loads(x)["text"]
                 for x in hyps.read_text().splitlines()}
-    assert inferred == {r["id"]: r["text"] for r in rows}
+    assert inferred == {r["id"]: r["raw"] for r in rows}
     assert main(["eval", "--hyp", str(hyps), "--ref", str(corpus["dev"]), "--lang", "es"]) == 0
 
 
-def test_killed_run_resumes_to_the_uninterrupted_loss(tmp_path, corpus, tiny_ckpt,
+def test_killed_run_resumes_to_the_uninterrupted_loss(tmp_path, corpus, tiny_ckpt, monkeypatch,
                                                       one_torch_thread):
-    init = tiny_ckpt("whisper", init_std=INIT_STD)
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    _run(_recipe(tmp_path, corpus, init, out=full, lora="  encoder_top_layers: 1\n"))
-    _run(_recipe(tmp_path, corpus, init, out=cut, lora="  encoder_top_layers: 1\n"),
-         ["train.max_steps=4"])
-    shutil.rmtree(cut / "final")  # as if killed right after the step-4 checkpoint
-    _run(_recipe(tmp_path, corpus, init, out=cut, lora="  encoder_top_layers: 1\n"))
-    assert _train_losses(cut)[-1] == pytest.approx(_train_losses(full)[-1], rel=1e-6)
     from speechlm.training import checkpoint
+    from speechlm.training.objectives.whisper_asr import WhisperASRObjective
 
-    state = checkpoint.load_checkpoint(cut / "step_000008", load_optimizer=False).model_state
-    assert any(".encoder.layers.1." in k for k in state)  # the top encoder layer has LoRA
-    assert not any(".encoder.layers.0." in k for k in state)
+    init = tiny_ckpt("whisper", init_std=INIT_STD)
+    lora = "  encoder_top_layers: 1\n"  # LoRA on the top encoder layer too, above the cache
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _run(_recipe(tmp_path, corpus, init, out=full, lora=lora))
+    real_loss, calls = WhisperASRObjective.loss, []
+
+    def dies_at_call_6(self, batch):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("simulated crash")
+        return real_loss(self, batch)
+
+    path = _recipe(tmp_path, corpus, init, out=cut, lora=lora)
+    monkeypatch.setattr(WhisperASRObjective, "loss", dies_at_call_6)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(path)
+    assert (cut / "step_000004").is_dir() and not (cut / "final").exists()
+    monkeypatch.setattr(WhisperASRObjective, "loss", real_loss)
+    _run(path)
+    assert _train_losses(cut)[-4:] == pytest.approx(_train_losses(full)[-4:], rel=1e-6)
+    a = checkpoint.load_checkpoint(full / "step_000008", load_optimizer=False).model_state
+    b = checkpoint.load_checkpoint(cut / "step_000008", load_optimizer=False).model_state
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(".encoder.layers.1." in k for k in a)  # the top encoder layer has LoRA ...
+    assert not any(".encoder.layers.0." in k for k in a)  # ... the cached one below has not
 
 
 def test_the_cache_holds_full_windows_and_matches_the_audio_path(tmp_path, corpus, tiny_ckpt):

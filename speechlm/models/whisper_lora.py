@@ -237,8 +237,8 @@ def greedy_decode(model, states: torch.Tensor, prompt: AsrPrompt, max_new_tokens
     out: list[torch.Tensor] = []
     past = None
     for step in range(max(0, min(max_new_tokens, prompt.max_positions - len(prompt.prefix)))):
-        result = model(encoder_outputs=encoder_outputs, decoder_input_ids=inputs,
-                       past_key_values=past, use_cache=True)
+        result = model(encoder_outputs=encoder_outputs, decoder_input_ids=inputs, cache=past,
+                       use_cache=True)
         logits = result.logits[:, -1].float()
         if suppress.numel():
             logits[:, suppress] = -float("inf")
@@ -249,7 +249,7 @@ def greedy_decode(model, states: torch.Tensor, prompt: AsrPrompt, max_new_tokens
         finished |= token == prompt.eot
         if bool(finished.all()):
             break
-        inputs, past = token[:, None], result.past_key_values
+        inputs, past = token[:, None], result.cache
     if not out:
         return [[] for _ in range(batch)]
     rows = torch.stack(out, dim=1).tolist()
@@ -286,7 +286,15 @@ def save_whisper(model, tokenizer, out_dir, *, source_dir=None) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar only adds noise
+    try:
+        model.save_pretrained(tmp)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(tmp)
     if source_dir is not None:
         for name in ("preprocessor_config.json",):

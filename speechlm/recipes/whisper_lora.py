@@ -40,8 +40,9 @@ decoder only.
    feature extractor beside it) that `speechlm infer --model DIR --lang es` and
    `speechlm eval` use like any Whisper;
 4. transcribes dev and test from their audio through that directory (WhisperTranscriber,
-   the same code as `speechlm infer`), writes `output_dir/{dev,test}_hyps.jsonl` and
-   `results.json`, and prints a short table.
+   the same code and defaults as `speechlm infer`), writes `output_dir/{dev,test}_hyps.jsonl`
+   ({id, text, ref} normalised for scoring as a CTC run's, and `raw`: the model's own
+   text) and `results.json`, and prints a short table.
 """
 
 from __future__ import annotations
@@ -283,7 +284,8 @@ def _open_cache(cfg: Config, directory: Path, layer: int | None, say):
 def _score_split(final: Path, manifest, records: list[dict], language: str | None, lang: str,
                  hyps_path: Path, cfg: Config) -> dict:
     """Transcribe a split's audio with the saved model; CER/WER against its normalised refs.
-    The transcripts go to `hyps_path` ({id, text, ref}); a killed scoring resumes there."""
+    The transcripts go to `hyps_path` ({id, text, ref, raw}); a killed scoring resumes from
+    its .partial.jsonl."""
     from ..eval.metrics import cer, wer
     from ..inference.whisper_asr import WhisperTranscriber
     from ..jsonl import atomic_write, iter_jsonl
@@ -295,14 +297,15 @@ def _score_split(final: Path, manifest, records: list[dict], language: str | Non
     transcriber = WhisperTranscriber(final, device=cfg.train.device, language=language)
     transcriber.transcribe_manifest(manifest, partial, progress=cfg.train.progress)
     texts = {str(row["id"]): row.get("text") or "" for _, row in iter_jsonl(partial)}
-    rows = [{"id": r["id"], "text": texts.get(str(r["id"]), ""), "ref": r["text_norm"]}
-            for r in records]
+    # text and ref normalised alike (as a CTC run's hyps, so tools/asr_spread.py reads both
+    # kinds without --ref); raw: what the model wrote
+    rows = [{"id": r["id"], "text": normalize_transcript(texts.get(str(r["id"]), ""), lang),
+             "ref": r["text_norm"], "raw": texts.get(str(r["id"]), "")} for r in records]
     with atomic_write(hyps_path) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     partial.unlink()
-    refs = [r["ref"] for r in rows]
-    hyps = [normalize_transcript(r["text"], lang) for r in rows]
+    refs, hyps = [r["ref"] for r in rows], [r["text"] for r in rows]
     return {"wer": wer(refs, hyps), "cer": cer(refs, hyps), "utterances": len(rows),
             "missing": sum(1 for r in rows if str(r["id"]) not in texts),
             "empty_frac": sum(1 for h in hyps if not h) / max(len(hyps), 1)}
