@@ -27,7 +27,10 @@ hub id present in the local HF cache; nothing is ever downloaded):
   docs/results/whisper_encoder.md measures how much). Either way outputs are
   cut to the true length ceil(mel_frames / 2), longer audio runs in 30 s
   windows whose frames are concatenated, and an item's frames do not depend on
-  the rest of the batch.
+  the rest of the batch. `full_window=True` (implies pad_to_window) keeps every
+  frame of the window instead (1500 per 30 s, the padding's included): what
+  Whisper's own decoder cross-attends to (speechlm.recipes.whisper_lora caches
+  them).
 
 Common options: `layer` (None = the model's last hidden state, an int = index
 into the model's `hidden_states` tuple (0 = input embeddings), "weighted" =
@@ -432,7 +435,7 @@ class WhisperSpeechEncoder(SpeechEncoder):
     model_types = ("whisper", "speechlm_whisper_ctc")
 
     def __init__(self, backbone: nn.Module, *, layer: int | str | None = None, frozen: bool = True,
-                 pad_to_window: bool = False):
+                 pad_to_window: bool = False, full_window: bool = False):
         config = backbone.config
         self.n_mels = config.num_mel_bins
         # mel frames per window (3000) and the encoder's stride over them (2)
@@ -442,17 +445,21 @@ class WhisperSpeechEncoder(SpeechEncoder):
                          frame_rate=SAMPLE_RATE / 160 / 2,
                          num_hidden_states=config.encoder_layers + 1, layer=layer, frozen=frozen,
                          window_samples=window)
-        self.pad_to_window = bool(pad_to_window)
+        self.full_window = bool(full_window)
+        self.pad_to_window = bool(pad_to_window) or self.full_window
 
     @classmethod
     def from_dir(cls, model_dir: Path, *, layer=None, frozen=True, dtype=None,
-                 pad_to_window: bool = False) -> WhisperSpeechEncoder:
+                 pad_to_window: bool = False, full_window: bool = False) -> WhisperSpeechEncoder:
         return cls(_load_whisper_encoder(model_dir, dtype), layer=layer, frozen=frozen,
-                   pad_to_window=pad_to_window)
+                   pad_to_window=pad_to_window, full_window=full_window)
 
     def _window_lengths(self, lengths):
-        """ceil(mel_frames / 2): the encoder's stride-2 conv over ceil(samples / 160) mel frames."""
+        """ceil(mel_frames / 2): the encoder's stride-2 conv over ceil(samples / 160) mel frames
+        (full_window: every window's 1500 frames)."""
         lengths = torch.as_tensor(lengths, dtype=torch.long)
+        if self.full_window:
+            return torch.where(lengths > 0, self.mel_frames // 2, 0)
         mel = torch.div(lengths.clamp(max=self.window_samples) + 159, 160, rounding_mode="floor")
         return torch.div(mel + 1, 2, rounding_mode="floor")
 

@@ -118,6 +118,8 @@ def _encoder_settings(encoder) -> dict:
         "frame_rate": float(encoder.frame_rate),
         "output_dim": int(encoder.output_dim),
         "weights_dtype": str(encoder.dtype).replace("torch.", ""),
+        # only when set, so the caches filled before this option keep their identity
+        **({"full_window": True} if getattr(encoder, "full_window", False) else {}),
     }
 
 

@@ -28,6 +28,7 @@ TASKS: dict[str, str] = {
     "text_to_token": "speechlm.recipes.text_to_token",
     "speech_tokenizer": "speechlm.recipes.speech_tokenizer",
     "interleaved": "speechlm.recipes.interleaved",
+    "whisper_lora": "speechlm.recipes.whisper_lora",
 }
 
 
