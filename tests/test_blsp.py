@@ -18,6 +18,7 @@ from speechlm.models.prompts import IGNORE_INDEX, get_template
 from speechlm.models.speech_lm import SpeechLM, SpeechLMConfig
 from speechlm.recipes import load_recipe
 from speechlm.recipes.blsp_eval import SpeechSource, alignment_metrics, format_transfer_table
+from speechlm.testing.runs import train_losses
 from speechlm.testing.tiny_tokenizers import CTC_CHARACTERS
 from speechlm.training.objectives.blsp import (
     EMBED_LOSSES,
@@ -284,11 +285,6 @@ def _ctc_checkpoint(tiny_ckpt, tmp_path):
     return out
 
 
-def _train_losses(run_dir):
-    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").open())
-            if r["split"] == "train"]
-
-
 def test_tiny_blsp_run_learns_saves_and_reports(tiny_ckpt, tmp_path, speech_data):
     # a CTC checkpoint as the encoder: the table gets the cascade through its own transcripts
     encoder = _ctc_checkpoint(tiny_ckpt, tmp_path)
@@ -296,7 +292,7 @@ def test_tiny_blsp_run_learns_saves_and_reports(tiny_ckpt, tmp_path, speech_data
         tiny_ckpt, tmp_path, speech_data, **{"model.encoder_path": str(encoder)}))
     results = module.run(config)
     run = tmp_path / "run"
-    losses = _train_losses(run)
+    losses = train_losses(run)
     assert losses[-1] < 0.92 * losses[0], losses  # an untrained LLM: the adapter steers it a little
     # stage 1 wrote the continuations; the cache holds every clip once
     conts = [json.loads(line) for line in (run / "continuations" / "train.jsonl").open()]

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from speechlm import zoo
 from speechlm.errors import ConfigError
 from speechlm.recipes import load_recipe
+from speechlm.testing.runs import train_losses
 
 RECIPE = """\
 task: text_skills
@@ -54,11 +55,6 @@ def _recipe(tmp_path, llm, out):
     return path
 
 
-def _train_losses(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r.get("split") == "train"]
-
-
 def test_lora_learns_the_tasks_and_saves_a_merged_model_and_its_lora(chat_llm, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -67,7 +63,7 @@ def test_lora_learns_the_tasks_and_saves_a_merged_model_and_its_lora(chat_llm, t
     out = tmp_path / "run"
     module, config = load_recipe(_recipe(tmp_path, chat_llm, out))
     results = module.run(config)
-    losses = _train_losses(out)
+    losses = train_losses(out)
     # a tiny random LLM learns nothing general, but LoRA alone must fit 8 examples
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
     assert set(results["before"]) == set(results["after"]) == {"repeat", "last_word"}

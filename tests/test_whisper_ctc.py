@@ -9,6 +9,7 @@ import soundfile as sf
 import torch
 
 from speechlm.errors import ConfigError
+from speechlm.testing.runs import run_recipe, train_losses
 
 TRAIN_TEXTS = ["uno dos tres", "cuatro cinco seis", "siete ocho nueve", "el gato y el perro",
                "buenas noches luna", "el sol quema"]
@@ -75,18 +76,6 @@ train:
     return path
 
 
-def _run(path, overrides=()):
-    from speechlm.recipes import load_recipe
-
-    module, config = load_recipe(path, list(overrides))
-    return module.run(config)
-
-
-def _train_losses(out):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["split"] == "train"]
-
-
 def _encoder_weights(tiny_ckpt):
     from safetensors.torch import load_file
 
@@ -135,8 +124,8 @@ def test_training_lowers_the_loss_freezes_by_phase_and_infer_loads_the_model(
     out = tmp_path / "run"
     path = _recipe(tmp_path, corpus, tiny_ckpt, out=out, steps=12,
                    model="  freeze_encoder_steps: 6\n  unfreeze_top_layers: 1\n")
-    results = _run(path)
-    losses = _train_losses(out)
+    results = run_recipe(path)
+    losses = train_losses(out)
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
     err = capfd.readouterr().err
     assert "encoder cache: built" in err  # the bottom layer's outputs were cached
@@ -186,10 +175,10 @@ def test_frozen_encoder_trains_only_the_head_and_matches_without_the_cache(
         tmp_path, corpus, tiny_ckpt):
     frozen = "  unfreeze_top_layers: 0\n"
     cached, plain = tmp_path / "cached", tmp_path / "plain"
-    _run(_recipe(tmp_path, corpus, tiny_ckpt, out=cached, steps=4, model=frozen))
-    _run(_recipe(tmp_path, corpus, tiny_ckpt, out=plain, steps=4, model=frozen),
-         ["data.encoder_cache=null"])
-    a, b = _train_losses(cached), _train_losses(plain)
+    run_recipe(_recipe(tmp_path, corpus, tiny_ckpt, out=cached, steps=4, model=frozen))
+    run_recipe(_recipe(tmp_path, corpus, tiny_ckpt, out=plain, steps=4, model=frozen),
+               ["data.encoder_cache=null"])
+    a, b = train_losses(cached), train_losses(plain)
     assert a[0] == pytest.approx(b[0], rel=1e-3)  # the cache stores float16 frames
     assert a == pytest.approx(b, rel=1e-2)
     encoder = _encoder_weights(tiny_ckpt)
@@ -204,8 +193,8 @@ def test_a_saved_model_is_a_starting_point_with_its_head(tmp_path, corpus, tiny_
     from speechlm.models.whisper_ctc import load_whisper_ctc
 
     first = tmp_path / "first"
-    _run(_recipe(tmp_path, corpus, tiny_ckpt, out=first, steps=2,
-                 model="  unfreeze_top_layers: 1\n"))
+    run_recipe(_recipe(tmp_path, corpus, tiny_ckpt, out=first, steps=2,
+                       model="  unfreeze_top_layers: 1\n"))
     saved = _final(first)
     again = load_whisper_ctc(first / "final", CharVocab.load(first / "final"), head_layers=1)
     for name, tensor in again.state_dict().items():
@@ -219,7 +208,7 @@ def test_a_saved_model_is_a_starting_point_with_its_head(tmp_path, corpus, tiny_
     path = _recipe(tmp_path, corpus, tiny_ckpt, out=second, steps=2,
                    model="  unfreeze_top_layers: 1\n")
     path.write_text(path.read_text().replace(str(tiny_ckpt("whisper")), str(first / "final")))
-    results = _run(path)
+    results = run_recipe(path)
     assert results["step"] == 2
     assert torch.equal(_final(second)["encoder.backbone.layers.0.fc1.weight"],
                        saved["encoder.backbone.layers.0.fc1.weight"])
@@ -230,7 +219,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, corpus, tiny_ckpt, m
 
     model = "  freeze_encoder_steps: 3\n  unfreeze_top_layers: 1\n"
     full, cut = tmp_path / "full", tmp_path / "cut"
-    _run(_recipe(tmp_path, corpus, tiny_ckpt, out=full, steps=8, model=model))
+    run_recipe(_recipe(tmp_path, corpus, tiny_ckpt, out=full, steps=8, model=model))
     real_loss, calls = CTCObjective.loss, []
 
     def dies_at_call_7(self, batch):
@@ -242,10 +231,10 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, corpus, tiny_ckpt, m
     path = _recipe(tmp_path, corpus, tiny_ckpt, out=cut, steps=8, model=model)
     monkeypatch.setattr(CTCObjective, "loss", dies_at_call_7)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _run(path)
+        run_recipe(path)
     assert (cut / "step_000006").is_dir() and not (cut / "final").exists()
     monkeypatch.setattr(CTCObjective, "loss", real_loss)
-    _run(path)
+    run_recipe(path)
     a, b = _final(full), _final(cut)
     assert a.keys() == b.keys()
     for name in a:
@@ -264,7 +253,7 @@ def test_bad_input_is_reported_not_dropped(tmp_path, corpus, tiny_ckpt, capfd):
                    data=f'  vocab: "{vocab_file}"\n')
     text = path.read_text().replace(str(corpus["train"]), str(corpus["mixed"]))
     path.write_text(text)
-    _run(path)
+    run_recipe(path)
     report = json.loads((out / "data_report.json").read_text())[0]
     assert report["unknown_chars"]["u"] >= 4 and report["utterances_with_unk"] >= 4
     assert report["kept"] == report["total"] == 13  # nothing dropped for it
@@ -278,19 +267,19 @@ def test_option_errors_name_the_field_and_the_fix(tmp_path, corpus, tiny_ckpt):
     out = tmp_path / "x"
     path = _recipe(tmp_path, corpus, tiny_ckpt, out=out, steps=4)
     with pytest.raises(ConfigError, match="model.layerdrop is for wav2vec2-family models"):
-        _run(path, ["model.layerdrop=0.1"])
+        run_recipe(path, ["model.layerdrop=0.1"])
     with pytest.raises(ConfigError, match="unfreeze_top_layers=5: the encoder has 2 layers"):
-        _run(path, ["model.unfreeze_top_layers=5"])
+        run_recipe(path, ["model.unfreeze_top_layers=5"])
     with pytest.raises(ConfigError, match="unfreeze_top_layers=0 keeps the encoder frozen"):
-        _run(path, ["model.unfreeze_top_layers=0", "model.freeze_encoder_steps=2"])
+        run_recipe(path, ["model.unfreeze_top_layers=0", "model.freeze_encoder_steps=2"])
     with pytest.raises(ConfigError, match="encoder_layer=3: .* has 2 encoder layers"):
-        _run(path, ["model.encoder_layer=3"])
+        run_recipe(path, ["model.encoder_layer=3"])
     with pytest.raises(ConfigError, match="max_hours must be > 0"):
-        _run(path, [f'data.train=[{{manifest: "{corpus["train"]}", lang: es, max_hours: 0}}]'])
+        run_recipe(path, [f'data.train=[{{manifest: "{corpus["train"]}", lang: es, max_hours: 0}}]'])
     scratch = tmp_path / "scratch.yaml"
     scratch.write_text(path.read_text().replace(f'"{tiny_ckpt("whisper")}"', "scratch"))
     with pytest.raises(ConfigError, match="model.head_layers is for a Whisper encoder"):
-        _run(scratch)
+        run_recipe(scratch)
 
 
 def test_max_hours_takes_nested_subsets(corpus):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from speechlm.errors import ConfigError, ManifestError
+from speechlm.testing.runs import run_recipe, train_losses
 
 # The tiny Whisper's embeddings (its output layer, tied) are larger than the default init's
 # (std 0.02): with those, LoRA behind the decoder's final layer norm can hardly move a logit.
@@ -71,18 +72,6 @@ train:
     return path
 
 
-def _run(path, overrides=()):
-    from speechlm.recipes import load_recipe
-
-    module, config = load_recipe(path, list(overrides))
-    return module.run(config)
-
-
-def _train_losses(out):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["split"] == "train"]
-
-
 def test_lora_trains_the_decoder_only_and_the_saved_dir_decodes(tmp_path, corpus, tiny_ckpt,
                                                                one_torch_thread):
     from safetensors.torch import load_file
@@ -91,8 +80,8 @@ def test_lora_trains_the_decoder_only_and_the_saved_dir_decodes(tmp_path, corpus
 
     init = tiny_ckpt("whisper", init_std=INIT_STD)
     out = tmp_path / "run"
-    results = _run(_recipe(tmp_path, corpus, init, out=out, steps=12, every=12))
-    losses = _train_losses(out)
+    results = run_recipe(_recipe(tmp_path, corpus, init, out=out, steps=12, every=12))
+    losses = train_losses(out)
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
     # only LoRA matrices are in the checkpoint: everything else stayed frozen
     from speechlm.training import checkpoint
@@ -130,7 +119,7 @@ def test_killed_run_resumes_to_the_uninterrupted_loss(tmp_path, corpus, tiny_ckp
     init = tiny_ckpt("whisper", init_std=INIT_STD)
     lora = "  encoder_top_layers: 1\n"  # LoRA on the top encoder layer too, above the cache
     full, cut = tmp_path / "full", tmp_path / "cut"
-    _run(_recipe(tmp_path, corpus, init, out=full, lora=lora))
+    run_recipe(_recipe(tmp_path, corpus, init, out=full, lora=lora))
     real_loss, calls = WhisperASRObjective.loss, []
 
     def dies_at_call_6(self, batch):
@@ -142,11 +131,11 @@ def test_killed_run_resumes_to_the_uninterrupted_loss(tmp_path, corpus, tiny_ckp
     path = _recipe(tmp_path, corpus, init, out=cut, lora=lora)
     monkeypatch.setattr(WhisperASRObjective, "loss", dies_at_call_6)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _run(path)
+        run_recipe(path)
     assert (cut / "step_000004").is_dir() and not (cut / "final").exists()
     monkeypatch.setattr(WhisperASRObjective, "loss", real_loss)
-    _run(path)
-    assert _train_losses(cut)[-4:] == pytest.approx(_train_losses(full)[-4:], rel=1e-6)
+    run_recipe(path)
+    assert train_losses(cut)[-4:] == pytest.approx(train_losses(full)[-4:], rel=1e-6)
     a = checkpoint.load_checkpoint(full / "step_000008", load_optimizer=False).model_state
     b = checkpoint.load_checkpoint(cut / "step_000008", load_optimizer=False).model_state
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -198,19 +187,19 @@ def test_bad_input_is_refused_with_the_field_and_the_fix(tmp_path, corpus, tiny_
     recipe = _recipe(tmp_path, corpus, init, out=out)
     with pytest.raises(ConfigError, match=r"model.language='xx' is not one of .*"
                                           r"lang_to_id in .*generation_config.json"):
-        _run(recipe, ["model.language=xx"])
+        run_recipe(recipe, ["model.language=xx"])
     with pytest.raises(ConfigError, match="'spanish' is a language name; its code is 'es'"):
-        _run(recipe, ["model.language=spanish"])
+        run_recipe(recipe, ["model.language=spanish"])
     with pytest.raises(ConfigError, match="English-only Whisper checkpoint.*multilingual"):
-        _run(_recipe(tmp_path, corpus, english_only, out=tmp_path / "bad_en"))
+        run_recipe(_recipe(tmp_path, corpus, english_only, out=tmp_path / "bad_en"))
     with pytest.raises(ConfigError, match="data.max_duration=40.0: Whisper's decoder sees one"):
-        _run(recipe, ["data.max_duration=40"])
+        run_recipe(recipe, ["data.max_duration=40"])
     with pytest.raises(ConfigError, match="lora.encoder_top_layers=3: the encoder has 2"):
-        _run(recipe, ["lora.encoder_top_layers=3"])
+        run_recipe(recipe, ["lora.encoder_top_layers=3"])
     with pytest.raises(ConfigError, match="not a Whisper checkpoint with its decoder"):
-        _run(_recipe(tmp_path, corpus, tiny_ckpt("wav2vec2"), out=tmp_path / "bad_w2v"))
+        run_recipe(_recipe(tmp_path, corpus, tiny_ckpt("wav2vec2"), out=tmp_path / "bad_w2v"))
     with pytest.raises(ConfigError, match="unknown|lora.rank"):
-        _run(recipe, ["lora.rank=4"])
+        run_recipe(recipe, ["lora.rank=4"])
     assert not (out / "metrics.jsonl").exists()
 
 

@@ -111,6 +111,14 @@ class CTCDataReport:
         if len(shown) < 3:
             shown.append(example)
 
+    def nothing_usable(self, check: str) -> SpeechLMError:
+        """The error for a training manifest of which nothing was kept: each reason with its
+        count and an example, then what to check (`check`)."""
+        reasons = "; ".join(f"{n} {r} (e.g. {self.examples[r][0]})"
+                            for r, n in self.skipped.most_common()) or "the manifest is empty"
+        return SpeechLMError(f"{self.source}: no usable training utterance: {reasons}. Check "
+                             f"{check}")
+
     def to_dict(self) -> dict:
         return {"name": self.name, "source": self.source, "total": self.total,
                 "kept": self.kept, "kept_hours": round(self.kept_hours, 4),
@@ -225,10 +233,8 @@ def prepare_ctc_records(source, vocab: CharVocab, *, lang: str | None = None,
         report.kept_hours += float(duration or 0.0) / 3600
         kept.append({**rec, "labels": ids, "text_norm": norm})
     if training and not kept:
-        reasons = "; ".join(f"{n} {r} (e.g. {report.examples[r][0]})"
-                            for r, n in report.skipped.most_common()) or "the manifest is empty"
-        raise SpeechLMError(f"{where}: no usable training utterance: {reasons}. Check the "
-                            "transcripts (text field), data.lang, data.min_duration/max_duration")
+        raise report.nothing_usable("the transcripts (text field), data.lang, "
+                                    "data.min_duration/max_duration")
     return kept, report
 
 

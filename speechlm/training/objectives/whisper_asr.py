@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ...data.collate import AudioCollator, SkippedItem
-from ...errors import ManifestError, SpeechLMError
+from ...errors import ManifestError
 from ...text.normalize import normalize_transcript
 from .ctc import CTCDataReport, say
 
@@ -85,10 +85,8 @@ def prepare_whisper_records(source, tokenizer, prompt, *, lang: str | None = Non
         report.kept_hours += float(duration or 0.0) / 3600
         kept.append({**rec, "decoder_ids": inputs, "labels": labels, "text_norm": norm})
     if training and not kept:
-        reasons = "; ".join(f"{n} {r} (e.g. {report.examples[r][0]})"
-                            for r, n in report.skipped.most_common()) or "the manifest is empty"
-        raise SpeechLMError(f"{where}: no usable training utterance: {reasons}. Check the "
-                            "transcripts (text field) and data.min_duration/max_duration")
+        raise report.nothing_usable("the transcripts (text field) and "
+                                    "data.min_duration/max_duration")
     return kept, report
 
 
