@@ -111,6 +111,22 @@ class CTCDataReport:
         if len(shown) < 3:
             shown.append(example)
 
+    def keeps_duration(self, duration, example: str, where: str, rid,
+                       min_duration: float | None, max_duration: float | None) -> bool:
+        """Whether a training record's duration is within bounds (the skip counted when not);
+        a record without one is an error: training batches are sized by duration."""
+        if duration is None:
+            raise ManifestError(
+                f"{where}: record {rid!r} has no duration; training batches are sized by "
+                "duration: run `speechlm data stats --fill-durations MANIFEST` first")
+        if min_duration is not None and duration < min_duration:
+            self.skip(BELOW_MIN, f"{example} ({duration:.2f} s < {min_duration:g} s)")
+            return False
+        if max_duration is not None and duration > max_duration:
+            self.skip(ABOVE_MAX, f"{example} ({duration:.2f} s > {max_duration:g} s)")
+            return False
+        return True
+
     def nothing_usable(self, check: str) -> SpeechLMError:
         """The error for a training manifest of which nothing was kept: each reason with its
         count and an example, then what to check (`check`)."""
@@ -211,15 +227,8 @@ def prepare_ctc_records(source, vocab: CharVocab, *, lang: str | None = None,
             if missing and unknown == "skip":
                 report.skip(UNKNOWN, f"{rid} ({''.join(sorted(set(missing)))})")
                 continue
-            if duration is None:
-                raise ManifestError(
-                    f"{where}: record {rid!r} has no duration; training batches are sized by "
-                    "duration: run `speechlm data stats --fill-durations MANIFEST` first")
-            if min_duration is not None and duration < min_duration:
-                report.skip(BELOW_MIN, f"{rid} ({duration:.2f} s < {min_duration:g} s)")
-                continue
-            if max_duration is not None and duration > max_duration:
-                report.skip(ABOVE_MAX, f"{rid} ({duration:.2f} s > {max_duration:g} s)")
+            if not report.keeps_duration(duration, str(rid), where, rid, min_duration,
+                                         max_duration):
                 continue
             if frames_for_duration is not None:
                 frames, needed = frames_for_duration(duration), label_frames_needed(ids)

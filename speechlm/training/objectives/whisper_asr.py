@@ -29,8 +29,6 @@ from ...text.normalize import normalize_transcript
 from .ctc import CTCDataReport, say
 
 EMPTY = "empty transcript"
-BELOW_MIN = "shorter than data.min_duration"
-ABOVE_MAX = "longer than data.max_duration"
 TOO_LONG = "transcript longer than the decoder window"
 
 
@@ -59,16 +57,8 @@ def prepare_whisper_records(source, tokenizer, prompt, *, lang: str | None = Non
             if not norm:
                 report.skip(EMPTY, f"{where}:{lineno} {rid}")
                 continue
-            if duration is None:
-                raise ManifestError(
-                    f"{where}:{lineno}: record {rid!r} has no duration; training batches are "
-                    "sized by duration: run `speechlm data stats --fill-durations MANIFEST`")
-            if min_duration is not None and duration < min_duration:
-                report.skip(BELOW_MIN, f"{where}:{lineno} {rid} ({duration:.2f} s)")
-                continue
-            if max_duration is not None and duration > max_duration:
-                report.skip(ABOVE_MAX, f"{where}:{lineno} {rid} ({duration:.2f} s > "
-                                       f"{max_duration:g} s)")
+            if not report.keeps_duration(duration, f"{where}:{lineno} {rid}", f"{where}:{lineno}",
+                                         rid, min_duration, max_duration):
                 continue
             if len(inputs) > prompt.max_positions:
                 detail = (f"{where}:{lineno}: text: {rid!r} takes {len(inputs)} decoder "
