@@ -255,3 +255,20 @@ def tiny_real_zoo(small_corpus, monkeypatch, tmp_path, tiny_ckpt):
     real = zoo.recipe_path
     monkeypatch.setattr(zoo, "recipe_path", lambda name: paths.get(name) or real(name))
     return paths
+
+
+@pytest.fixture(scope="session")
+def es_speech_corpus(tmp_path_factory):
+    """eSpeak Spanish for the Whisper-decoder recipes: train (4 utterances, voice es) and dev
+    (2, voice es+m3) manifests, and their root."""
+    from speechlm.pipelines.synth import synthesize_corpus
+
+    root = tmp_path_factory.mktemp("es-corpus")
+    train = ["uno dos tres", "cuatro cinco seis", "siete ocho nueve", "el gato y el perro"]
+    items = [{"id": f"tr{i}", "text": t, "voice": "es", "lang": "es"} for i, t in enumerate(train)]
+    synthesize_corpus(items, root / "train", rate=170, progress=False, strict=True)
+    dev = [{"id": f"dev{i}", "text": t, "voice": "es+m3", "lang": "es"}
+           for i, t in enumerate(["un gato", "dos perros"])]
+    synthesize_corpus(dev, root / "dev", rate=170, progress=False, strict=True)
+    return {"train": root / "train" / "manifest.jsonl", "dev": root / "dev" / "manifest.jsonl",
+            "root": root}

@@ -16,24 +16,9 @@ from speechlm.testing.runs import run_recipe, train_losses
 # (std 0.02): with those, LoRA behind the decoder's final layer norm can hardly move a logit.
 INIT_STD = 0.3
 
-TRAIN_TEXTS = ["uno dos tres", "cuatro cinco seis", "siete ocho nueve", "el gato y el perro"]
-DEV_TEXTS = ["un gato", "dos perros"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """eSpeak Spanish train (4 utterances) and dev (2) manifests."""
-    from speechlm.pipelines.synth import synthesize_corpus
-
-    root = tmp_path_factory.mktemp("wlora-corpus")
-    items = [{"id": f"tr{i}", "text": t, "voice": "es", "lang": "es"}
-             for i, t in enumerate(TRAIN_TEXTS)]
-    synthesize_corpus(items, root / "train", rate=170, progress=False, strict=True)
-    dev = [{"id": f"dev{i}", "text": t, "voice": "es+m3", "lang": "es"}
-           for i, t in enumerate(DEV_TEXTS)]
-    synthesize_corpus(dev, root / "dev", rate=170, progress=False, strict=True)
-    return {"train": root / "train" / "manifest.jsonl", "dev": root / "dev" / "manifest.jsonl",
-            "root": root}
+@pytest.fixture
+def corpus(es_speech_corpus):
+    return es_speech_corpus
 
 
 def _recipe(tmp_path, corpus, init, *, out, steps=8, every=4, extra="", lora="", data=""):

@@ -137,19 +137,13 @@ class Config:
 
 def run(config: Config) -> dict:
     """Train per `config` (see the module doc); returns the results dict."""
-    from ..data.dataset import AudioDataset
-    from ..data.sampler import DurationBucketSampler
     from ..models import whisper_lora
     from ..pretrained.resolve import resolve_model_dir
     from ..training import checkpoint, distributed
-    from ..training.objectives.whisper_asr import (
-        WhisperASRCollator,
-        WhisperASRObjective,
-        prepare_whisper_records,
-    )
+    from ..training.objectives.whisper_asr import WhisperASRCollator, WhisperASRObjective
     from ..training.trainer import Trainer, seed_everything
     from . import start_run
-    from .ctc import _resolve_manifests, _write_json, check_labelled_data, hours_subset
+    from .ctc import _write_json, check_labelled_data
 
     cfg, data = config, config.data
     check_labelled_data(data)
@@ -162,14 +156,7 @@ def run(config: Config) -> dict:
     prompt = whisper_lora.asr_prompt(model.generation_config, cfg.model.language, directory,
                                      max_positions=int(model.config.max_target_positions))
     language = prompt.language or "en"
-    for pos, source in enumerate(data.train):
-        if source.weight != 1.0:
-            raise ConfigError(f"data.train[{pos}].weight={source.weight}: weights mix languages "
-                              "in task: ctc; this recipe trains one language, remove it")
-        if source.lang is not None and source.lang != language:
-            raise ConfigError(f"data.train[{pos}].lang={source.lang} but model.language="
-                              f"{cfg.model.language}: this recipe trains one language token; "
-                              "give every source the model's language (or leave lang out)")
+    check_one_language(data, language, cfg.model.language)
     lang = data.lang or language
     top = cfg.lora.encoder_top_layers
     adapted = whisper_lora.apply_whisper_lora(model, cfg.lora, top)
@@ -180,45 +167,14 @@ def run(config: Config) -> dict:
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters train")
 
     # 1. data
-    paths = _resolve_manifests(data, dist.is_main and cfg.train.progress, dist.is_main)
-    records, reports = [], []
-    for pos, (source, path) in enumerate(zip(data.train, paths["train"], strict=True)):
-        kept, rep = prepare_whisper_records(
-            path, tokenizer, prompt, lang=lang, min_duration=data.min_duration,
-            max_duration=data.max_duration, strict=data.strict,
-            name=f"train[{pos}] {source.manifest}")
-        if source.max_hours is not None:
-            kept = hours_subset(kept, source.max_hours, rep)
-        records += kept
-        reports.append(rep)
-    eval_records = {}
-    for split in ("dev", "test"):
-        if paths.get(split):
-            kept, rep = prepare_whisper_records(paths[split], tokenizer, prompt, lang=lang,
-                                                training=False, name=split)
-            eval_records[split] = kept
-            reports.append(rep)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "data_report.json", [rep.to_dict() for rep in reports])
-        for rep in reports:
-            say(rep.summary())
+    records, eval_records, paths, reports = prepare_data(data, tokenizer, prompt, lang, dist,
+                                                         out, cfg.train.progress, say)
 
     cached_layer = whisper_lora.cache_layer(model, top)
-    filler = _open_cache(cfg, directory, cached_layer, say)
-    if filler is not None:
-        train_set = filler.dataset(records, "train", silence_dbfs=-60.0)
-        dev_set = filler.dataset(eval_records["dev"], "dev", silence_dbfs=None)
-        filler.release()
-    else:
-        train_set = AudioDataset(records, sample_rate=16000, strict=data.strict)
-        dev_set = AudioDataset(eval_records["dev"], sample_rate=16000, strict=data.strict,
-                               silence_dbfs=None)
-    sampler = DurationBucketSampler([float(r["duration"]) for r in records],
-                                    max_batch_duration=data.max_batch_duration,
-                                    max_batch_size=data.max_batch_size,
-                                    num_buckets=data.num_buckets, seed=cfg.train.seed,
-                                    rank=dist.rank, world_size=dist.world_size)
+    filler = open_cache(data.encoder_cache, directory, cfg.train.progress, say,
+                        layer=cached_layer, full_window=True)
+    train_set, dev_set, sampler = training_sets(data, records, eval_records, filler,
+                                                cfg.train.seed, dist)
 
     # 2. train
     objective = WhisperASRObjective(
@@ -263,22 +219,95 @@ def run(config: Config) -> dict:
     return results
 
 
-def _open_cache(cfg: Config, directory: Path, layer: int | None, say):
-    """The encoder-output cache filler of the never-trained encoder layers (full 30 s windows),
+def check_one_language(data: DataConfig, language: str, model_language) -> None:
+    """ConfigError when a training source is weighted or names another language: these
+    recipes train one language token."""
+    for pos, source in enumerate(data.train):
+        if source.weight != 1.0:
+            raise ConfigError(f"data.train[{pos}].weight={source.weight}: weights mix languages "
+                              "in task: ctc; this recipe trains one language, remove it")
+        if source.lang is not None and source.lang != language:
+            raise ConfigError(f"data.train[{pos}].lang={source.lang} but model.language="
+                              f"{model_language}: this recipe trains one language token; "
+                              "give every source the model's language (or leave lang out)")
+
+
+def prepare_data(data: DataConfig, tokenizer, prompt, lang: str, dist, out: Path,
+                 progress: bool, say) -> tuple[list[dict], dict[str, list[dict]], dict, list]:
+    """(training records, {dev/test: records}, manifest paths, data reports): transcripts
+    tokenized with Whisper's prompt, what does not fit skipped and counted in
+    `out/data_report.json`."""
+    from ..training.objectives.whisper_asr import prepare_whisper_records
+    from .ctc import _resolve_manifests, _write_json, hours_subset
+
+    paths = _resolve_manifests(data, dist.is_main and progress, dist.is_main)
+    records, reports = [], []
+    for pos, (source, path) in enumerate(zip(data.train, paths["train"], strict=True)):
+        kept, rep = prepare_whisper_records(
+            path, tokenizer, prompt, lang=lang, min_duration=data.min_duration,
+            max_duration=data.max_duration, strict=data.strict,
+            name=f"train[{pos}] {source.manifest}")
+        if source.max_hours is not None:
+            kept = hours_subset(kept, source.max_hours, rep)
+        records += kept
+        reports.append(rep)
+    eval_records = {}
+    for split in ("dev", "test"):
+        if paths.get(split):
+            kept, rep = prepare_whisper_records(paths[split], tokenizer, prompt, lang=lang,
+                                                training=False, name=split)
+            eval_records[split] = kept
+            reports.append(rep)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "data_report.json", [rep.to_dict() for rep in reports])
+        for rep in reports:
+            say(rep.summary())
+    return records, eval_records, paths, reports
+
+
+def open_cache(encoder_cache: str | None, directory: Path, progress: bool, say, *,
+               layer: int | None, full_window: bool = False, pad_to_window: bool = False):
+    """The encoder-output cache filler of the never-trained encoder layers (`layer`: hidden
+    state index, None: the normed output; on 30 s windows, all 1500 frames with full_window),
     or None when data.encoder_cache is null."""
     from ..models.encoders import load_encoder
     from ..paths import cache_dir
     from ..pipelines.encoder_cache import EncoderCache
     from .ctc_whisper import _CacheFiller
 
-    if cfg.data.encoder_cache is None:
+    if encoder_cache is None:
         return None
-    encoder = load_encoder("whisper", directory, layer=layer, full_window=True)
+    encoder = load_encoder("whisper", directory, layer=layer, full_window=full_window,
+                           pad_to_window=pad_to_window)
     encoder.source_path = str(directory)
-    root = cache_dir() / "encoder_outputs" if cfg.data.encoder_cache == "auto" \
-        else Path(cfg.data.encoder_cache).expanduser()
+    root = cache_dir() / "encoder_outputs" if encoder_cache == "auto" \
+        else Path(encoder_cache).expanduser()
     cache = EncoderCache.for_encoder(root, encoder, directory)
-    return _CacheFiller(cache, encoder, cfg.train.progress, say)
+    return _CacheFiller(cache, encoder, progress, say)
+
+
+def training_sets(data: DataConfig, records: list[dict], eval_records: dict, filler, seed: int,
+                  dist):
+    """(train dataset, dev dataset, duration-bucket sampler): cached encoder frames when
+    `filler` is given (the cache filled first), else audio."""
+    from ..data.dataset import AudioDataset
+    from ..data.sampler import DurationBucketSampler
+
+    if filler is not None:
+        train_set = filler.dataset(records, "train", silence_dbfs=-60.0)
+        dev_set = filler.dataset(eval_records["dev"], "dev", silence_dbfs=None)
+        filler.release()
+    else:
+        train_set = AudioDataset(records, sample_rate=16000, strict=data.strict)
+        dev_set = AudioDataset(eval_records["dev"], sample_rate=16000, strict=data.strict,
+                               silence_dbfs=None)
+    sampler = DurationBucketSampler([float(r["duration"]) for r in records],
+                                    max_batch_duration=data.max_batch_duration,
+                                    max_batch_size=data.max_batch_size,
+                                    num_buckets=data.num_buckets, seed=seed,
+                                    rank=dist.rank, world_size=dist.world_size)
+    return train_set, dev_set, sampler
 
 
 def _score_split(final: Path, manifest, records: list[dict], language: str | None, lang: str,
