@@ -30,6 +30,17 @@ length, so an item's codes never depend on the batch it is in; with it every
 input is padded to 30 s as Whisper was trained (use it with pretrained Whisper
 weights).
 
+`head: whisper_decoder` trains as GLM-4-Voice does instead: the layers above
+the VQ run at 12.5 Hz on the codes (the release's second position table is
+the first rows of Whisper's, as here), and Whisper's own attention decoder
+reads them, trained with its own loss (teacher-forced cross-entropy on
+`<|startoftranscript|> <|lang|> <|transcribe|> <|notimestamps|> text`). Whisper
+cross-attends to a whole 30 s window, so the codes fill the first positions of
+a 375-position window and a learned padding vector the rest: what the decoder
+sees depends on the codes alone, which is what the units-to-text check needs.
+Built from a WhisperForConditionalGeneration directory (`build`), it carries
+the decoder, the generation config and the text tokenizer, and saves them.
+
 Identity: `identity` hashes the settings and the codebook. Unit files record
 it, and whatever reads units (text-to-token training, interleaving) checks it,
 so units from two tokenizers are never mixed.
@@ -67,6 +78,9 @@ WEIGHTS_FILE = "model.safetensors"
 SAMPLE_RATE = 16000
 HOP = 160                        # Whisper's mel hop: 100 mel frames per second
 WINDOW_SECONDS = 30.0            # Whisper's window; longer audio is cut into windows
+HEADS = ("ctc", "whisper_decoder")
+SILENCE_MEL = -0.75              # log-mel of a window's padded tail (see fill_silence)
+TIED_OUTPUT = "whisper.proj_out.weight"  # = the decoder's token table; not saved twice
 
 
 @dataclass
@@ -83,8 +97,16 @@ class TokenizerSettings:
     causal_conv: bool = False
     attention_block: int | None = None   # block-causal attention, in 50 Hz frames (GLM: 200)
     pad_to_window: bool = False          # pad inputs to 30 s (pretrained Whisper expects it)
+    head: str = "ctc"                    # ctc | whisper_decoder (Whisper's own, from init)
+    language: str | None = None          # whisper_decoder: the prompt's language token
+    # whisper_decoder: the layers above the VQ at 50 Hz (each unit repeated `pool` times, in
+    # Whisper's 1500-frame window with silence's frames after the speech), or at 12.5 Hz as
+    # the GLM-4-Voice release (375 positions, a learned padding vector)
+    repeat_units: bool = False
 
     def __post_init__(self):
+        if self.head not in HEADS:
+            raise ConfigError(f"head={self.head!r}: give one of {', '.join(HEADS)}")
         if self.vq_layer < 1:
             raise ConfigError(f"vq_layer must be >= 1 (the VQ follows that many encoder "
                               f"layers), got {self.vq_layer}")
@@ -115,7 +137,8 @@ class TokenizerOutput(NamedTuple):
 class SpeechTokenizer(nn.Module):
     """Whisper encoder layers + pool + VQ (+ upper layers and a CTC head for training)."""
 
-    def __init__(self, encoder: nn.Module, vocab: CharVocab, settings: TokenizerSettings):
+    def __init__(self, encoder: nn.Module, vocab: CharVocab | None, settings: TokenizerSettings,
+                 *, whisper: nn.Module | None = None, text_tokenizer=None):
         super().__init__()
         config = encoder.config
         layers = len(encoder.layers)
@@ -133,24 +156,67 @@ class SpeechTokenizer(nn.Module):
                                   commitment=settings.commitment, ema_decay=settings.ema_decay,
                                   dead_code_threshold=settings.dead_code_threshold,
                                   kmeans_init=settings.kmeans_init)
-        # each unit becomes `pool` different 50 Hz frames (a learned upsampler, a transposed
-        # convolution of stride and kernel `pool`): one unit often spans a consonant and a
-        # vowel, which repeated copies of one vector could not tell apart for CTC
-        self.upsample = nn.Linear(config.d_model, config.d_model * settings.pool)
-        self.head = nn.Linear(config.d_model, len(vocab))
+        if settings.head == "ctc":
+            if vocab is None:
+                raise ConfigError("head ctc needs a character vocabulary")
+            # each unit becomes `pool` different 50 Hz frames (a learned upsampler, a
+            # transposed convolution of stride and kernel `pool`): one unit often spans a
+            # consonant and a vowel, which repeated copies of one vector could not tell apart
+            self.upsample = nn.Linear(config.d_model, config.d_model * settings.pool)
+            self.head = nn.Linear(config.d_model, len(vocab))
+            return
+        if whisper is None or text_tokenizer is None:
+            raise ConfigError("head whisper_decoder needs Whisper's decoder and its tokenizer: "
+                              "model.init must be a WhisperForConditionalGeneration directory, "
+                              "e.g. models:whisper-base")
+        from .whisper_lora import asr_prompt
+
+        # the decoder and its output layer; the encoder lives in self.encoder only (the
+        # decoder is always called with encoder_outputs)
+        whisper.model.encoder = nn.Identity()
+        self.whisper = whisper
+        self.text_tokenizer = text_tokenizer
+        self.prompt = asr_prompt(whisper.generation_config, settings.language,
+                                 getattr(config, "_name_or_path", "model.init"),
+                                 field="model.language",
+                                 max_positions=int(config.max_target_positions))
+        # the token table (tied to the output layer) stays as pretrained: an hour of speech
+        # cannot improve 52k rows, and freezing it halves what the optimizer holds
+        whisper.model.decoder.embed_tokens.weight.requires_grad_(False)
+        self.pad_unit = nn.Parameter(torch.zeros(config.d_model))
+        # repeat_units: what the layers below the VQ give for silence at each of the window's
+        # frames (`fill_silence`; saved with the weights): the decoder reads the speech's
+        # units followed by these, as Whisper reads speech followed by its padded tail
+        if settings.repeat_units:
+            self.register_buffer("silence", torch.zeros(int(config.max_source_positions),
+                                                        config.d_model))
 
     # -- construction ---------------------------------------------------------------------
 
     @classmethod
     def build(cls, init: str | os.PathLike, vocab: CharVocab, settings: TokenizerSettings, *,
               scratch_config: dict[str, Any] | None = None) -> SpeechTokenizer:
-        """From a Whisper checkpoint directory (encoder weights only) or "scratch" + config."""
+        """From a Whisper checkpoint directory (the encoder's weights only; with head
+        whisper_decoder the decoder's too) or "scratch" + config."""
         from transformers import WhisperConfig
         from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
         from ..pretrained.resolve import resolve_model_dir
         from .encoders import _load_whisper_encoder, quiet_transformers
 
+        if settings.head == "whisper_decoder":
+            from .whisper_lora import load_whisper
+
+            if str(init) == "scratch":
+                raise ConfigError("head whisper_decoder trains Whisper's own decoder: model.init "
+                                  "must be a WhisperForConditionalGeneration directory (e.g. "
+                                  "models:whisper-base), not scratch")
+            whisper, text_tokenizer = load_whisper(resolve_model_dir(init, what="Whisper model"))
+            model = cls(whisper.model.encoder.train(), vocab, settings, whisper=whisper.train(),
+                        text_tokenizer=text_tokenizer)
+            if settings.repeat_units:
+                model.fill_silence()
+            return model
         if str(init) == "scratch":
             try:
                 config = WhisperConfig(**dict(scratch_config or {}))
@@ -173,12 +239,18 @@ class SpeechTokenizer(nn.Module):
     def max_samples(self) -> int:
         return int(WINDOW_SECONDS * SAMPLE_RATE)
 
-    def frames_for_samples(self, samples):
-        """50 Hz encoder frames for audio lengths in samples: ceil(floor(n / 160) / 2) (the
-        log-mel has floor(n / 160) frames, as Whisper's 3000 for 30 s)."""
+    def mel_frames(self, samples):
+        """Log-mel frames of audio lengths in samples: floor(n / 160) (Whisper's 3000 for
+        30 s); with head whisper_decoder ceil(n / 160), as speechlm's Whisper encoder counts
+        them, so that the encoder-output cache of the layers below the VQ holds exactly what
+        `_lower` computes."""
         samples = torch.as_tensor(samples, dtype=torch.long)
-        mel = torch.div(samples, HOP, rounding_mode="floor")
-        return torch.div(mel + 1, 2, rounding_mode="floor")
+        extra = HOP - 1 if self.settings.head == "whisper_decoder" else 0
+        return torch.div(samples + extra, HOP, rounding_mode="floor")
+
+    def frames_for_samples(self, samples):
+        """50 Hz encoder frames for audio lengths in samples: ceil(mel frames / 2)."""
+        return torch.div(self.mel_frames(samples) + 1, 2, rounding_mode="floor")
 
     def units_for_samples(self, samples):
         frames = self.frames_for_samples(samples)
@@ -187,8 +259,10 @@ class SpeechTokenizer(nn.Module):
     @property
     def identity(self) -> str:
         """A short hash of the settings and the codebook: what makes units comparable."""
-        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self.settings),
-                                           sort_keys=True).encode())
+        settings = dataclasses.asdict(self.settings)
+        if settings["head"] == "ctc":  # as before the decoder head existed: same identities
+            del settings["head"], settings["language"], settings["repeat_units"]
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
         digest.update(self.vq.codebook.detach().float().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
@@ -204,11 +278,12 @@ class SpeechTokenizer(nn.Module):
                                 "(encode() cuts long audio into windows)")
         enc = self.encoder
         window = self.settings.pad_to_window
-        longest = int(lengths.max()) if len(lengths) else 0
+        longest = int(self.mel_frames(lengths.max())) if len(lengths) else 0
+        width = (longest + longest % 2) * HOP  # every valid mel frame, an even count of them
         mel = log_mel_spectrogram(audio, enc.config.num_mel_bins, lengths=lengths,
-                                  pad_to=self.max_samples if window else max(longest, 401))
+                                  pad_to=self.max_samples if window else max(width, 401))
         weight = enc.conv1.weight
-        mel_frames = torch.div(lengths, HOP, rounding_mode="floor").to(mel.device)
+        mel_frames = self.mel_frames(lengths).to(mel.device)
         if not window:
             # Zero what lies past an item's end, before and after the first convolution, as
             # the convolutions' own zero padding would: an item's frames then do not depend
@@ -268,35 +343,141 @@ class SpeechTokenizer(nn.Module):
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor, *,
                 quantize: bool = True) -> TokenizerOutput:
-        """Training / scoring pass. quantize=False bypasses the VQ (a warm-up before the
-        codebook is initialised by k-means on features worth clustering)."""
+        """Training / scoring pass (head ctc). quantize=False bypasses the VQ (a warm-up
+        before the codebook is initialised by k-means on features worth clustering)."""
         hidden, frames = self._lower(audio, lengths)
         pooled = self.pool(hidden, frames)
         vq = self.vq(pooled.hidden, pooled.lengths) if quantize else None
         units = vq.quantized if vq is not None else pooled.hidden
         return TokenizerOutput(self._upper(units, frames), frames, vq, pooled.lengths)
 
-    def log_probs_from_units(self, units: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """CTC log-probs of the characters from unit sequences alone (the units-to-text check)."""
+    # -- head whisper_decoder ---------------------------------------------------------------
+
+    @property
+    def window_units(self) -> int:
+        """Units in one 30 s window (375 at 12.5 Hz)."""
+        return int(self.encoder.config.max_source_positions) // self.settings.pool
+
+    def decoder_states_from_lower(self, hidden: torch.Tensor, frames: torch.Tensor, *,
+                                  quantize: bool = True) -> tuple[torch.Tensor, VQOutput | None]:
+        """(what the decoder cross-attends to [B, 375, D], the VQ's output) from the 50 Hz
+        states below the VQ [B, T, D] (`_lower`, or the encoder-output cache of those layers)
+        and their valid frames [B]."""
+        pooled = self.pool(hidden.to(self.pad_unit.dtype), frames)
+        vq = self.vq(pooled.hidden, pooled.lengths) if quantize else None
+        units = vq.quantized if vq is not None else pooled.hidden
+        return self._decoder_states(units, pooled.lengths), vq
+
+    def decoder_states(self, audio: torch.Tensor, lengths: torch.Tensor, *,
+                       quantize: bool = True) -> tuple[torch.Tensor, VQOutput | None]:
+        """`decoder_states_from_lower` from 16 kHz audio [B, T]."""
+        hidden, frames = self._lower(audio, lengths)
+        return self.decoder_states_from_lower(hidden, frames, quantize=quantize)
+
+    @torch.no_grad()
+    def fill_silence(self, level: float = SILENCE_MEL) -> None:
+        """`silence`: the layers below the VQ on a window of constant log-mel `level`, the
+        value of a 30 s window's padded tail after speech normalised as Whisper's
+        features are (log-mel clamped at its maximum - 8, then (x + 4) / 4: -0.75 for a
+        clip whose loudest bin is about 1.0; the embedded corpus's tails measure -0.70 to
+        -0.81)."""
+        enc = self.encoder
+        mel = torch.full((1, enc.config.num_mel_bins, 2 * self.silence.shape[0]), level,
+                         dtype=enc.conv1.weight.dtype, device=enc.conv1.weight.device)
+        x = F.gelu(enc.conv2(F.gelu(enc.conv1(mel)))).transpose(1, 2)
+        x = x + enc.embed_positions.weight[: x.shape[1]]
+        for layer in enc.layers[: self.settings.vq_layer]:
+            out = layer(x, None)
+            x = out[0] if isinstance(out, tuple) else out
+        self.silence.copy_(x[0])
+
+    def _decoder_states(self, units: torch.Tensor, unit_lengths: torch.Tensor) -> torch.Tensor:
+        """What the decoder cross-attends to, from units [B, T', D]. repeat_units: each unit
+        `pool` times at 50 Hz, `silence` after them, Whisper's 1500 frames; otherwise the
+        units in the first of 375 positions, the padding vector after them, Whisper's
+        position table (its first 375 rows). Then the layers above the VQ, the final norm."""
+        if self.settings.repeat_units:
+            return self._decoder_states_50hz(units, unit_lengths)
+        from .vq import block_causal_mask
+
+        enc = self.encoder
+        width = self.window_units
+        batch, count, dim = units.shape
+        if count > width:
+            raise SpeechLMError(f"SpeechTokenizer: {count} units in one item; the decoder "
+                                f"attends to one window of {width}")
+        units = F.pad(units, (0, 0, 0, width - count))
+        keep = lengths_mask(unit_lengths.to(units.device), width)[..., None]
+        x = torch.where(keep, units, self.pad_unit.to(units.dtype))
+        x = x + enc.embed_positions.weight[:width].to(x.dtype)
+        mask = None
+        if self.settings.attention_block is not None:  # the same blocks, counted in units
+            block = max(1, self.settings.attention_block // self.settings.pool)
+            allowed = block_causal_mask(width, block, None)[None, None]
+            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
+                ~allowed.to(x.device), torch.finfo(x.dtype).min)
+        for layer in enc.layers[self.settings.vq_layer:]:
+            x = self._run_layer(layer, x, mask)
+        return enc.layer_norm(x)
+
+    def _decoder_states_50hz(self, units: torch.Tensor, unit_lengths: torch.Tensor
+                             ) -> torch.Tensor:
+        from .vq import block_causal_mask
+
+        enc = self.encoder
+        width = self.silence.shape[0]
+        pool = self.settings.pool
+        x = units.repeat_interleave(pool, dim=1)[:, :width]
+        frames = (unit_lengths.to(units.device) * pool).clamp(max=width)
+        x = F.pad(x, (0, 0, 0, width - x.shape[1]))
+        keep = lengths_mask(frames, width)[..., None]
+        x = torch.where(keep, x, self.silence.to(x.dtype))
+        mask = None
+        if self.settings.attention_block is not None:
+            allowed = block_causal_mask(width, self.settings.attention_block, None)[None, None]
+            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
+                ~allowed.to(x.device), torch.finfo(x.dtype).min)
+        for layer in enc.layers[self.settings.vq_layer:]:
+            x = self._run_layer(layer, x, mask)
+        return enc.layer_norm(x)
+
+    def _units_to_vectors(self, units: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = torch.tensor([len(u) for u in units], dtype=torch.long)
         codes = torch.full((len(units), int(lengths.max()) if len(units) else 0), -1,
                            dtype=torch.long)
         for i, u in enumerate(units):
             codes[i, : len(u)] = torch.as_tensor(list(u), dtype=torch.long)
         device = self.vq.codebook.device
-        vectors = self.vq.decode(codes.to(device))
-        frames = (lengths * self.settings.pool).to(device)
+        return self.vq.decode(codes.to(device)), lengths.to(device)
+
+    def log_probs_from_units(self, units: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """CTC log-probs of the characters from unit sequences alone (the units-to-text check;
+        head ctc)."""
+        vectors, lengths = self._units_to_vectors(units)
+        frames = lengths * self.settings.pool
         return self._upper(vectors.to(self.head.weight.dtype), frames), frames
 
     @torch.no_grad()
     def transcribe_units(self, units: Sequence[Sequence[int]], *,
-                         batch_size: int = 32) -> list[str]:
-        """Text the ASR head reads from unit sequences alone (greedy CTC): how much of the
-        content units carry, whether they come from audio or from a text-to-token model."""
+                         batch_size: int = 32, max_new_tokens: int = 200) -> list[str]:
+        """Text the ASR head reads from unit sequences alone (greedy CTC, or Whisper's decoder
+        greedy without timestamps): how much of the content units carry, whether they come
+        from audio or from a text-to-token model. Longer than a window: its first window."""
+        texts: list[str] = []
+        if self.settings.head == "whisper_decoder":
+            from .whisper_lora import greedy_decode
+
+            for start in range(0, len(units), batch_size):
+                chunk = [list(u)[: self.window_units] for u in units[start: start + batch_size]]
+                vectors, lengths = self._units_to_vectors(chunk)
+                states = self._decoder_states(vectors.to(self.pad_unit.dtype), lengths)
+                ids = greedy_decode(self.whisper, states, self.prompt, max_new_tokens)
+                texts.extend(" ".join(t.split()) for t in self.text_tokenizer.batch_decode(
+                    ids, skip_special_tokens=True))
+            return texts
         from ..inference.ctc import GreedyCTCDecoder
 
         decoder = GreedyCTCDecoder(self.vocab.tokens)
-        texts: list[str] = []
         for start in range(0, len(units), batch_size):
             chunk = [list(u) if len(u) else [0] for u in units[start: start + batch_size]]
             log_probs, frames = self.log_probs_from_units(chunk)
@@ -370,7 +551,8 @@ def unit_statistics(units: Sequence[Sequence[int]], num_codes: int, frame_rate: 
 
 def save_speech_tokenizer(model: SpeechTokenizer, out_dir, *,
                           metadata: dict[str, Any] | None = None) -> Path:
-    """Write config.json (the Whisper encoder's), model.safetensors, vocab.json and
+    """Write config.json (the Whisper encoder's), model.safetensors, vocab.json (head ctc) or
+    the decoder's generation config and tokenizer files (head whisper_decoder), and
     speech_tokenizer.json to `out_dir.tmp`, then rename: `out_dir` is always complete."""
     from safetensors.torch import save_file
 
@@ -380,9 +562,14 @@ def save_speech_tokenizer(model: SpeechTokenizer, out_dir, *,
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     model.encoder.config.save_pretrained(tmp)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if k != TIED_OUTPUT}  # the decoder's output layer is its token table
     save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    model.vocab.save(tmp)
+    if model.vocab is not None:
+        model.vocab.save(tmp)
+    if model.settings.head == "whisper_decoder":
+        model.whisper.generation_config.save_pretrained(tmp)
+        model.text_tokenizer.save_pretrained(tmp)
     info = {"kind": "speech_tokenizer", "identity": model.identity,
             "settings": dataclasses.asdict(model.settings), "frame_rate": model.frame_rate,
             "num_codes": model.settings.num_codes,
@@ -417,14 +604,28 @@ def load_speech_tokenizer(model_dir, *, device: str | torch.device = "cpu") -> S
     model_dir = Path(model_dir)
     info = read_tokenizer_info(model_dir)
     settings = TokenizerSettings(**info["settings"])
-    vocab = CharVocab.load(model_dir)
     config = WhisperConfig.from_pretrained(model_dir, local_files_only=True)
-    with quiet_transformers():
-        encoder = WhisperEncoder(config)
-    model = SpeechTokenizer(encoder, vocab, settings)
+    if settings.head == "whisper_decoder":
+        from transformers import (
+            GenerationConfig,
+            WhisperForConditionalGeneration,
+            WhisperTokenizerFast,
+        )
+
+        with quiet_transformers():
+            whisper = WhisperForConditionalGeneration(config)
+            whisper.generation_config = GenerationConfig.from_pretrained(model_dir)
+            text_tokenizer = WhisperTokenizerFast.from_pretrained(model_dir, local_files_only=True)
+        model = SpeechTokenizer(whisper.model.encoder, None, settings, whisper=whisper,
+                                text_tokenizer=text_tokenizer)
+    else:
+        with quiet_transformers():
+            encoder = WhisperEncoder(config)
+        model = SpeechTokenizer(encoder, CharVocab.load(model_dir), settings)
     state = load_file(str(model_dir / WEIGHTS_FILE))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("embed_positions.weight")]
+    missing = [k for k in missing
+               if not k.endswith("embed_positions.weight") and k != TIED_OUTPUT]
     if missing or unexpected:
         raise SpeechLMError(f"{model_dir}: weights do not fit the tokenizer (missing "
                             f"{missing[:5]}, unexpected {unexpected[:5]})")

@@ -27,6 +27,7 @@ TASKS: dict[str, str] = {
     "inserter": "speechlm.recipes.inserter",
     "text_to_token": "speechlm.recipes.text_to_token",
     "speech_tokenizer": "speechlm.recipes.speech_tokenizer",
+    "speech_tokenizer_whisper": "speechlm.recipes.speech_tokenizer_whisper",
     "interleaved": "speechlm.recipes.interleaved",
     "whisper_lora": "speechlm.recipes.whisper_lora",
 }

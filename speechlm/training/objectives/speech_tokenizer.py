@@ -1,4 +1,5 @@
-"""Supervised speech tokenizer training: character CTC through the VQ, plus its commitment loss.
+"""Supervised speech tokenizer training: character CTC (or Whisper's own decoder loss,
+`TokenizerDecoderObjective`) through the VQ, plus its commitment loss.
 
 The CTC side (data preparation, loss, greedy dev transcripts, blank-collapse
 guard) is `CTCObjective`'s; this adds the VQ: the commitment loss (already
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .ctc import CTCCollator, CTCObjective
+from .whisper_asr import WhisperASRObjective
 
 
 class SpeechTokenizerObjective(CTCObjective):
@@ -38,14 +40,7 @@ class SpeechTokenizerObjective(CTCObjective):
 
     def loss(self, batch):
         self._last_vq = None
-        result = super().loss(batch)
-        if result is None or self._last_vq is None:
-            return result
-        loss, metrics = result
-        vq = self._last_vq
-        metrics.update(ctc_loss=loss.detach(), commit_loss=vq.commit_loss.detach(),
-                       code_perplexity=vq.perplexity, codes_used=vq.used_fraction)
-        return loss + vq.commit_loss, metrics
+        return plus_commitment(super().loss(batch), self._last_vq, "ctc_loss")
 
     def evaluate(self, model) -> dict[str, float]:
         metrics = super().evaluate(model)
@@ -54,6 +49,17 @@ class SpeechTokenizerObjective(CTCObjective):
                                    batch_duration=self.eval_batch_duration)
             metrics.update({f"units_{k}": float(v) for k, v in stats.items()})
         return metrics
+
+
+def plus_commitment(result, vq, name: str):
+    """An objective's (loss, metrics) with the VQ's commitment loss added and the batch's code
+    usage logged (the loss alone logged as `name`); as it is without a VQ pass."""
+    if result is None or vq is None:
+        return result
+    loss, metrics = result
+    metrics.update({name: loss.detach()}, commit_loss=vq.commit_loss.detach(),
+                   code_perplexity=vq.perplexity, codes_used=vq.used_fraction)
+    return loss + vq.commit_loss, metrics
 
 
 @torch.no_grad()
@@ -107,3 +113,40 @@ def codebook_usage(model, dataset, *, max_items: int | None = None,
     vq = model.vq
     dead = int((vq.ema_cluster_size < vq.dead_code_threshold).sum())
     return unit_statistics([r["units"] for r in rows], vq.num_codes, model.frame_rate, dead=dead)
+
+
+class TokenizerDecoderObjective(WhisperASRObjective):
+    """Head whisper_decoder: Whisper's own loss (teacher-forced cross-entropy of the transcript,
+    speechlm.training.objectives.whisper_asr) through the VQ, plus the commitment loss; dev
+    CER/WER of the decoder's greedy transcripts from the quantized units. Batches hold audio,
+    or (`encoder_hidden`) the cached 50 Hz states of the frozen layers below the VQ."""
+
+    sample_losses = None  # the commitment loss is a batch term with no per-utterance share
+
+    def __init__(self, model, *, vq_start_step: int = 0, **kwargs):
+        super().__init__(model, model.text_tokenizer, model.prompt, **kwargs)
+        self.vq_start_step = int(vq_start_step)
+        self._last_vq = None
+
+    def quantizing(self) -> bool:
+        return self.trainer is None or self.trainer.step >= self.vq_start_step
+
+    def encoder_states(self, model, batch) -> torch.Tensor:
+        if "encoder_hidden" in batch:
+            states, vq = model.decoder_states_from_lower(
+                batch["encoder_hidden"], batch["encoder_lengths"], quantize=self.quantizing())
+        else:
+            states, vq = model.decoder_states(batch["audio"], batch["audio_lengths"],
+                                              quantize=self.quantizing())
+        self._last_vq = vq
+        return states
+
+    def _token_loss(self, model, states, batch, reduction: str = "mean") -> torch.Tensor:
+        return super()._token_loss(model.whisper, states, batch, reduction)
+
+    def generate(self, model, states: torch.Tensor) -> list[str]:
+        return super().generate(model.whisper, states)
+
+    def loss(self, batch):
+        self._last_vq = None
+        return plus_commitment(super().loss(batch), self._last_vq, "asr_loss")
