@@ -141,6 +141,7 @@ def test_silence_frames_are_what_the_lower_layers_give_a_silent_window(tiny_ckpt
         x = x[0] if isinstance(x, tuple) else x
     assert torch.allclose(tok.silence, x[0], atol=1e-5)
     assert tok.silence.std() > 0  # frames differ by position, as Whisper's padded tail does
+    assert not hasattr(tok, "pad_unit")  # no parameter left without a gradient (DDP)
 
     with torch.no_grad():
         tok.vq.codebook.normal_()

@@ -30,16 +30,19 @@ length, so an item's codes never depend on the batch it is in; with it every
 input is padded to 30 s as Whisper was trained (use it with pretrained Whisper
 weights).
 
-`head: whisper_decoder` trains as GLM-4-Voice does instead: the layers above
-the VQ run at 12.5 Hz on the codes (the release's second position table is
-the first rows of Whisper's, as here), and Whisper's own attention decoder
-reads them, trained with its own loss (teacher-forced cross-entropy on
-`<|startoftranscript|> <|lang|> <|transcribe|> <|notimestamps|> text`). Whisper
-cross-attends to a whole 30 s window, so the codes fill the first positions of
-a 375-position window and a learned padding vector the rest: what the decoder
-sees depends on the codes alone, which is what the units-to-text check needs.
-Built from a WhisperForConditionalGeneration directory (`build`), it carries
-the decoder, the generation config and the text tokenizer, and saves them.
+`head: whisper_decoder` trains as GLM-4-Voice does instead: Whisper's own
+attention decoder reads the layers above the VQ, trained with its own loss
+(teacher-forced cross-entropy on `<|startoftranscript|> <|lang|> <|transcribe|>
+<|notimestamps|> text`). Whisper cross-attends to a whole 30 s window, and what
+the decoder sees must depend on the codes alone (the units-to-text check), so
+the window is filled without the audio: with `repeat_units` each code is
+repeated `pool` times at 50 Hz and followed by `silence`, what the layers below
+the VQ give for a silent window (the layout Whisper's pretrained layers know);
+without it the layers above run at 12.5 Hz on 375 positions, the codes first
+and a learned padding vector after them, positions from the first rows of
+Whisper's table (the release's layout). Built from a
+WhisperForConditionalGeneration directory (`build`), it carries the decoder,
+the generation config and the text tokenizer, and saves them.
 
 Identity: `identity` hashes the settings and the codebook. Unit files record
 it, and whatever reads units (text-to-token training, interleaving) checks it,
@@ -183,13 +186,14 @@ class SpeechTokenizer(nn.Module):
         # the token table (tied to the output layer) stays as pretrained: an hour of speech
         # cannot improve 52k rows, and freezing it halves what the optimizer holds
         whisper.model.decoder.embed_tokens.weight.requires_grad_(False)
-        self.pad_unit = nn.Parameter(torch.zeros(config.d_model))
-        # repeat_units: what the layers below the VQ give for silence at each of the window's
-        # frames (`fill_silence`; saved with the weights): the decoder reads the speech's
-        # units followed by these, as Whisper reads speech followed by its padded tail
         if settings.repeat_units:
+            # what the layers below the VQ give for silence at each of the window's frames
+            # (`fill_silence`; saved with the weights): the decoder reads the speech's units
+            # followed by these, as Whisper reads speech followed by its padded tail
             self.register_buffer("silence", torch.zeros(int(config.max_source_positions),
                                                         config.d_model))
+        else:
+            self.pad_unit = nn.Parameter(torch.zeros(config.d_model))
 
     # -- construction ---------------------------------------------------------------------
 
@@ -360,10 +364,10 @@ class SpeechTokenizer(nn.Module):
 
     def decoder_states_from_lower(self, hidden: torch.Tensor, frames: torch.Tensor, *,
                                   quantize: bool = True) -> tuple[torch.Tensor, VQOutput | None]:
-        """(what the decoder cross-attends to [B, 375, D], the VQ's output) from the 50 Hz
-        states below the VQ [B, T, D] (`_lower`, or the encoder-output cache of those layers)
-        and their valid frames [B]."""
-        pooled = self.pool(hidden.to(self.pad_unit.dtype), frames)
+        """(what the decoder cross-attends to [B, 1500 or 375, D], the VQ's output) from the
+        50 Hz states below the VQ [B, T, D] (`_lower`, or the encoder-output cache of those
+        layers) and their valid frames [B]."""
+        pooled = self.pool(hidden.to(self.vq.codebook.dtype), frames)
         vq = self.vq(pooled.hidden, pooled.lengths) if quantize else None
         units = vq.quantized if vq is not None else pooled.hidden
         return self._decoder_states(units, pooled.lengths), vq
@@ -470,7 +474,7 @@ class SpeechTokenizer(nn.Module):
             for start in range(0, len(units), batch_size):
                 chunk = [list(u)[: self.window_units] for u in units[start: start + batch_size]]
                 vectors, lengths = self._units_to_vectors(chunk)
-                states = self._decoder_states(vectors.to(self.pad_unit.dtype), lengths)
+                states = self._decoder_states(vectors, lengths)
                 ids = greedy_decode(self.whisper, states, self.prompt, max_new_tokens)
                 texts.extend(" ".join(t.split()) for t in self.text_tokenizer.batch_decode(
                     ids, skip_special_tokens=True))
