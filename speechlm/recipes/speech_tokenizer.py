@@ -191,22 +191,40 @@ def run(config: Config) -> dict:
     return results
 
 
-def score_units(tokenizer, dataset, batch_duration: float = 200.0) -> dict:
-    """Audio -> units (encode) -> text (the ASR head, greedy CTC): WER/CER from the units
-    alone, and the units' codebook usage."""
+def score_units(tokenizer, dataset, batch_duration: float = 200.0, *,
+                normalize_lang: str | None = None, max_new_tokens: int = 200,
+                hyps_path=None) -> dict:
+    """Audio -> units (encode) -> text (the tokenizer's ASR head: greedy CTC, or Whisper's
+    decoder) from the units alone: WER/CER, the units' codebook usage and units per second
+    of audio. normalize_lang: normalise the transcripts as the references are (a decoder
+    writes cased, punctuated text; CTC's characters already are). hyps_path: the
+    transcripts as JSONL ({id, text, ref, raw, units})."""
+    import json
+
     from ..eval.metrics import cer, wer
+    from ..jsonl import atomic_write
     from ..models.speech_tokenizer import unit_statistics
+    from ..text.normalize import normalize_transcript
     from ..training.objectives.speech_tokenizer import encode_dataset
 
     rows, skipped = encode_dataset(tokenizer, dataset, batch_duration=batch_duration)
-    hyps = tokenizer.transcribe_units([r["units"] for r in rows])
+    units = [r["units"] for r in rows]
+    raw = tokenizer.transcribe_units(units, max_new_tokens=max_new_tokens)
+    hyps = [normalize_transcript(t, normalize_lang) for t in raw] if normalize_lang else raw
     refs = [r["text"] for r in rows]
+    if hyps_path is not None:
+        with atomic_write(hyps_path) as f:
+            for row, hyp, text, ref in zip(rows, hyps, raw, refs, strict=True):
+                f.write(json.dumps({"id": row["id"], "text": hyp, "ref": ref, "raw": text,
+                                    "units": len(row["units"])}, ensure_ascii=False) + "\n")
+    duration = {str(r.get("id")): float(r.get("duration") or 0.0) for r in dataset.records}
+    seconds = sum(duration.get(str(r["id"]), 0.0) for r in rows)
     vq = tokenizer.vq
     dead = int((vq.ema_cluster_size < vq.dead_code_threshold).sum())
     return {"utterances": len(rows), "skipped": skipped, "wer": wer(refs, hyps),
             "cer": cer(refs, hyps),
-            "usage": unit_statistics([r["units"] for r in rows], vq.num_codes,
-                                     tokenizer.frame_rate, dead=dead),
+            "units_per_second": sum(map(len, units)) / seconds if seconds else None,
+            "usage": unit_statistics(units, vq.num_codes, tokenizer.frame_rate, dead=dead),
             "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps, strict=True))[:3]]}
 
 

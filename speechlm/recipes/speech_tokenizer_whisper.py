@@ -44,9 +44,7 @@ window instead, as Whisper was trained, at several times the cost).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
@@ -129,7 +127,7 @@ def run(config: Config) -> dict:
     from ..training import checkpoint, distributed
     from ..training.objectives.speech_tokenizer import TokenizerDecoderObjective
     from ..training.objectives.whisper_asr import WhisperASRCollator
-    from ..training.trainer import Trainer, seed_everything
+    from ..training.trainer import Trainer, _under, seed_everything
     from . import start_run
     from .ctc import _write_json, check_labelled_data
     from .whisper_lora import check_one_language, open_cache, prepare_data, training_sets
@@ -154,7 +152,8 @@ def run(config: Config) -> dict:
         for name, p in model.named_parameters():
             if name in lower:
                 p.requires_grad_(False)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad
+                    and not any(_under(n, prefix) for prefix in cfg.train.freeze))
     say(f"speech_tokenizer_whisper: {directory.name}, VQ after layer {m.vq_layer} of "
         f"{len(model.encoder.layers)}, {m.num_codes} codes at {model.frame_rate:g} units/s; "
         f"layers below the VQ {'frozen' if m.freeze_lower else 'trained'}; "
@@ -215,15 +214,19 @@ def run(config: Config) -> dict:
                                "train": result.train_metrics, "lang": lang,
                                "data": [rep.to_dict() for rep in reports]}
     if dist.is_main:
+        from ..data.dataset import AudioDataset
         from ..models.speech_tokenizer import load_speech_tokenizer
+        from .speech_tokenizer import score_units
 
         tokenizer = load_speech_tokenizer(final, device=trainer.device)
         results["identity"] = tokenizer.identity
         results["frame_rate"] = tokenizer.frame_rate
         for split, kept in eval_records.items():
             say(f"scoring {split}: audio -> units -> text ({len(kept)} utterances)")
-            results[split] = score_units(tokenizer, kept, lang, cfg.eval.batch_duration,
-                                         cfg.eval.max_new_tokens, out / f"{split}_hyps.jsonl")
+            results[split] = score_units(
+                tokenizer, AudioDataset(kept, sample_rate=16000, silence_dbfs=None),
+                cfg.eval.batch_duration, normalize_lang=lang,
+                max_new_tokens=cfg.eval.max_new_tokens, hyps_path=out / f"{split}_hyps.jsonl")
             if cfg.eval.baseline:
                 from .whisper_lora import _score_split
 
@@ -234,39 +237,6 @@ def run(config: Config) -> dict:
         _write_json(out / RESULTS_FILE, results)
         say(results_table(results, directory.name))
     return results
-
-
-def score_units(tokenizer, records: list[dict], lang: str, batch_duration: float,
-                max_new_tokens: int, hyps_path: Path) -> dict:
-    """Audio -> units (`encode`) -> text (the decoder, from the units alone): WER/CER against
-    the normalised references, codebook usage, units per second of audio; the transcripts
-    to `hyps_path` ({id, text, ref, raw, units})."""
-    from ..data.dataset import AudioDataset
-    from ..eval.metrics import cer, wer
-    from ..jsonl import atomic_write
-    from ..models.speech_tokenizer import unit_statistics
-    from ..text.normalize import normalize_transcript
-    from ..training.objectives.speech_tokenizer import encode_dataset
-
-    dataset = AudioDataset(records, sample_rate=16000, silence_dbfs=None)
-    rows, skipped = encode_dataset(tokenizer, dataset, batch_duration=batch_duration)
-    raw = tokenizer.transcribe_units([r["units"] for r in rows], max_new_tokens=max_new_tokens)
-    refs = {str(r["id"]): r["text_norm"] for r in records}
-    seconds = {str(r["id"]): float(r.get("duration") or 0.0) for r in records}
-    out_rows = [{"id": r["id"], "text": normalize_transcript(text, lang), "ref": refs[str(r["id"])],
-                 "raw": text, "units": len(r["units"])} for r, text in zip(rows, raw, strict=True)]
-    with atomic_write(hyps_path) as f:
-        for row in out_rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    vq = tokenizer.vq
-    dead = int((vq.ema_cluster_size < vq.dead_code_threshold).sum())
-    audio_s = sum(seconds[str(r["id"])] for r in rows)
-    hyps, gold = [r["text"] for r in out_rows], [r["ref"] for r in out_rows]
-    return {"utterances": len(rows), "skipped": skipped, "wer": wer(gold, hyps),
-            "cer": cer(gold, hyps),
-            "units_per_second": sum(len(r["units"]) for r in rows) / max(audio_s, 1e-9),
-            "usage": unit_statistics([r["units"] for r in rows], vq.num_codes,
-                                     tokenizer.frame_rate, dead=dead)}
 
 
 def results_table(results: dict, baseline_name: str) -> str:
