@@ -62,3 +62,30 @@ def test_more_training_speech_keeps_out_held_out_books_texts_and_voices():
         spec.splits["train"], size=30078)})
     with pytest.raises(ValueError, match="only 30077 verses qualify"):
         plan_split(too_many, "train")
+
+
+def test_extra_speech_repeats_no_train_dev_or_test_text_and_keeps_cached_corpora_valid():
+    from speechlm.pipelines.embedded_corpus import EXTRA_SIZES, extra_speech_spec
+
+    for lang in ("es", "en"):
+        items = plan_split(extra_speech_spec(lang), "extra")
+        base = EMBEDDED[lang]
+        assert len(items) == EXTRA_SIZES[lang] == len({it["id"] for it in items})
+        assert {it["voice"] for it in items} == set(base.splits["train"].voices)
+        texts = {normalized_key(it["text"]) for it in items}
+        for split in SPLITS:
+            assert not texts & {normalized_key(it["text"]) for it in plan_split(base, split)}
+        assert all(4 <= len(it["text"].split()) <= 25 for it in items)
+    # the new exclude field must not change the cache keys of corpora built before it
+    assert (EMBEDDED["en"].fingerprint(), EMBEDDED["es"].fingerprint()) == \
+        ("d67ba26e57", "6ab0aa6d00")
+
+
+def test_an_unknown_embedded_split_names_the_extra_ones():
+    import pytest
+
+    from speechlm.errors import ConfigError
+    from speechlm.recipes.sources import resolve_manifest
+
+    with pytest.raises(ConfigError, match="embedded:es/extra"):
+        resolve_manifest("embedded:es/untranscribed")

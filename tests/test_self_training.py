@@ -119,3 +119,31 @@ def test_tailr_weights_the_student_stage_only(tmp_path, corpus, confident_teache
         assert rows and all(("tailr_weight_mean" in r) == weighted for r in rows), stage
         saved = (run / stage / "config.yaml").read_text()
         assert ("gamma: 0.5" in saved) == weighted
+
+
+def test_teacher_lm_is_built_without_the_excluded_sentences_and_finetune_can_be_skipped(
+        tmp_path, corpus, confident_teacher):
+    lm_text, held_out = tmp_path / "lm.txt", tmp_path / "held_out.txt"
+    lm_text.write_text("o o o\nthe moon is bright\nzebras sleep standing\n")
+    held_out.write_text("zebras sleep standing\n")
+    module, config = load_recipe(
+        _recipe(tmp_path, corpus, teacher=confident_teacher),
+        [f'teacher_lm={{text: ["{lm_text}"], exclude: ["{held_out}"], order: 2, '
+         'lm_weight: 1.0}', "finetune=false"])
+    results = module.run(config)
+    arpa = (tmp_path / "run" / "pseudo" / "teacher_lm.arpa").read_text()
+    assert "moon" in arpa and "zebras" not in arpa
+    assert "finetune" not in results and not (tmp_path / "run" / "finetune").exists()
+    assert (tmp_path / "run" / "student" / "final" / "config.json").is_file()
+    pseudo = (tmp_path / "run" / "pseudo" / "pseudo_0.jsonl").read_text().splitlines()
+    assert pseudo and all(json.loads(line)["text"].strip() for line in pseudo)
+
+
+def test_teacher_lm_needs_an_arpa_or_text(tmp_path, corpus, confident_teacher):
+    with pytest.raises(ConfigError, match="teacher_lm: name an ARPA file"):
+        load_recipe(_recipe(tmp_path, corpus, teacher=confident_teacher),
+                    ["teacher_lm={order: 3}"])
+    module, config = load_recipe(_recipe(tmp_path, corpus, teacher=confident_teacher),
+                                 [f'teacher_lm={{arpa: "{tmp_path / "none.arpa"}"}}'])
+    with pytest.raises(ConfigError, match="none.arpa not found; build one with speechlm build"):
+        module.run(config)

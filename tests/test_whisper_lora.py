@@ -224,3 +224,71 @@ def test_gpu_recipe_loads(tmp_path):
         module, config = load_recipe(f"recipes/lowres/{name}.yaml")
         assert module.__name__.endswith("whisper_lora") and config.model.init == init
         assert config.model.language and config.train.best_metric == "cer"
+
+
+def test_a_new_language_token_trains_its_embedding_only_and_the_saved_model_answers_to_it(
+        tmp_path, corpus, tiny_ckpt, one_torch_thread):
+    from safetensors.torch import load_file
+    from transformers import WhisperTokenizerFast
+
+    from speechlm.cli import main
+    from speechlm.training import checkpoint
+
+    import soundfile as sf
+    import torchaudio.functional as AF
+
+    # the training manifest mixes sample rates: one clip again at 22.05 kHz
+    records = [json.loads(line) for line in corpus["train"].read_text().splitlines()]
+    wave, rate = sf.read(corpus["root"] / "train" / records[0]["audio"], dtype="float32")
+    sf.write(tmp_path / "at22k.wav", AF.resample(torch.from_numpy(wave), rate, 22050).numpy(),
+             22050)
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({**r, "audio": str(corpus["root"] / "train" / r["audio"])})
+                             + "\n" for r in records)
+                     + json.dumps({**records[0], "id": "at22k", "audio": str(tmp_path / "at22k.wav")})
+                     + "\n")
+    init = tiny_ckpt("whisper", init_std=INIT_STD)
+    out = tmp_path / "new_lang"
+    recipe = _recipe(tmp_path, corpus, init, out=out, steps=6, every=6)
+    recipe.write_text(recipe.read_text().replace(str(corpus["train"]), str(mixed)))
+    results = run_recipe(recipe, ["model.language=null",
+                                  "model.new_language={code: xx, init_from: es}"])
+    report = json.loads((out / "data_report.json").read_text())[0]
+    assert report["sample_rates"] == {"target": 16000, "16000": 4, "22050": 1}
+    assert report["kept"] == report["total"] == 5  # nothing dropped for it
+    state = checkpoint.load_checkpoint(out / "step_000006", load_optimizer=False).model_state
+    assert "model.decoder.embed_tokens.rows" in state
+    assert all("lora_" in k for k in state if k != "model.decoder.embed_tokens.rows")
+    tokenizer = WhisperTokenizerFast.from_pretrained(out / "final")
+    new_id = tokenizer.convert_tokens_to_ids("<|xx|>")
+    es_id = tokenizer.convert_tokens_to_ids("<|es|>")
+    generation = json.loads((out / "final" / "generation_config.json").read_text())
+    assert generation["lang_to_id"]["<|xx|>"] == new_id
+    final = load_file(str(out / "final" / "model.safetensors"))["model.decoder.embed_tokens.weight"]
+    original = load_file(str(init / "model.safetensors"))["model.decoder.embed_tokens.weight"]
+    assert final.shape[0] >= new_id + 1
+    # the new row started as <|es|> and trained; the rows Whisper had are untouched
+    assert not torch.equal(final[new_id], original[es_id])
+    assert torch.equal(final[: original.shape[0]][torch.arange(original.shape[0]) != new_id],
+                       original[torch.arange(original.shape[0]) != new_id])
+    rows = [json.loads(line) for line in (out / "test_hyps.jsonl").read_text().splitlines()]
+    assert "cer" in results["test"] and len(rows) == 2
+    hyps = tmp_path / "infer_xx.jsonl"
+    assert main(["infer", "--model", str(out / "final"), "--manifest", str(corpus["dev"]),
+                 "--lang", "xx", "--out", str(hyps), "--quiet"]) == 0
+    assert {json.loads(x)["id"]: json.loads(x)["text"] for x in hyps.read_text().splitlines()} \
+        == {r["id"]: r["raw"] for r in rows}
+
+
+def test_a_new_language_token_is_refused_with_the_fix(tmp_path, corpus, tiny_ckpt):
+    init = tiny_ckpt("whisper", init_std=INIT_STD)
+    recipe = _recipe(tmp_path, corpus, init, out=tmp_path / "bad_new")
+    with pytest.raises(ConfigError, match=r"<\|es\|> is already a language of this Whisper; "
+                                          "reuse it with model.language: es"):
+        run_recipe(recipe, ["model.language=null", "model.new_language={code: es}"])
+    with pytest.raises(ConfigError, match="init_from='esp' is not a language of this Whisper "
+                                          r"\(did you mean es"):
+        run_recipe(recipe, ["model.language=null",
+                            "model.new_language={code: xx, init_from: esp}"])
+    with pytest.raises(ConfigError, match="model.language=es and model.new_language.code=xx"):
+        run_recipe(recipe, ["model.new_language={code: xx}"])

@@ -11,7 +11,8 @@ examples:
   speechlm build lm --text corpus.txt --lang en --order 4 --out lm/4gram.arpa
   speechlm build lm --text train.jsonl --field text --lang es --out lm.arpa \\
       --lexicon-out lexicon.txt --tokens runs/ctc-es/vocab.json
-  speechlm build lm --text embedded:en --exclude dev.jsonl --exclude test.jsonl --out en.arpa
+  speechlm build lm --text embedded:en --exclude embedded:en/dev --exclude embedded:en/test \
+      --lang en --out en.arpa
 Text is normalised like CTC transcripts (speechlm.text.normalize_transcript for --lang) unless
 --no-normalize. Keep dev/test sentences out of the LM text (--exclude) to report honest WERs.
 """
@@ -32,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use the text as it is (already normalised)")
     parser.add_argument("--exclude", action="append", default=[], metavar="FILE",
                         help="drop sentences that also occur in FILE (text or JSONL, same "
-                             "--field), e.g. the dev and test manifests; repeatable")
+                             "--field, or an embedded split such as embedded:es/test), e.g. "
+                             "the dev and test manifests; repeatable")
     parser.add_argument("--order", type=int, default=4, help="n-gram order (default 4)")
     parser.add_argument("--vocab-limit", type=int, default=None, metavar="N",
                         help="keep the N most frequent words; the rest become <unk>")
@@ -70,36 +72,13 @@ def _load_tokens(spec: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from speechlm.inference.ctc_beam import build_lexicon
-    from speechlm.text.ngram import SPECIAL_WORDS, arpa_vocabulary, build_arpa, iter_text
+    from speechlm.text.ngram import SPECIAL_WORDS, arpa_vocabulary, build_word_lm
 
     # Check the vocabulary before the (long) estimation, so a typo fails at once.
     tokens = _load_tokens(args.tokens) if args.lexicon_out and args.tokens else None
-    if args.no_normalize:
-        def normalize(text: str) -> str:
-            return " ".join(text.split())
-    else:
-        from speechlm.text.normalize import normalize_transcript
-
-        def normalize(text: str) -> str:
-            return normalize_transcript(text, args.lang)
-
-    excluded: set[str] = set()
-    for path in args.exclude:
-        excluded.update(normalize(t) for t in iter_text(path, field=args.field))
-    excluded.discard("")
-    dropped = 0
-
-    def sentences():
-        nonlocal dropped
-        for source in args.text:
-            for raw in iter_text(source, field=args.field):
-                sentence = normalize(raw)
-                if sentence in excluded:
-                    dropped += 1
-                    continue
-                yield sentence
-
-    stats = build_arpa(sentences(), args.order, out_path=args.out, vocab_limit=args.vocab_limit)
+    stats, dropped = build_word_lm(args.text, args.out, order=args.order, lang=args.lang,
+                                   normalize=not args.no_normalize, exclude=args.exclude,
+                                   field=args.field, vocab_limit=args.vocab_limit)
     print(stats.summary())
     if args.exclude:
         print(f"excluded {dropped} sentences found in {', '.join(args.exclude)}")

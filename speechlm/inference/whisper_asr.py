@@ -88,7 +88,8 @@ class WhisperTranscriber(Transcriber):
         options: dict = {"max_new_tokens": self.max_new_tokens, "num_beams": 1,
                          "do_sample": False, "return_timestamps": False}
         if self.multilingual:
-            options.update(task=self.task, **({"language": self.language}
+            # the token form, which generate() takes for a language added by fine-tuning too
+            options.update(task=self.task, **({"language": f"<|{self.language}|>"}
                                               if self.language else {}))
         with quiet_transformers():  # its notes on max_length and masks do not apply here
             ids = self.model.generate(features.to(self.device, self.model.dtype), **options)

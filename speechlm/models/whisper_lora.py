@@ -33,7 +33,8 @@ from torch import nn
 from ..errors import ConfigError
 from .lora import LoraSettings, matching_linear_modules
 
-__all__ = ["DECODER_TARGETS", "AsrPrompt", "apply_whisper_lora", "asr_prompt", "greedy_decode",
+__all__ = ["DECODER_TARGETS", "AsrPrompt", "NewTokenEmbedding", "add_language_token",
+           "apply_whisper_lora", "asr_prompt", "fold_new_tokens", "greedy_decode",
            "load_whisper", "merge_lora", "save_whisper", "states_from_audio", "states_from_cache"]
 
 # attention (self and cross) and MLP projections of Whisper's layers
@@ -118,6 +119,84 @@ def asr_prompt(generation_config, language: str | None, directory, *,
                       int(no_timestamps)], eot, max_positions, language)
 
 
+class NewTokenEmbedding(nn.Module):
+    """The decoder's token table, frozen, with the rows of `ids` replaced by trainable vectors:
+    a new language token learns its embedding while nothing else of the table changes (and
+    weight decay touches only the new rows). `fold_new_tokens` writes them into a plain table."""
+
+    def __init__(self, base: nn.Embedding, ids: list[int], rows: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.register_buffer("ids", torch.tensor(ids, dtype=torch.long), persistent=False)
+        self.rows = nn.Parameter(rows.detach().clone().float())
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        n = self.base.num_embeddings
+        out = self.base(input_ids.clamp(max=n - 1))
+        for j, token in enumerate(self.ids.tolist()):
+            out = torch.where((input_ids == token)[..., None], self.rows[j].to(out.dtype), out)
+        return out
+
+
+def add_language_token(model, tokenizer, code: str, init_from: str | None) -> int:
+    """Give a multilingual Whisper the language token `<|code|>` (its id returned): added to
+    the tokenizer and the generation config's lang_to_id, its embedding starting as
+    `<|init_from|>`'s (a related language) or, with None, the mean of every language
+    token's, and trainable (NewTokenEmbedding) while the rest of the table stays fixed."""
+    import re
+
+    config = model.generation_config
+    known = dict(getattr(config, "lang_to_id", None) or {})
+    if not getattr(config, "is_multilingual", False) or not known:
+        raise ConfigError("model.new_language needs a multilingual Whisper (it has language "
+                          "tokens to extend), e.g. model.init: models:whisper-base")
+    token = f"<|{code}|>"
+    if not re.fullmatch(r"[a-z][a-z0-9_-]{0,15}", str(code)):
+        raise ConfigError(f"model.new_language.code={code!r}: give a short lower-case code "
+                          "(letters, digits, - or _), e.g. ain")
+    if token in known:
+        raise ConfigError(f"model.new_language.code={code}: {token} is already a language of "
+                          f"this Whisper; reuse it with model.language: {code} and no "
+                          "new_language")
+    table = model.model.decoder.embed_tokens
+    if isinstance(table, NewTokenEmbedding):
+        raise ConfigError("this model already has a new language token")
+    with torch.no_grad():
+        if init_from is None:
+            row = table.weight[sorted(known.values())].mean(0)
+        elif f"<|{init_from}|>" in known:
+            row = table.weight[known[f"<|{init_from}|>"]]
+        else:
+            close = difflib.get_close_matches(str(init_from), [k[2:-2] for k in known], n=3)
+            raise ConfigError(f"model.new_language.init_from={init_from!r} is not a language "
+                              "of this Whisper" + (f" (did you mean {', '.join(close)}?)"
+                                                   if close else "")
+                              + "; name a related language's code, or null for the mean of all")
+    tokenizer.add_special_tokens({"additional_special_tokens": [token]},
+                                 replace_extra_special_tokens=False)
+    new_id = int(tokenizer.convert_tokens_to_ids(token))
+    model.model.decoder.embed_tokens = NewTokenEmbedding(table, [new_id], row[None])
+    config.lang_to_id = {**known, token: new_id}
+    return new_id
+
+
+def fold_new_tokens(model) -> int:
+    """Write NewTokenEmbedding's rows into a plain token table (grown, with the tied output
+    layer, when a new id lies beyond it) and put that table back; returns the rows folded."""
+    decoder = model.model.decoder
+    wrapper = decoder.embed_tokens
+    if not isinstance(wrapper, NewTokenEmbedding):
+        return 0
+    decoder.embed_tokens = wrapper.base
+    ids = wrapper.ids.tolist()
+    if max(ids) >= wrapper.base.num_embeddings:
+        model.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
+    with torch.no_grad():
+        weight = model.model.decoder.embed_tokens.weight
+        weight[ids] = wrapper.rows.to(weight.dtype)
+    return len(ids)
+
+
 def load_whisper(directory):
     """(WhisperForConditionalGeneration in fp32, its fast tokenizer) from a local directory;
     ConfigError when it is not a Whisper checkpoint with a decoder."""
@@ -177,6 +256,9 @@ def apply_whisper_lora(model, settings: LoraSettings, encoder_top_layers: int = 
         inject_adapter_in_model(config, module)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
+    for module in model.modules():  # a new language token's embedding (add_language_token)
+        if isinstance(module, NewTokenEmbedding):
+            module.rows.requires_grad_(True)
     return names
 
 

@@ -51,10 +51,15 @@ class CorpusSpec:
     seed: int = 0
     sample_rate: int = 16000
     audio_format: str = "flac"
+    # "LANG/SPLIT" of an embedded corpus whose texts this one never repeats (null: none)
+    exclude_texts_of: str | None = None
 
     def fingerprint(self) -> str:
         """Changes whenever anything that affects the audio or the selection changes."""
-        blob = json.dumps(asdict(self), sort_keys=True, default=list)
+        fields = asdict(self)
+        if fields["exclude_texts_of"] is None:  # corpora built before the field keep their key
+            del fields["exclude_texts_of"]
+        blob = json.dumps(fields, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -119,11 +124,15 @@ def plan_split(spec: CorpusSpec, split: str) -> list[dict]:
         return in_books and spec.min_words <= n_words <= spec.max_words
 
     verses = [v for v in load_verses() if eligible(v, split_spec.books)]
-    if split != "train":
+    if split != "train" and "train" in spec.splits:
         # Parallel passages repeat across books; drop any text that train also has.
         train_keys = {normalized_key(v.text(spec.lang)) for v in load_verses()
                       if eligible(v, spec.splits["train"].books)}
         verses = [v for v in verses if normalized_key(v.text(spec.lang)) not in train_keys]
+    if spec.exclude_texts_of:
+        lang, _, other_split = spec.exclude_texts_of.partition("/")
+        taken = {normalized_key(item["text"]) for item in plan_split(EMBEDDED[lang], other_split)}
+        verses = [v for v in verses if normalized_key(v.text(spec.lang)) not in taken]
     rng = random.Random(f"{spec.seed}-{spec.name}-{split}")
     rng.shuffle(verses)
     if len(verses) < split_spec.size:
@@ -259,6 +268,32 @@ def build_more_training_speech(lang: str, size: int, *, jobs: int | None = None,
                          f"{sorted(EMBEDDED)}")
     return build_corpus(more_training_speech_spec(lang, size), jobs=jobs,
                         progress=progress).manifests["train"]
+
+
+# lang -> utterances of the "extra" split: more speech of the training books and voices
+EXTRA_SIZES = {"es": 1800, "en": 3000}
+
+
+def extra_speech_spec(lang: str) -> CorpusSpec:
+    """`embedded:LANG/extra`: verses of the training books spoken by the training voices, as
+    the train split is (same word range, rates and pitches), none of them a train text, and
+    (as train's books hold no dev/test text) none a held-out one: speech to use as
+    untranscribed audio for self-training (its text then only measures the pseudo-labels),
+    or as labelled data for the bound of having it all transcribed."""
+    base = EMBEDDED[lang]
+    train = base.splits["train"]
+    held_out = {b for name, s in base.splits.items() if name != "train" for b in s.books}
+    books = tuple(sorted({v.book for v in load_verses()} - held_out))
+    return CorpusSpec(name=f"{lang}-extra", lang=lang, min_words=base.min_words,
+                      max_words=base.max_words, seed=base.seed, exclude_texts_of=f"{lang}/train",
+                      splits={"extra": SplitSpec(size=EXTRA_SIZES[lang], voices=train.voices,
+                                                 books=books, rate=train.rate,
+                                                 pitch=train.pitch)})
+
+
+def build_extra_speech(lang: str, *, jobs: int | None = None, progress: bool = True) -> Path:
+    """Synthesize `extra_speech_spec(lang)` into the cache once (resumable); its manifest."""
+    return build_corpus(extra_speech_spec(lang), jobs=jobs, progress=progress).manifests["extra"]
 
 
 def _report_summary(report) -> dict:

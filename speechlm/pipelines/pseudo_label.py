@@ -53,12 +53,15 @@ class PseudoLabelReport:
 
 def pseudo_label_manifest(teacher_dir, manifest, out_manifest, *, min_confidence: float = 0.0,
                           device: str = "auto", batch_duration: float = 160.0,
-                          progress: bool = True) -> PseudoLabelReport:
+                          beam: dict | None = None, progress: bool = True) -> PseudoLabelReport:
     """Transcribe `manifest` with the CTC model in `teacher_dir`; write the kept items to
     `out_manifest` with `text` = the teacher's transcript and `confidence`.
 
-    A `text` already in the input is kept as `reference_text` (it is never used
-    for training here; it only measures how good the pseudo-labels are).
+    `beam`: keyword arguments of a BeamSearchCTCDecoder (lm_path, lm_weight, word_score,
+    beam_size, ...) to decode with a word LM instead of greedily; the confidence is the
+    acoustic model's either way. A `text` already in the input is kept as
+    `reference_text` (it is never used for training here; it only measures how good the
+    pseudo-labels are).
     """
     from ..data.collate import SkippedItem
     from ..data.dataset import AudioDataset
@@ -74,6 +77,11 @@ def pseudo_label_manifest(teacher_dir, manifest, out_manifest, *, min_confidence
     done = ({rec["id"]: rec for _, rec in iter_jsonl(progress_path, tolerate_torn_tail=True)}
             if progress_path.exists() else {})
     teacher = CTCTranscriber(teacher_dir, device=device, batch_duration=batch_duration)
+    if beam is not None:
+        from ..inference.ctc_beam import BeamSearchCTCDecoder
+
+        teacher.decoder = BeamSearchCTCDecoder(teacher.tokens, blank=teacher.blank,
+                                               word_delimiter=teacher.word_delimiter, **beam)
     blank_id = teacher.tokens.index(teacher.blank)
     records = read_manifest(manifest)
     todo = [r for r in records if str(r["id"]) not in done]

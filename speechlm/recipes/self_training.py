@@ -6,12 +6,14 @@ model and the gold data; each stage is that config plus its own overrides:
 
 1. teacher: `ctc` as given (skipped when `teacher_model` names a trained dir);
 2. pseudo-label `unlabelled` manifests with the teacher, keeping utterances
-   whose confidence is at least `min_confidence`;
+   whose confidence is at least `min_confidence`; greedily, or with `teacher_lm`
+   (beam search with a word n-gram LM, built from text when no ARPA is named:
+   the teacher the paper uses);
 3. student: trained on the pseudo-labels (plus the gold data if
    `student_with_gold`), with TaiLr weighting of its loss if `tailr` is set
    (speechlm.training.tailr), then `student_overrides`;
 4. fine-tune: the student fine-tuned on gold (`model.init` = the student),
-   then `finetune_overrides`.
+   then `finetune_overrides` (`finetune: false` ends with the student).
 
 Stages live in `output_dir/{teacher,pseudo,student,finetune}`; a finished
 stage (its results.json exists) is not run again, and an unfinished one
@@ -34,6 +36,23 @@ STAGES = ("teacher", "student", "finetune")
 
 
 @dataclass
+class TeacherLM:
+    """Beam search with a word n-gram LM for the teacher's pseudo-labels."""
+    arpa: str | None = None           # an ARPA file; null: build one from `text`
+    text: list[str] = field(default_factory=list)     # what `speechlm build lm --text` reads
+    exclude: list[str] = field(default_factory=list)  # sentences never in the LM (dev, test)
+    order: int = 4
+    lm_weight: float = 0.5
+    word_score: float = 0.0
+    beam_size: int = 50
+
+    def __post_init__(self):
+        if not self.arpa and not self.text:
+            raise ConfigError("teacher_lm: name an ARPA file (arpa:) or the text to build "
+                              "one from (text: [embedded:es, ...])")
+
+
+@dataclass
 class Config:
     task: str = "self_training"
     ctc: ctc.Config = field(default_factory=ctc.Config)   # the model and the gold data
@@ -49,10 +68,14 @@ class Config:
     # noise (speechlm.training.tailr); with student_with_gold the gold utterances are
     # weighted too. null: the plain loss
     tailr: TaiLrConfig | None = None
+    teacher_lm: TeacherLM | None = None                   # null: greedy pseudo-labels
+    finetune: bool = True                                 # false: the student is the result
 
     def __post_init__(self):
         if isinstance(self.tailr, dict):
             self.tailr = TaiLrConfig(**self.tailr)
+        if isinstance(self.teacher_lm, dict):
+            self.teacher_lm = TeacherLM(**self.teacher_lm)
         if not 0 <= self.min_confidence <= 1:
             raise ConfigError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
 
@@ -80,6 +103,27 @@ def _run_stage(cfg: ctc.Config) -> dict:
     return ctc.run(cfg)
 
 
+def teacher_beam(config: Config, out: Path) -> dict | None:
+    """The BeamSearchCTCDecoder arguments of the teacher (building its LM once), or None."""
+    lm = config.teacher_lm
+    if lm is None:
+        return None
+    arpa = Path(lm.arpa) if lm.arpa else out / "pseudo" / "teacher_lm.arpa"
+    if lm.arpa and not arpa.is_file():
+        raise ConfigError(f"teacher_lm.arpa: {arpa} not found; build one with speechlm build "
+                          "lm, or give teacher_lm.text instead to build it here")
+    if not arpa.is_file():
+        from ..text.ngram import build_word_lm
+
+        arpa.parent.mkdir(parents=True, exist_ok=True)
+        stats, dropped = build_word_lm(lm.text, arpa, order=lm.order,
+                                       lang=config.unlabelled_lang, exclude=lm.exclude)
+        print(f"teacher LM {arpa}: {stats.summary()}; {dropped} sentence(s) of "
+              f"{', '.join(lm.exclude) or 'nothing'} left out")
+    return {"lm_path": str(arpa), "lm_weight": lm.lm_weight, "word_score": lm.word_score,
+            "beam_size": lm.beam_size}
+
+
 def run(config: Config) -> dict:
     from ..pipelines.pseudo_label import pseudo_label_manifest
     from .sources import resolve_manifest
@@ -99,13 +143,15 @@ def run(config: Config) -> dict:
         results["teacher"] = _run_stage(stage_config(config, "teacher"))
         teacher_dir = Path(results["teacher"]["final_dir"])
 
+    beam = teacher_beam(config, out)
     pseudo_sources = []
     reports = {}
     for i, spec in enumerate(config.unlabelled):
         target = out / "pseudo" / f"pseudo_{i}.jsonl"
         report = pseudo_label_manifest(teacher_dir, resolve_manifest(spec, progress=progress),
                                        target, min_confidence=config.min_confidence,
-                                       device=config.ctc.train.device, progress=progress)
+                                       device=config.ctc.train.device, beam=beam,
+                                       progress=progress)
         print(report.summary())
         reports[str(spec)] = dataclasses.asdict(report)
         if report.kept:
@@ -117,8 +163,9 @@ def run(config: Config) -> dict:
                           "lower it, or train the teacher longer")
     student_data = pseudo_sources + (list(config.ctc.data.train) if config.student_with_gold else [])
     results["student"] = _run_stage(stage_config(config, "student", student_data=student_data))
-    results["finetune"] = _run_stage(stage_config(config, "finetune",
-                                                  init=results["student"]["final_dir"]))
+    if config.finetune:
+        results["finetune"] = _run_stage(stage_config(config, "finetune",
+                                                      init=results["student"]["final_dir"]))
     summary = {stage: {split: {k: results[stage][split][k] for k in ("wer", "cer")
                                if k in results[stage].get(split, {})}
                        for split in ("dev", "test") if split in results[stage]}

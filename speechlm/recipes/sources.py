@@ -4,7 +4,8 @@
 embedded speech corpus; it is built into the cache on first use, so tiny
 recipes run on a fresh machine with no data of the user's. Re-spoken splits
 such as `embedded:en/test_piper` (the test verses in a Piper neural voice) are
-built the same way.
+built the same way, and so is `embedded:LANG/extra` (more speech of the training books
+and voices, no train text: the untranscribed audio of self-training).
 """
 
 from __future__ import annotations
@@ -34,19 +35,24 @@ def resolve_manifest(spec: str | Path, *, progress: bool = True) -> Path:
         return path
     from ..pipelines.embedded_corpus import (
         EMBEDDED,
+        EXTRA_SIZES,
         RESPOKEN,
         SPLITS,
         build_embedded_corpus,
+        build_extra_speech,
         build_respoken_split,
     )
 
     lang, _, split = text[len(PREFIX):].partition("/")
     respoken = RESPOKEN.get(lang, {})
-    if lang not in EMBEDDED or split not in (*SPLITS, *respoken):
-        named = ", ".join(f"embedded:{code}/{name}" for code, splits in RESPOKEN.items()
-                          for name in splits)
+    extra = ("extra",) if lang in EXTRA_SIZES else ()
+    if lang not in EMBEDDED or split not in (*SPLITS, *respoken, *extra):
+        named = ", ".join([f"embedded:{code}/{name}" for code, splits in RESPOKEN.items()
+                           for name in splits] + [f"embedded:{code}/extra" for code in EXTRA_SIZES])
         raise ConfigError(f"unknown embedded manifest '{text}'; use embedded:LANG/SPLIT with "
                           f"LANG in {sorted(EMBEDDED)} and SPLIT in {list(SPLITS)}, or {named}")
     if split in respoken:
         return build_respoken_split(lang, split, progress=progress)
+    if split in extra:
+        return build_extra_speech(lang, progress=progress)
     return build_embedded_corpus(lang, progress=progress).manifests[split]

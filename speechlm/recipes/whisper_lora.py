@@ -6,6 +6,7 @@ language with little labelled speech by LoRA (issue 23, recipe (b)).
       init: models:whisper-base     # a WhisperForConditionalGeneration directory, a hub id
                                     # in the local HF cache, or a registry model
       language: es                  # the language token the decoder follows (Whisper's own)
+      new_language: null            # or {code: ain, init_from: ja}: a token of its own
     lora:
       r: 16
       alpha: 32
@@ -21,7 +22,10 @@ language with little labelled speech by LoRA (issue 23, recipe (b)).
 
 The loss is Whisper's own: teacher-forced cross-entropy on `<|startoftranscript|><|es|>
 <|transcribe|><|notimestamps|> text <|endoftext|>` with labels on the text and the end token
-only (speechlm.training.objectives.whisper_asr). Only the LoRA matrices train. The encoder
+only (speechlm.training.objectives.whisper_asr). Only the LoRA matrices train, and with
+`model.new_language` the new token's embedding (`<|code|>` added to the tokenizer and the
+generation config, starting as a related language's token or the mean of all; the saved
+model answers to `--lang code`). The encoder
 layers below the LoRA ones never change, so with `data.encoder_cache` their output is
 computed once per utterance, on Whisper's 30 s window as it was trained (all 1500 frames),
 and stored on disk (speechlm.pipelines.encoder_cache, shared by every run of the same
@@ -61,12 +65,32 @@ from .ctc import TrainSource
 FINAL_DIR = "final"
 RESULTS_FILE = "results.json"
 WINDOW_S = 30.0
+SAMPLE_RATE = 16000                       # what Whisper's feature extractor takes
+
+
+@dataclass
+class NewLanguage:
+    """A language token of its own instead of one of Whisper's (add_language_token)."""
+    code: str                             # <|code|>: the token the saved model answers to
+    init_from: str | None = None          # a related language's token to start from; null:
+                                          # the mean of all of Whisper's language tokens
 
 
 @dataclass
 class ModelConfig:
     init: str = "models:whisper-base"     # WhisperForConditionalGeneration dir / hub id / models:
     language: str | None = None           # Whisper language code; required for multilingual
+    new_language: NewLanguage | None = None   # add a token (language = its code) and train it
+
+    def __post_init__(self):
+        if isinstance(self.new_language, dict):
+            self.new_language = NewLanguage(**self.new_language)
+        if self.new_language is not None:
+            if self.language not in (None, self.new_language.code):
+                raise ConfigError(f"model.language={self.language} and model.new_language."
+                                  f"code={self.new_language.code}: the new token is the "
+                                  "language trained; leave model.language out or make them equal")
+            self.language = self.new_language.code
 
 
 @dataclass
@@ -153,11 +177,18 @@ def run(config: Config) -> dict:
     dist, out, say = start_run(cfg.train)
     seed_everything(cfg.train.seed)
     model, tokenizer = whisper_lora.load_whisper(directory)
+    new = cfg.model.new_language
+    if new is not None:
+        token_id = whisper_lora.add_language_token(model, tokenizer, new.code, new.init_from)
+        say(f"new language token <|{new.code}|> (id {token_id}), starting as "
+            + (f"<|{new.init_from}|>" if new.init_from else "the mean of Whisper's languages"))
     prompt = whisper_lora.asr_prompt(model.generation_config, cfg.model.language, directory,
                                      max_positions=int(model.config.max_target_positions))
     language = prompt.language or "en"
-    check_one_language(data, language, cfg.model.language)
-    lang = data.lang or language
+    # a new token's code need not be the text's language (<|es-cl|> over Spanish text): the
+    # sources then only have to agree, and their language normalises the scores
+    text_lang = check_one_language(data, language, cfg.model.language, new_token=new is not None)
+    lang = data.lang or text_lang
     top = cfg.lora.encoder_top_layers
     adapted = whisper_lora.apply_whisper_lora(model, cfg.lora, top)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -197,6 +228,7 @@ def run(config: Config) -> dict:
                 f"{best.trainer_state.get('step')})")
     model = model.cpu()
     merged = whisper_lora.merge_lora(model)
+    whisper_lora.fold_new_tokens(model)
     final = out / FINAL_DIR
     if dist.is_main:
         whisper_lora.save_whisper(model, tokenizer, final, source_dir=directory)
@@ -219,17 +251,24 @@ def run(config: Config) -> dict:
     return results
 
 
-def check_one_language(data: DataConfig, language: str, model_language) -> None:
+def check_one_language(data: DataConfig, language: str, model_language, *,
+                       new_token: bool = False) -> str:
     """ConfigError when a training source is weighted or names another language: these
-    recipes train one language token."""
+    recipes train one language token. Returns the text's language: `language`, or with a
+    `new_token` the one the sources name (they must agree)."""
+    langs = sorted({source.lang for source in data.train if source.lang is not None})
+    if new_token and len(langs) > 1:
+        raise ConfigError(f"data.train names languages {langs}: model.new_language trains one "
+                          "language token; give every source the same lang")
     for pos, source in enumerate(data.train):
         if source.weight != 1.0:
             raise ConfigError(f"data.train[{pos}].weight={source.weight}: weights mix languages "
                               "in task: ctc; this recipe trains one language, remove it")
-        if source.lang is not None and source.lang != language:
+        if not new_token and source.lang is not None and source.lang != language:
             raise ConfigError(f"data.train[{pos}].lang={source.lang} but model.language="
                               f"{model_language}: this recipe trains one language token; "
                               "give every source the model's language (or leave lang out)")
+    return langs[0] if new_token and langs else language
 
 
 def prepare_data(data: DataConfig, tokenizer, prompt, lang: str, dist, out: Path,
@@ -237,6 +276,7 @@ def prepare_data(data: DataConfig, tokenizer, prompt, lang: str, dist, out: Path
     """(training records, {dev/test: records}, manifest paths, data reports): transcripts
     tokenized with Whisper's prompt, what does not fit skipped and counted in
     `out/data_report.json`."""
+    from ..training.objectives.ctc import count_sample_rates
     from ..training.objectives.whisper_asr import prepare_whisper_records
     from .ctc import _resolve_manifests, _write_json, hours_subset
 
@@ -249,6 +289,7 @@ def prepare_data(data: DataConfig, tokenizer, prompt, lang: str, dist, out: Path
             name=f"train[{pos}] {source.manifest}")
         if source.max_hours is not None:
             kept = hours_subset(kept, source.max_hours, rep)
+        rep.sample_rates = count_sample_rates(kept, SAMPLE_RATE)  # mixed rates: said, resampled
         records += kept
         reports.append(rep)
     eval_records = {}
@@ -256,6 +297,7 @@ def prepare_data(data: DataConfig, tokenizer, prompt, lang: str, dist, out: Path
         if paths.get(split):
             kept, rep = prepare_whisper_records(paths[split], tokenizer, prompt, lang=lang,
                                                 training=False, name=split)
+            rep.sample_rates = count_sample_rates(kept, SAMPLE_RATE)
             eval_records[split] = kept
             reports.append(rep)
     if dist.is_main:

@@ -86,8 +86,9 @@ EMBEDDED_PREFIX = "embedded:"
 
 def iter_text(source: str | os.PathLike, *, field: str = "text") -> Iterator[str]:
     """Sentences of a text file (one per line, `.gz` too), of a JSONL file's `field`
-    (records without it are skipped), or of the embedded Bible corpus side
-    ("embedded:en" / "embedded:es"). Lazy: one line in memory at a time.
+    (records without it are skipped), of the embedded Bible corpus side
+    ("embedded:en" / "embedded:es"), or of an embedded speech split's manifest
+    ("embedded:es/dev"). Lazy: one line in memory at a time.
     """
     import gzip
     import io
@@ -95,6 +96,10 @@ def iter_text(source: str | os.PathLike, *, field: str = "text") -> Iterator[str
     from speechlm.jsonl import iter_jsonl
 
     text = str(source)
+    if text.startswith(EMBEDDED_PREFIX) and "/" in text:
+        from speechlm.recipes.sources import resolve_manifest
+
+        source = text = str(resolve_manifest(text))
     if text.startswith(EMBEDDED_PREFIX):
         from speechlm.paths import resource
 
@@ -131,6 +136,41 @@ def iter_text(source: str | os.PathLike, *, field: str = "text") -> Iterator[str
 
 # ---------------------------------------------------------------------------
 # Building
+
+
+def build_word_lm(texts: Sequence[str], out_path: str | os.PathLike, *, order: int = 4,
+                  lang: str | None = None, normalize: bool = True,
+                  exclude: Sequence[str] = (), field: str = "text",
+                  vocab_limit: int | None = None) -> tuple[NgramStats, int]:
+    """A word n-gram LM (ARPA at `out_path`) of the sentences of `texts` (anything
+    `iter_text` reads), normalised like CTC transcripts of `lang` unless `normalize` is
+    false; sentences that also occur in an `exclude` source (dev and test sets) are left
+    out. Returns the statistics and how many sentences were excluded."""
+    if normalize:
+        from speechlm.text.normalize import normalize_transcript
+
+        def clean(sentence: str) -> str:
+            return normalize_transcript(sentence, lang)
+    else:
+        def clean(sentence: str) -> str:
+            return " ".join(sentence.split())
+
+    excluded = {clean(t) for source in exclude for t in iter_text(source, field=field)}
+    excluded.discard("")
+    dropped = 0
+
+    def sentences():
+        nonlocal dropped
+        for source in texts:
+            for raw in iter_text(source, field=field):
+                sentence = clean(raw)
+                if sentence in excluded:
+                    dropped += 1
+                    continue
+                yield sentence
+
+    stats = build_arpa(sentences(), order, out_path=out_path, vocab_limit=vocab_limit)
+    return stats, dropped
 
 
 def _discounts(adjusted: Iterable[int]) -> tuple[tuple[float, float, float], bool]:
