@@ -85,6 +85,9 @@ def test_stages_run_and_a_rerun_skips_finished_stages(tmp_path, corpus, confiden
         assert (run / stage / "final" / "config.json").is_file()
         assert "cer" in results["summary"][stage]["dev"]
     assert (run / "finetune" / "metrics.jsonl").read_text().count('"split": "train"') == 3
+    # the fine-tune stage keeps the student's vocabulary (and so its output layer)
+    assert str(run / "student" / "final" / "vocab.json") in \
+        (run / "finetune" / "config.yaml").read_text()
     pseudo = [json.loads(line) for line in (run / "pseudo" / "pseudo_0.jsonl").read_text().splitlines()]
     kept = results["pseudo_labels"][str(config.unlabelled[0])]["kept"]
     assert len(pseudo) == kept

@@ -12,8 +12,8 @@ model and the gold data; each stage is that config plus its own overrides:
 3. student: trained on the pseudo-labels (plus the gold data if
    `student_with_gold`), with TaiLr weighting of its loss if `tailr` is set
    (speechlm.training.tailr), then `student_overrides`;
-4. fine-tune: the student fine-tuned on gold (`model.init` = the student),
-   then `finetune_overrides` (`finetune: false` ends with the student).
+4. fine-tune: the student fine-tuned on gold (`model.init` = the student, and its
+   vocabulary), then `finetune_overrides` (`finetune: false` ends with the student).
 
 Stages live in `output_dir/{teacher,pseudo,student,finetune}`; a finished
 stage (its results.json exists) is not run again, and an unfinished one
@@ -89,6 +89,10 @@ def stage_config(config: Config, stage: str, *, student_data=None, init=None) ->
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=student_data))
     if init is not None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init=init))
+        vocab = Path(init) / "vocab.json"
+        if cfg.data.vocab is None and vocab.is_file():
+            # keep the student's output layer: the gold text alone may spell fewer characters
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, vocab=str(vocab)))
     if stage == "student" and config.tailr is not None:
         cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, tailr=config.tailr))
     overrides = {"student": config.student_overrides,
