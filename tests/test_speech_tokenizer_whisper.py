@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from speechlm.errors import ConfigError
-from speechlm.testing.runs import run_recipe, train_losses
+from speechlm.testing.runs import run_recipe, train_losses, whisper_decoder_sections
 
 INIT_STD = 0.3  # as tests/test_whisper_lora.py: a tiny decoder whose logits can move
 
@@ -30,27 +30,8 @@ model:
   language: es
   vq_layer: 1
   num_codes: 16
-{model}data:
-  train:
-    - {{manifest: "{corpus['train']}", lang: es}}
-  dev: "{corpus['dev']}"
-  test: "{corpus['dev']}"
-  max_batch_duration: 20.0   # all four in one batch: a loss that falls step by step
-  num_buckets: 1
-  encoder_cache: "{tmp_path / 'cache'}"
-{data}eval: {{examples: 0, max_new_tokens: 8}}
-train:
-  max_steps: {steps}
-  lr: 1.0e-2
-  schedule: constant
-  log_every: 1
-  best_metric: cer
-  eval_every: {steps}
-  save_every: {steps}
-  tensorboard: false
-  progress: false
-  output_dir: "{out}"
-"""
+{model}""" + whisper_decoder_sections(corpus, tmp_path / "cache", out, steps=steps,
+                                        every=steps, data=data)
     path = tmp_path / f"recipe-{out.name}.yaml"
     path.write_text(text)
     return path

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from speechlm.errors import ConfigError, ManifestError
-from speechlm.testing.runs import run_recipe, train_losses
+from speechlm.testing.runs import run_recipe, train_losses, whisper_decoder_sections
 
 # The tiny Whisper's embeddings (its output layer, tied) are larger than the default init's
 # (std 0.02): with those, LoRA behind the decoder's final layer norm can hardly move a logit.
@@ -31,27 +31,8 @@ lora:
   r: 4
   alpha: 8
   dropout: 0.0
-{lora}data:
-  train:
-    - {{manifest: "{corpus['train']}", lang: es}}
-  dev: "{corpus['dev']}"
-  test: "{corpus['dev']}"
-  max_batch_duration: 20.0   # all four in one batch: a loss that falls step by step
-  num_buckets: 1
-  encoder_cache: "{tmp_path / 'cache'}"
-{data}eval: {{examples: 0, max_new_tokens: 8}}
-train:
-  max_steps: {steps}
-  lr: 1.0e-2
-  schedule: constant
-  log_every: 1
-  best_metric: cer
-  eval_every: {every}
-  save_every: {every}
-  tensorboard: false
-  progress: false
-  output_dir: "{out}"
-{extra}"""
+{lora}""" + whisper_decoder_sections(corpus, tmp_path / "cache", out, steps=steps,
+                                       every=every, data=data) + extra
     path = tmp_path / f"recipe-{out.name}.yaml"
     path.write_text(text)
     return path
