@@ -108,7 +108,9 @@ def _run_stage(cfg: ctc.Config) -> dict:
 
 
 def teacher_beam(config: Config, out: Path) -> dict | None:
-    """The BeamSearchCTCDecoder arguments of the teacher (building its LM once), or None."""
+    """The BeamSearchCTCDecoder arguments of the teacher, or None. An LM built from
+    `teacher_lm.text` is written to `out/pseudo/teacher_lm.arpa` once and reused by a rerun
+    (delete it, with the pseudo-labels, after changing the text or `exclude`)."""
     lm = config.teacher_lm
     if lm is None:
         return None

@@ -341,8 +341,8 @@ def training_sets(data: DataConfig, records: list[dict], eval_records: dict, fil
         dev_set = filler.dataset(eval_records["dev"], "dev", silence_dbfs=None)
         filler.release()
     else:
-        train_set = AudioDataset(records, sample_rate=16000, strict=data.strict)
-        dev_set = AudioDataset(eval_records["dev"], sample_rate=16000, strict=data.strict,
+        train_set = AudioDataset(records, sample_rate=SAMPLE_RATE, strict=data.strict)
+        dev_set = AudioDataset(eval_records["dev"], sample_rate=SAMPLE_RATE, strict=data.strict,
                                silence_dbfs=None)
     sampler = DurationBucketSampler([float(r["duration"]) for r in records],
                                     max_batch_duration=data.max_batch_duration,
