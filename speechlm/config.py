@@ -292,8 +292,10 @@ def _is_text_type(tp) -> bool:
 # -- validation ----------------------------------------------------------------
 
 
-def _build(cls, value, key_path: KeyPath, source: _Source):
-    """Build dataclass `cls` from a mapping, checking keys and field types."""
+def _build(cls, value, key_path: KeyPath, source: _Source, base=None):
+    """Build dataclass `cls` from a mapping, checking keys and field types. Keys the mapping
+    leaves out take their values from `base` (an instance of `cls`) when given, else the
+    class defaults."""
     where = source.where(key_path)
     section = _dotted(key_path)
     if not isinstance(value, Mapping):
@@ -308,8 +310,17 @@ def _build(cls, value, key_path: KeyPath, source: _Source):
                 f"{source.where(key_path + (key,))}: unknown key '{_dotted(key_path + (key,))}'"
                 f"{_did_you_mean(str(key), fields)}; valid keys"
                 f"{f' in {section!r}' if section else ''}: {', '.join(fields)}")
-        kwargs[key] = _convert(item, hints[key], key_path + (key,), source)
-    missing = [name for name, f in fields.items() if name not in value
+        inner = _section_default(cls, fields[key], base)
+        if inner is not None and isinstance(item, Mapping) \
+                and _strip_optional(hints[key]) is type(inner):
+            # a section given in part keeps the defaults its parent declares for the rest
+            # (a task's `train` defaults, not TrainConfig's)
+            kwargs[key] = _build(type(inner), item, key_path + (key,), source, base=inner)
+        else:
+            kwargs[key] = _convert(item, hints[key], key_path + (key,), source)
+    if base is not None:
+        kwargs = {name: getattr(base, name) for name in fields if name not in kwargs} | kwargs
+    missing = [name for name, f in fields.items() if name not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         names = ", ".join(f"'{_dotted(key_path + (m,))}'" for m in missing)
@@ -432,6 +443,18 @@ def _type_hints(cls) -> dict[str, Any]:
     if cls not in _HINTS_CACHE:
         _HINTS_CACHE[cls] = typing.get_type_hints(cls)
     return _HINTS_CACHE[cls]
+
+
+def _section_default(cls, field: dataclasses.Field, base):
+    """The value a dataclass-typed field has when a recipe omits it (from `base`, else the
+    field's default or default_factory); None when that is not a dataclass instance."""
+    if base is not None:
+        value = getattr(base, field.name)
+    elif field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+    else:
+        value = field.default
+    return value if dataclasses.is_dataclass(value) and not isinstance(value, type) else None
 
 
 def _init_fields(cls) -> dict[str, dataclasses.Field]:

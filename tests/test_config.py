@@ -264,3 +264,38 @@ def test_dataclass_defaults_are_not_shared():
     a.train.freeze.append("x")
     assert b.train.freeze == []
     assert dataclasses.asdict(b)["data"]["train_manifest"] == Path("b")
+
+
+@dataclass
+class TaskRecipe:
+    """A task that declares its own training defaults (as speechlm's tasks do)."""
+    train: TrainSection = field(default_factory=lambda: TrainSection(lr=3e-3,
+                                                                     schedule="constant"))
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(lora=LoraConfig(r=4)))
+
+
+def test_a_section_given_in_part_keeps_the_tasks_defaults(tmp_path):
+    cfg = load_config(TaskRecipe, write(tmp_path, "train: {max_steps: 5}\nmodel: {lora: {alpha: 2}}\n"))
+    assert cfg.train == TrainSection(max_steps=5, lr=3e-3, schedule="constant")
+    assert cfg.model.lora == LoraConfig(r=4, alpha=2.0)  # nested sections too
+    # an override that creates the section keeps them as well
+    cfg = load_config(TaskRecipe, write(tmp_path, "{}\n"), ["train.max_steps=7"])
+    assert (cfg.train.max_steps, cfg.train.lr, cfg.train.schedule) == (7, 3e-3, "constant")
+    # what is given is still checked
+    with pytest.raises(ConfigError, match=r"invalid 'train'.*max_steps must be >= 1"):
+        load_config(TaskRecipe, write(tmp_path, "train: {max_steps: 0}\n"))
+    a = load_config(TaskRecipe, write(tmp_path, "train: {max_steps: 5}\n"))
+    a.train.freeze.append("x")
+    assert load_config(TaskRecipe, write(tmp_path, "train: {max_steps: 5}\n")).train.freeze == []
+
+
+def test_a_real_tasks_train_defaults_survive_a_short_train_section(tmp_path):
+    from speechlm.recipes import load_recipe
+
+    path = write(tmp_path, "task: blsp\nmodel: {encoder_path: enc, llm_path: llm}\n"
+                           "train: {max_steps: 3}\n")
+    _, cfg = load_recipe(path)
+    # BLSP's own defaults (lr 1e-3, weight decay 0.05, checkpoint picked on align_kl), not
+    # TrainConfig's generic ones (1e-4, 0.01, loss)
+    assert (cfg.train.max_steps, cfg.train.lr, cfg.train.weight_decay,
+            cfg.train.best_metric) == (3, 1e-3, 0.05, "align_kl")
