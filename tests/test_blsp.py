@@ -551,6 +551,30 @@ def test_transfer_command_tables_saved_models_with_both_cascades(tiny_ckpt, tmp_
     assert table["untrained adapter"] == table["mine"]
 
 
+
+def test_transfer_command_loads_models_in_the_dtype_asked(tiny_ckpt, tmp_path, speech_data,
+                                                          capsys, monkeypatch):
+    from speechlm.cli import main
+
+    config = SpeechLMConfig(encoder_path=str(_ctc_checkpoint(tiny_ckpt, tmp_path)),
+                            llm_path=str(_llm(tiny_ckpt)), adapter="blsp",
+                            adapter_options={"bottleneck_dim": 16}, template="blsp")
+    saved = SpeechLM.build(config).save_pretrained(tmp_path / "model")
+    llm_dtypes = []
+    load = SpeechLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        model = load(cls, *args, **kwargs)
+        llm_dtypes.append(model.llm.dtype)
+        return model
+
+    monkeypatch.setattr(SpeechLM, "from_pretrained", classmethod(spy))
+    rc = main(["transfer", "--model", f"mine={saved}", "--manifest", str(speech_data),
+               "--tasks", "repeat", "--items", "2", "--dtype", "bfloat16", "--json"])
+    assert rc == 0 and llm_dtypes == [torch.bfloat16]
+    assert json.loads(capsys.readouterr().out)["mine"]["repeat"]["n"] == 2
+
+
 def test_transfer_command_rejects_a_name_given_twice(tmp_path, speech_data, capsys):
     from speechlm.cli import main
 

@@ -303,6 +303,31 @@ def test_serve_command_binds_loopback_by_default_and_checks_its_options():
     assert main(["serve", "some/model", "--max-batch", "0"]) == 2
 
 
+def test_bfloat16_weights_serve_what_the_bfloat16_model_says(tiny_speech_lm, tmp_path):
+    from speechlm.cli import build_parser
+    from speechlm.errors import ConfigError
+
+    assert build_parser().parse_args(["serve", "m", "--dtype", "bfloat16"]).dtype == "bfloat16"
+    half = load_engine(tiny_speech_lm, device="cpu", max_batch=4, dtype="bfloat16")
+    model = half.generator.model
+    assert model.llm.dtype == torch.bfloat16
+    assert {p.dtype for p in model.encoder.parameters()} == {torch.bfloat16}
+    raw = wav_bytes(1.0, seed=5)
+    expected = direct(half, raw, TaskPrompt("chat", question="What is said?"))
+    assert expected  # the tiny model answers something in bf16 too
+    app = create_app(half, ServerConfig(NAME, limits=LIMITS, web=False))
+    with BackgroundServer(app) as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
+        assert chat(client, raw).choices[0].message.content == expected
+    # a CTC model is refused before anything loads
+    ctc_dir = tmp_path / "ctc"
+    ctc_dir.mkdir()
+    (ctc_dir / "config.json").write_text('{"architectures": ["Wav2Vec2ForCTC"]}')
+    with pytest.raises(ConfigError, match=r"--dtype bfloat16: .* is a CTC model, which runs "
+                                          r"in float32"):
+        load_engine(ctc_dir, device="cpu", dtype="bfloat16")
+
+
 # -- an ASR model -----------------------------------------------------------------------
 
 

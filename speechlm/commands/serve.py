@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None,
                         help="the model id clients send (default: MODEL as given)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="weights of a speech LM's encoder and LLM, or of Whisper "
+                             "(bfloat16 halves GPU memory; a CTC model runs in float32)")
     parser.add_argument("--lang", default="en",
                         help="the language a Whisper model transcribes (default en)")
     batching = parser.add_argument_group("batching")
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                                      max_body_bytes=int(args.max_body_mb * 2 ** 20)),
                          default_max_tokens=args.max_tokens, max_tokens=args.max_tokens_limit)
     serve(args.model, host=args.host, port=args.port, name=args.name, device=args.device,
-          lang=args.lang, say=lambda m: print(m, file=sys.stderr),
+          lang=args.lang, dtype=args.dtype, say=lambda m: print(m, file=sys.stderr),
           api_key=args.api_key or os.environ.get("SPEECHLM_API_KEY") or None, limits=limits,
           max_batch=args.max_batch, max_wait_s=args.batch_wait_ms / 1000, web=not args.no_web)
     return 0

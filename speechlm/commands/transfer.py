@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--untrained", action="store_true",
                         help="add the first model's adapter freshly initialised (seed 0)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="weights of each model's encoder and LLM (bfloat16 halves GPU "
+                             "memory)")
     parser.add_argument("--out", help="write every hypothesis here (JSONL)")
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
 
@@ -64,7 +67,11 @@ def run(args: argparse.Namespace) -> int:
 
     specs = parse_models(args.model)
     records = _manifest_records(resolve_manifest(args.manifest), args.items)
-    loaded = {name: SpeechLM.from_pretrained(resolve_model_dir(path, expect=None)).eval()
+    import torch
+
+    dtype = getattr(torch, args.dtype)
+    loaded = {name: SpeechLM.from_pretrained(resolve_model_dir(path, expect=None),
+                                             dtype=dtype).eval()
               for name, path in specs.items()}
     rows: list[dict] = []
     table = systems_table(loaded, records, [t for t in args.tasks.split(",") if t],

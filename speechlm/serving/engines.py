@@ -56,12 +56,13 @@ class SpeechLMEngine:
         self.sample_rate = generator.sample_rate
 
     @classmethod
-    def load(cls, model_dir, *, device="auto", max_batch: int = 16) -> SpeechLMEngine:
+    def load(cls, model_dir, *, device="auto", max_batch: int = 16,
+             dtype: str = "float32") -> SpeechLMEngine:
         from ..inference.speech_lm import SpeechLMGenerator
 
         # The server refuses audio over its own limit, so no request is cut into pieces:
         # each streams as one text.
-        generator = SpeechLMGenerator.from_pretrained(model_dir, device=device,
+        generator = SpeechLMGenerator.from_pretrained(model_dir, device=device, dtype=dtype,
                                                       batch_size=max_batch, max_segment_s=None)
         return cls(generator)
 
@@ -125,11 +126,14 @@ class TranscriberEngine:
 
     @classmethod
     def load(cls, model_dir, *, device="auto", max_batch: int = 16,
-             lang: str = "en") -> TranscriberEngine:
+             lang: str = "en", dtype: str = "float32") -> TranscriberEngine:
         from ..inference.transcriber import asr_kind, load_transcriber
 
         asr = asr_kind(model_dir)
-        options = {"language": lang} if asr == "whisper" else {}
+        if asr != "whisper" and dtype != "float32":
+            raise ConfigError(f"--dtype {dtype}: {model_dir} is a CTC model, which runs in "
+                              "float32; --dtype applies to speech LMs and Whisper")
+        options = {"language": lang, "dtype": dtype} if asr == "whisper" else {}
         transcriber = load_transcriber(model_dir, device=device, max_batch_size=max_batch,
                                        **options)
         return cls(transcriber, asr)
@@ -150,17 +154,20 @@ class TranscriberEngine:
         return [Answer(text=text) for text in texts]
 
 
-def load_engine(model_dir, *, device="auto", max_batch: int = 16, lang: str = "en"):
-    """The engine for a model directory: a SpeechLM, or a CTC / Whisper ASR model.
-    Weights are loaded with transformers' own classes; no code from the directory runs."""
+def load_engine(model_dir, *, device="auto", max_batch: int = 16, lang: str = "en",
+                dtype: str = "float32"):
+    """The engine for a model directory: a SpeechLM, or a CTC / Whisper ASR model (dtype:
+    of the weights, float32, bfloat16 or float16). Weights are loaded with transformers'
+    own classes; no code from the directory runs."""
     from ..errors import SpeechLMError
     from ..inference.generate_jsonl import is_speech_lm_dir
     from ..inference.transcriber import asr_kind
 
     if is_speech_lm_dir(model_dir):
-        return SpeechLMEngine.load(model_dir, device=device, max_batch=max_batch)
+        return SpeechLMEngine.load(model_dir, device=device, max_batch=max_batch, dtype=dtype)
     if asr_kind(model_dir) is not None:
-        return TranscriberEngine.load(model_dir, device=device, max_batch=max_batch, lang=lang)
+        return TranscriberEngine.load(model_dir, device=device, max_batch=max_batch, lang=lang,
+                                      dtype=dtype)
     raise SpeechLMError(f"{model_dir}: not a model speechlm can serve; give a SpeechLM "
                         "checkpoint (a directory with speechlm_config.json), a CTC or Whisper "
                         "ASR model, or a name from `speechlm models list`")

@@ -18,8 +18,8 @@ from .app import ServerConfig, create_app
 
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
-          device: str = "auto", lang: str = "en", say=print, log_level: str = "info",
-          **config) -> None:
+          device: str = "auto", lang: str = "en", dtype: str = "float32", say=print,
+          log_level: str = "info", **config) -> None:
     """Load `model` and serve it until interrupted (config: ServerConfig fields)."""
     import uvicorn
 
@@ -31,7 +31,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str | 
         # Gradio caches uploads under this directory; it goes when the server stops
         os.environ["GRADIO_TEMP_DIR"] = str(Path(work_dir) / "gradio")
         engine = load_engine(model_dir, device=device, max_batch=config.get("max_batch", 16),
-                             lang=lang)
+                             lang=lang, dtype=dtype)
         app = create_app(engine, ServerConfig(model_name=name or model, work_dir=Path(work_dir),
                                               **config))
         where = f"http://{host}:{port}"
