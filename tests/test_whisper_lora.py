@@ -209,14 +209,13 @@ def test_gpu_recipe_loads(tmp_path):
 
 def test_a_new_language_token_trains_its_embedding_only_and_the_saved_model_answers_to_it(
         tmp_path, corpus, tiny_ckpt, one_torch_thread):
+    import soundfile as sf
+    import torchaudio.functional as AF
     from safetensors.torch import load_file
     from transformers import WhisperTokenizerFast
 
     from speechlm.cli import main
     from speechlm.training import checkpoint
-
-    import soundfile as sf
-    import torchaudio.functional as AF
 
     # the training manifest mixes sample rates: one clip again at 22.05 kHz
     records = [json.loads(line) for line in corpus["train"].read_text().splitlines()]
