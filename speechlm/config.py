@@ -310,7 +310,7 @@ def _build(cls, value, key_path: KeyPath, source: _Source, base=None):
                 f"{source.where(key_path + (key,))}: unknown key '{_dotted(key_path + (key,))}'"
                 f"{_did_you_mean(str(key), fields)}; valid keys"
                 f"{f' in {section!r}' if section else ''}: {', '.join(fields)}")
-        inner = _section_default(cls, fields[key], base)
+        inner = _section_default(fields[key], base)
         if inner is not None and isinstance(item, Mapping) \
                 and _strip_optional(hints[key]) is type(inner):
             # a section given in part keeps the defaults its parent declares for the rest
@@ -445,7 +445,7 @@ def _type_hints(cls) -> dict[str, Any]:
     return _HINTS_CACHE[cls]
 
 
-def _section_default(cls, field: dataclasses.Field, base):
+def _section_default(field: dataclasses.Field, base):
     """The value a dataclass-typed field has when a recipe omits it (from `base`, else the
     field's default or default_factory); None when that is not a dataclass instance."""
     if base is not None:
