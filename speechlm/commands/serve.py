@@ -13,6 +13,8 @@ HELP = ("serve a model over HTTP: OpenAI chat completions with audio, transcript
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..inference.generate_jsonl import WEIGHT_DTYPES
+
     parser.add_argument("model", metavar="MODEL",
                         help="a SpeechLM checkpoint, a CTC / Whisper model, models:NAME or "
                              "zoo:NAME (see `speechlm models list`)")
@@ -27,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None,
                         help="the model id clients send (default: MODEL as given)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    parser.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32",
                         help="weights of a speech LM's encoder and LLM, or of Whisper "
                              "(bfloat16 halves GPU memory; a CTC model runs in float32)")
     parser.add_argument("--lang", default="en",

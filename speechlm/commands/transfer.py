@@ -18,6 +18,8 @@ HELP = "zero-shot transfer table (text instruction, spoken input) of saved Speec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..inference.generate_jsonl import WEIGHT_DTYPES
+
     parser.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
                         help="a saved SpeechLM (a directory or zoo:NAME), named in the table; "
                              "repeat for several. The last one's LLM reads the cascades")
@@ -30,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--untrained", action="store_true",
                         help="add the first model's adapter freshly initialised (seed 0)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    parser.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32",
                         help="weights of each model's encoder and LLM (bfloat16 halves GPU "
                              "memory)")
     parser.add_argument("--out", help="write every hypothesis here (JSONL)")

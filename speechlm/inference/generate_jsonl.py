@@ -35,6 +35,9 @@ from pathlib import Path
 
 from .run_summary import RunSummary
 
+# --dtype of the commands that load a speech LM (infer, serve, transfer)
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+
 __all__ = [
     "GenerationSummary", "SPEECH_LM_CONFIG", "add_speech_lm_arguments", "generate_jsonl",
     "is_speech_lm_dir", "requests_from_files", "requests_from_manifest",
@@ -256,7 +259,7 @@ def add_speech_lm_arguments(parser) -> None:
          help="the checkpoint's base speech encoder, when it is no longer where it was trained")
     _add(group, "--llm-path", metavar="DIR",
          help="the checkpoint's base LLM, when it is no longer where it was trained")
-    _add(group, "--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    _add(group, "--dtype", choices=WEIGHT_DTYPES, default="float32",
          help="weights of the encoder and LLM (bfloat16 halves GPU memory)")
     _add(group, "--trust-remote-code", action="store_true",
          help="allow model code from the base model directories (off by default)")

@@ -56,7 +56,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from speechlm.corpus.prox import number_lines, rules_program
+    from prox_agreement import decision
+
+    from speechlm.corpus.prox import number_lines, parse_program, rules_program
     from speechlm.corpus.prox_llm import LlmProgramWriter, chunk_ranges
     from speechlm.data.sampler import DurationBucketSampler
     from speechlm.models.lora import LoraSettings, apply_llm_lora, merge_llm_lora
@@ -84,8 +86,7 @@ def main(argv=None) -> int:
                                   add_special_tokens=False)["input_ids"])
         examples.append({"input_ids": prompt + response,
                          "labels": [-100] * len(prompt) + response, "task": "prox"})
-        decisions["drop" if "drop_doc" in program else
-                  "keep" if program.strip() == "keep_doc()" else "edit"] += 1
+        decisions[decision(parse_program(program, len(text.split("\n"))))] += 1
     random.Random(args.seed).shuffle(examples)
     lengths = [len(e["input_ids"]) for e in examples]
     print(f"{len(examples)} training programs from {len(items)} passages (files outside the "
