@@ -356,3 +356,27 @@ def test_perplexity_without_a_reference_or_lm_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="perplexity is enabled but names no LM"):
         run_clean_text([str(tmp_path / "a.txt")], tmp_path / "out", cfg, progress=False,
                        log=lambda *a: None)
+
+
+@pytest.mark.parametrize("overrides, missing, message", [
+    (["executor.kind=slurm"], None, r"executor\.slurm\.partition is empty"),
+    (["executor.kind=slurm", "executor.slurm.partition=cpu"], "sbatch",
+     r"no sbatch on PATH: run on a Slurm login node"),
+    (["executor.kind=ray"], "ray", r"Ray is not installed: pip install ray"),
+])
+def test_cluster_executor_without_its_cluster_is_refused_with_the_fix(
+        corpus, tmp_path, monkeypatch, overrides, missing, message):
+    import importlib.util
+    import shutil as shutil_module
+
+    if missing == "sbatch":
+        monkeypatch.setattr(shutil_module, "which", lambda name, *a, **k: None)
+    if missing == "ray":
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(ConfigError, match=message):
+        run_clean_text([str(corpus["dir"])], tmp_path / "out",
+                       load_clean_text_config(None, overrides), progress=False,
+                       log=lambda *a: None)
+    assert not (tmp_path / "out" / "clean").exists()  # refused before any job ran

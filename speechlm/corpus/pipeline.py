@@ -24,8 +24,10 @@ files from the start, so a killed run resumes without duplicates.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import multiprocessing
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,12 +268,19 @@ def make_executor(cfg: CleanTextConfig, job: Job, layout: Layout, depends=None):
         if not ex.slurm.partition:
             raise ConfigError("executor.kind is slurm but executor.slurm.partition is empty; "
                               "name the partition to submit to")
+        if shutil.which("sbatch") is None:
+            raise ConfigError("executor.kind is slurm but there is no sbatch on PATH: run on a "
+                              "Slurm login node, or use executor.kind=local or ray")
         return SlurmPipelineExecutor(
             job.pipeline, tasks=job.tasks, time=ex.slurm.time, partition=ex.slurm.partition,
             cpus_per_task=ex.slurm.cpus_per_task, mem_per_cpu_gb=ex.slurm.mem_per_cpu_gb,
             job_name=f"{ex.slurm.job_name}-{job.name}", venv_path=ex.slurm.venv_path,
             sbatch_args=dict(ex.slurm.sbatch_args) or None, logging_dir=logging_dir,
             depends=depends)
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("executor.kind is ray but Ray is not installed: pip install ray "
+                          "(and set RAY_ADDRESS to use a running cluster; without it Ray starts "
+                          "one on this machine)")
     from datatrove.executor.ray import RayPipelineExecutor
 
     return RayPipelineExecutor(job.pipeline, tasks=job.tasks, workers=ex.workers,

@@ -77,8 +77,9 @@ def run_clean_text(inputs: list[str], out, cfg: CleanTextConfig, *, progress: bo
                    log=print) -> dict | None:
     """Clean the text files under `inputs` into `out` (see speechlm.corpus.pipeline).
 
-    Local runs block and return the report; Slurm and Ray runs return None once their jobs
-    are submitted (write the report later with `report_only`).
+    Local and Ray runs block and return the report (datatrove's Ray executor waits for its
+    tasks; without RAY_ADDRESS Ray starts a cluster on this machine); Slurm runs return None
+    once their jobs are submitted (write the report later with `report_only`).
     """
     layout = Layout(Path(out))
     # an --out inside an input directory must not feed a rerun its own output
@@ -102,6 +103,9 @@ def run_clean_text(inputs: list[str], out, cfg: CleanTextConfig, *, progress: bo
         for job in jobs:
             executor = make_executor(cfg, job, layout, depends=executor)
         executor.run()  # launches the whole chain through `depends`
+        if cfg.executor.kind == "ray":  # run() returned with every task done
+            return write_report(layout, _job_steps(layout), cfg.report.examples,
+                                cfg.report.example_chars)
         log(f"jobs submitted; when they finish: speechlm build clean-text --report-only "
             f"--out {layout.out}")
         return None
