@@ -66,6 +66,28 @@ def test_fused_loss_and_its_gradient_match_autograd_through_the_definition(tempe
     assert not ce.requires_grad and not kd.requires_grad  # metrics only
 
 
+def test_a_reused_probability_buffer_changes_nothing():
+    # the objective hands salt_loss one buffer for every KD-phase update, larger than a
+    # batch with fewer learned tokens needs; the backward must read this update's values
+    torch.manual_seed(1)
+    distiller = SALTDistiller(torch.nn.Linear(1, 1), SALTConfig(teacher="t", kd_steps=1))
+    for rows in (40, 25):
+        student = torch.randn(rows, 50, requires_grad=True)
+        teacher, targets = torch.randn(rows, 50) * 3, torch.randint(0, 50, (rows,))
+        buffer = distiller.probs_buffer(rows, 50, "cpu")
+        loss, _, kd = salt_loss(student, teacher, targets, weight=0.5, temperature=2.0,
+                                probs_buffer=buffer)
+        loss.backward()
+        reference = student.detach().clone().requires_grad_()
+        ref_loss, _, ref_kd = salt_loss(reference, teacher, targets, weight=0.5, temperature=2.0)
+        ref_loss.backward()
+        assert kd.item() == ref_kd.item()
+        assert torch.equal(student.grad, reference.grad)
+    assert distiller.probs_buffer(25, 50, "cpu").data_ptr() == buffer.data_ptr()  # reused
+    distiller.release_buffer()
+    assert distiller.probs_buffer(25, 50, "cpu").numel() == 25 * 50
+
+
 def test_kd_phase_loss_mixes_ce_and_kd_by_the_weight():
     teacher = torch.tensor([[math.log(3.0), 0.0]])
     student = torch.tensor([[0.0, 0.0]], requires_grad=True)

@@ -90,15 +90,20 @@ def kd_token_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 
 def salt_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-              targets: torch.Tensor, *, weight: float, temperature: float
+              targets: torch.Tensor, *, weight: float, temperature: float,
+              probs_buffer: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(KD-phase loss, mean CE, mean KD) over the N learned tokens (logits [N, V]).
 
     One fused pass (`_FusedSALTLoss`) instead of autograd through two log-softmaxes and the
     KL: over a 4096-token vocabulary the element-wise KL graph cost 5x the CE it sits beside.
-    Same values and gradient as `(1 - w) * CE + w * kd_token_losses(...)`."""
+    Same values and gradient as `(1 - w) * CE + w * kd_token_losses(...)`.
+
+    probs_buffer: float32, at least [N, V]; the teacher's probabilities are written there
+    and kept for the backward (a buffer reused across updates spares the page faults of a
+    fresh one; it must not be written again before this loss's backward has run)."""
     return _FusedSALTLoss.apply(student_logits, teacher_logits.detach(), targets,
-                                float(weight), float(temperature))
+                                float(weight), float(temperature), probs_buffer)
 
 
 class _FusedSALTLoss(torch.autograd.Function):
@@ -110,14 +115,19 @@ class _FusedSALTLoss(torch.autograd.Function):
     (log_softmax and softmax have vectorised CPU kernels; logsumexp takes 4x as long.)"""
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, targets, weight, temperature):
+    def forward(ctx, student_logits, teacher_logits, targets, weight, temperature,
+                probs_buffer=None):
         z = student_logits.float()
         tau = temperature
         logp = F.log_softmax(z, dim=-1)
         ce = -logp.gather(1, targets[:, None]).mean()
         logp_tau = logp if tau == 1.0 else F.log_softmax(z / tau, dim=-1)
         teacher = teacher_logits.float() if tau == 1.0 else teacher_logits.float() / tau
-        p_teacher = torch.softmax(teacher, dim=-1)
+        if probs_buffer is None:
+            p_teacher = torch.softmax(teacher, dim=-1)
+        else:
+            p_teacher = torch.softmax(teacher, dim=-1, out=probs_buffer.view(-1)[
+                :teacher.numel()].view(teacher.shape))
         # KL per row = sum p_t (z_t - log p_s) - lse(z_t), and lse(z_t) = z_t - log p_t at the
         # row's most likely token, where p_t >= 1/V (no second pass for log p_t)
         lse_teacher = teacher.amax(dim=-1) - p_teacher.amax(dim=-1).log()
@@ -143,7 +153,7 @@ class _FusedSALTLoss(torch.autograd.Function):
         rows = torch.arange(z.shape[0], device=z.device)
         grad[rows, targets] -= 1 - w
         grad.mul_(grad_loss / z.shape[0])
-        return grad.to(ctx.in_dtype), None, None, None, None
+        return grad.to(ctx.in_dtype), None, None, None, None, None
 
 
 def sequence_scores(teacher_logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
@@ -182,6 +192,7 @@ class SALTDistiller:
         for param in self.teacher.parameters():
             param.requires_grad_(False)
         self.config = config
+        self._probs: torch.Tensor | None = None  # see probs_buffer
 
     def active(self, step: int) -> bool:
         """KD for updates 0 .. kd_steps - 1 (step: updates already made)."""
@@ -189,4 +200,16 @@ class SALTDistiller:
 
     def to(self, device) -> SALTDistiller:
         self.teacher.to(device)
+        self._probs = None
         return self
+
+    def probs_buffer(self, rows: int, vocab: int, device) -> torch.Tensor:
+        """A float32 buffer for the teacher's probabilities of `rows` tokens, reused (grown
+        when a batch has more learned tokens) across KD-phase updates."""
+        probs = self._probs
+        if probs is None or probs.numel() < rows * vocab or probs.device != torch.device(device):
+            self._probs = probs = torch.empty(rows * vocab, dtype=torch.float32, device=device)
+        return probs
+
+    def release_buffer(self) -> None:
+        self._probs = None

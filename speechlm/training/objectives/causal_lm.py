@@ -155,13 +155,15 @@ class CausalLMObjective:
             loss = F.cross_entropy(logits, targets, reduction="none").mean()
             if self.salt is None:
                 return loss, metrics
+            self.salt.release_buffer()  # past the switch the teacher is not run again
             return loss, {**metrics, "loss_ce": loss.detach(), "salt_kd": 0.0}
         with torch.no_grad():
             teacher_logits, _, _ = learned_logits(self.salt.teacher, *inputs,
                                                   selective_head=self.selective_head)
         cfg = self.salt.config
+        buffer = self.salt.probs_buffer(*teacher_logits.shape, teacher_logits.device)
         loss, ce, kd = salt_loss(logits, teacher_logits, targets, weight=cfg.kd_weight,
-                                 temperature=cfg.temperature)
+                                 temperature=cfg.temperature, probs_buffer=buffer)
         return loss, {**metrics, "loss_ce": ce.detach(), "loss_kd": kd.detach(), "salt_kd": 1.0}
 
     def _step(self) -> int:
