@@ -249,3 +249,36 @@ def test_cli_builds_and_refuses(llama_tok, tmp_path, capsys, monkeypatch):
     assert "--t2u model directory not found" in capsys.readouterr().err
     assert cli_main(args(**{"span-words": "6:2"})) == 2
     assert "span_words" in capsys.readouterr().err
+
+
+class StepsT2U(FakeT2U):
+    """A MaskGIT-like T2U: records the iterations each call asked for."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps: list = []
+
+    def generate(self, texts, method=None, steps=None):
+        self.steps.append(steps)
+        return super().generate(texts, method)
+
+
+def test_t2u_steps_reach_the_model_and_fix_the_output_directory(llama_tok, tmp_path):
+    corpus = _corpus(tmp_path, _ascii_verses(20))
+    settings = InterleaveSettings(seq_len=32, docs_per_shard=10)
+    default, chosen = StepsT2U(), StepsT2U()
+    build_interleave(corpus, tmp_path / "default", t2u=default, tokenizer=_tok(llama_tok),
+                     settings=settings, progress=False)
+    build_interleave(corpus, tmp_path / "two", t2u=chosen, tokenizer=_tok(llama_tok),
+                     settings=settings, t2u_steps=2, progress=False)
+    assert default.steps and set(default.steps) == {None}  # the model's own default
+    assert chosen.steps and set(chosen.steps) == {2}
+    with pytest.raises(ConfigError, match=r"other settings \(t2u_steps: 2 there, 4 now\)"):
+        build_interleave(corpus, tmp_path / "two", t2u=StepsT2U(), tokenizer=_tok(llama_tok),
+                         settings=settings, t2u_steps=4, progress=False)
+    with pytest.raises(ConfigError, match=r"other settings \(t2u_steps: 2 there, None now\)"):
+        build_interleave(corpus, tmp_path / "two", t2u=StepsT2U(), tokenizer=_tok(llama_tok),
+                         settings=settings, progress=False)
+    with pytest.raises(ConfigError, match="t2u_steps must be >= 1"):
+        build_interleave(corpus, tmp_path / "zero", t2u=StepsT2U(), tokenizer=_tok(llama_tok),
+                         settings=settings, t2u_steps=0, progress=False)

@@ -70,6 +70,7 @@ class TextToUnits(Protocol):
     def unseen_chars(self, text: str) -> set[str]: ...
 
     def generate(self, texts: list[str], method=None) -> list[list[int]]: ...
+    # a MaskGIT T2U also takes steps= (its iterations); the job passes it only when asked
 
 
 @dataclass(frozen=True)
@@ -202,14 +203,15 @@ def _plan_doc(index: int, words: list[str], settings: InterleaveSettings, t2u: T
     return doc
 
 
-def _generate(t2u: TextToUnits, texts: list[str], batch: int, method: str | None
-              ) -> list[list[int]]:
+def _generate(t2u: TextToUnits, texts: list[str], batch: int, method: str | None,
+              steps: int | None = None) -> list[list[int]]:
     """Units for each text; batches of similar length, so a real T2U pads little."""
     order = sorted(range(len(texts)), key=lambda k: (len(texts[k]), k))
     out: list[list[int] | None] = [None] * len(texts)
     for first in range(0, len(order), batch):
         chunk = order[first:first + batch]
-        units = t2u.generate([texts[k] for k in chunk], method=method)
+        units = t2u.generate([texts[k] for k in chunk], method=method,
+                             **({"steps": steps} if steps is not None else {}))
         if len(units) != len(chunk):
             raise SpeechLMError(f"the T2U returned {len(units)} unit sequences for {len(chunk)} "
                                 "texts; it must return one per text")
@@ -268,6 +270,7 @@ class _Job:
     eos_id: int
     t2u_batch: int
     t2u_method: str | None
+    t2u_steps: int | None = None
 
 
 def _group_ids(docs: list[_Doc], job: _Job, counts: InterleaveCounts) -> list[np.ndarray]:
@@ -275,7 +278,7 @@ def _group_ids(docs: list[_Doc], job: _Job, counts: InterleaveCounts) -> list[np
                         return_offsets_mapping=True)
     requests = [(i, j, text) for i, d in enumerate(docs) for j, text in d.speech_texts.items()]
     units = _generate(job.t2u, [text for _, _, text in requests], job.t2u_batch,
-                      job.t2u_method)
+                      job.t2u_method, job.t2u_steps)
     per_doc: list[dict[int, list[int]]] = [{} for _ in docs]
     for (i, j, _), u in zip(requests, units, strict=True):
         per_doc[i][j] = u
@@ -380,11 +383,12 @@ def _check_meta(out_dir: Path, settings: dict) -> None:
         old = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
     except ValueError:
         raise ConfigError(f"{path}: unreadable; delete {out_dir} to rebuild") from None
-    changed = [k for k in settings if old.get(k) != settings[k]]
+    # a key only one side has counts too (t2u_steps is written only when it was given)
+    changed = [k for k in {**settings, **old} if old.get(k) != settings.get(k)]
     if changed:
         raise ConfigError(
             f"{out_dir} holds interleaved data built with other settings ({', '.join(changed)}: "
-            f"{old.get(changed[0])!r} there, {settings[changed[0]]!r} now); use another --out "
+            f"{old.get(changed[0])!r} there, {settings.get(changed[0])!r} now); use another --out "
             "directory, or delete this one to rebuild")
 
 
@@ -406,17 +410,21 @@ def _seed_t2u(seed: int, shard: int) -> None:
 
 def build_interleave(corpus: str, out_dir, *, t2u: TextToUnits, tokenizer,
                      settings: InterleaveSettings | None = None, t2u_batch: int = 64,
-                     t2u_method: str | None = None, progress: bool = True) -> InterleaveSummary:
+                     t2u_method: str | None = None, t2u_steps: int | None = None,
+                     progress: bool = True) -> InterleaveSummary:
     """Write the interleaved, packed shards of `corpus` into `out_dir` (module doc).
 
     `tokenizer` is the LLM's (a fast Hugging Face tokenizer); the unit tokens are added to it
     here, exactly as training adds them to the model. `t2u_batch` texts go to each
-    `t2u.generate(texts, method=t2u_method)` call (None: the T2U's default decoder).
+    `t2u.generate(texts, method=t2u_method)` call (None: the T2U's default decoder);
+    `t2u_steps` sets a MaskGIT T2U's iterations (None: its own default).
     """
     start = time.perf_counter()
     settings = settings or InterleaveSettings()
     if t2u_batch < 1:
         raise ConfigError(f"t2u_batch must be >= 1, got {t2u_batch}")
+    if t2u_steps is not None and t2u_steps < 1:
+        raise ConfigError(f"t2u_steps must be >= 1, got {t2u_steps}")
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError("the LLM tokenizer must be a fast (tokenizers-backed) one: spans are "
                           "located by character offsets")
@@ -428,10 +436,13 @@ def build_interleave(corpus: str, out_dir, *, t2u: TextToUnits, tokenizer,
     meta = {"corpus": corpus, **asdict(settings), "t2u_tokenizer_identity": vocab.tokenizer_identity,
             "t2u_num_codes": vocab.num_codes, "t2u_method": t2u_method,
             "llm_tokenizer": tokenizer_fingerprint(tokenizer)}
+    if t2u_steps is not None:  # only then: directories built before the option still resume
+        meta["t2u_steps"] = t2u_steps
     meta = json.loads(json.dumps(meta))  # tuples as lists, as they read back
     _check_meta(out_dir, meta)
     out_dir.mkdir(parents=True, exist_ok=True)
-    job = _Job(settings, t2u, tokenizer, vocab, tokenizer.eos_token_id, t2u_batch, t2u_method)
+    job = _Job(settings, t2u, tokenizer, vocab, tokenizer.eos_token_id, t2u_batch, t2u_method,
+               t2u_steps)
     summary = InterleaveSummary(out_dir, seq_len=settings.seq_len)
 
     from ..progress import progress_bar
