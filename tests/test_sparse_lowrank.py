@@ -89,6 +89,37 @@ def test_gradients_match_autograd_through_the_dense_formula():
         torch.testing.assert_close(mine, ref.grad)
 
 
+def test_under_bf16_autocast_it_trains_like_the_dense_layer():
+    """In a bf16 autocast region (the BLSP adapter's training) the layer computes in bf16 as
+    nn.Linear does, and each gradient comes back in its parameter's dtype."""
+    _, layer = _layer(d_in=32, d_out=16, rank=4, density=0.1)
+    with torch.no_grad():
+        layer.B.normal_(std=0.1)
+    dense = nn.Linear(32, 16)
+    with torch.no_grad():
+        dense.weight.copy_(layer.dense_weight())
+        dense.bias.copy_(layer.bias)
+    x = torch.randn(8, 32)
+    grads = []
+    for module in (layer, dense):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(xi)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        grads.append((out.detach().float(), xi.grad, module.bias.grad))
+    assert layer.A.grad.dtype == layer.B.grad.dtype == layer.values.grad.dtype == torch.float32
+    for mine, ref in zip(*grads, strict=True):
+        assert mine.dtype == ref.dtype
+        torch.testing.assert_close(mine, ref, rtol=2e-2, atol=2e-2)
+    # dL/dW through the factors equals nn.Linear's dL/dW on the support and through B·A
+    grad_w = dense.weight.grad
+    torch.testing.assert_close(layer.values.grad, grad_w.reshape(-1)[layer.support],
+                               rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(layer.B.grad, layer.scale * grad_w @ layer.A.detach().T,
+                               rtol=2e-2, atol=2e-2)
+
+
 def test_backward_keeps_no_dense_weight():
     d = 512
     _, layer = _layer(d_in=d, d_out=d, rank=8, density=0.03)
@@ -256,6 +287,7 @@ def _items(n=24):
 
 def _trainer(out, sparse, fail_on_call=None):
     from speechlm.data.sampler import DurationBucketSampler
+    from speechlm.models.sparse_lowrank import spdf_phase_hook
     from speechlm.training.objectives.causal_lm import (
         CausalLMCollator,
         CausalLMObjective,
@@ -276,9 +308,11 @@ def _trainer(out, sparse, fail_on_call=None):
     lengths = [len(item["input_ids"]) for item in _items()]
     sampler = DurationBucketSampler(lengths, max_batch_duration=40, num_buckets=2, seed=0)
     config = TrainConfig(max_steps=6, lr=1e-2, warmup_steps=0, weight_decay=0.1, log_every=1,
-                         save_every=1, output_dir=str(out), progress=False, tensorboard=False)
+                         save_every=1, keep_last=None, output_dir=str(out), progress=False,
+                         tensorboard=False)
+    hook = spdf_phase_hook(objective.model, sparse, say=lambda _: None)
     trainer = Trainer(config, objective, TokenDataset(_items()), sampler,
-                      collate_fn=CausalLMCollator(pad_id=0))
+                      collate_fn=CausalLMCollator(pad_id=0), step_hooks=[hook] if hook else ())
     objective.attach(trainer)
     return trainer
 
@@ -319,6 +353,40 @@ def test_a_killed_run_resumes_bit_exactly_and_saves_a_plain_llama(tmp_path, kind
         assert zeros == 0.75
 
 
+@pytest.mark.parametrize("killed_at", [2, 5])  # before and after the switch at update 3
+def test_spdf_dense_phase_starts_at_its_update_and_survives_a_kill(tmp_path, killed_at):
+    from speechlm.training.checkpoint import load_checkpoint, step_dir_name
+
+    sparse = SparseLowRankConfig(kind="spdf", sparsity=0.75, dense_after_steps=3, seed=5)
+    full = _trainer(tmp_path / "full", sparse)
+    masks = {name: m.spdf_mask.clone() for name, m in full.model.named_modules()
+             if getattr(m, "spdf_mask", None) is not None}
+    full.fit()
+    assert not any(hasattr(m, "spdf_mask") for m in full.model.modules())
+
+    def masked_nonzero(step):
+        state = load_checkpoint(tmp_path / "full" / step_dir_name(step)).model_state
+        return sum(int(torch.count_nonzero(state[name + ".weight"][~mask]))
+                   for name, mask in masks.items())
+
+    assert masked_nonzero(3) == 0  # sparse through update 3
+    assert masked_nonzero(4) > 0   # masked entries train from update 4
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _trainer(tmp_path / "killed", sparse, fail_on_call=killed_at).fit()
+    resumed = _trainer(tmp_path / "killed", sparse)
+    assert resumed.fit().step == 6
+    for (name, a), (_, b) in zip(resumed.model.state_dict().items(),
+                                 full.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_dense_after_steps_is_checked():
+    with pytest.raises(ConfigError, match="dense_after_steps is SPDF's dense phase"):
+        SparseLowRankConfig(kind="sltrain", dense_after_steps=10)
+    with pytest.raises(ConfigError, match="dense_after_steps must be >= 1"):
+        SparseLowRankConfig(kind="spdf", dense_after_steps=0)
+
+
 def test_text_lm_recipe_validates_the_section():
     from speechlm.config import config_from_dict
     from speechlm.recipes import text_lm
@@ -326,7 +394,7 @@ def test_text_lm_recipe_validates_the_section():
     config = config_from_dict(text_lm.Config, {"model": {"sparse_lowrank": {
         "kind": "spdf", "sparsity": 0.5, "targets": ["gate_proj"]}}})
     assert config.model.sparse_lowrank.sparsity == 0.5
-    with pytest.raises(ConfigError, match="model.sparse_lowrank.density must be in"):
+    with pytest.raises(ConfigError, match="sparse_lowrank.density must be in"):
         config_from_dict(text_lm.Config, {"model": {"sparse_lowrank": {"density": 2.0}}})
     with pytest.raises(ConfigError, match="sparse_lowrank.*kind"):
         config_from_dict(text_lm.Config, {"model": {"sparse_lowrank": {"kind": "lora"}}})

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -40,19 +40,24 @@ class SparseLowRankConfig:
     kind: Literal["sltrain", "spdf"] = "sltrain"
     # name suffixes (`q_proj` matches `model.layers.0.self_attn.q_proj`) or, when they hold a
     # regex character, regexes searched in the full module name
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    # None: the recipe's own choice (a Llama's DEFAULT_TARGETS; every linear layer of an
+    # adapter; the text-to-token model's attention and feed-forward projections)
+    targets: list[str] | None = None
     rank: int = 32                # SLTrain: r of B·A
     alpha: float = 32.0           # SLTrain: B·A is scaled by alpha / rank
     density: float = 0.03         # SLTrain: fraction of W's entries on S's support
     sparsity: float = 0.75        # SPDF: fraction of each weight masked to zero
+    # SPDF: drop the masks at this update and train dense from there (the paper's dense
+    # fine-tuning phase inside one run); None keeps them to the end
+    dense_after_steps: int | None = None
     seed: int = 0                 # draws the supports / masks (and SLTrain's A)
 
     def __post_init__(self):
-        where = "model.sparse_lowrank"
-        if not self.targets:
+        where = "sparse_lowrank"  # model.sparse_lowrank in text_lm recipes
+        if self.targets is not None and not self.targets:
             raise ConfigError(f"{where}.targets is empty: name the linear layers to change, "
-                              f"e.g. {DEFAULT_TARGETS}")
-        for pattern in self.targets:
+                              f"e.g. {DEFAULT_TARGETS}, or remove it for the recipe's default")
+        for pattern in self.targets or []:
             try:
                 re.compile(pattern)
             except re.error as e:
@@ -60,6 +65,21 @@ class SparseLowRankConfig:
                                   ) from None
         check_sltrain_settings(self.rank, self.alpha, self.density, where)
         check_spdf_sparsity(self.sparsity, where)
+        if self.dense_after_steps is not None:
+            if self.kind != "spdf":
+                raise ConfigError(f"{where}.dense_after_steps is SPDF's dense phase; with "
+                                  f"kind: {self.kind} remove it (or set kind: spdf)")
+            if self.dense_after_steps < 1:
+                raise ConfigError(f"{where}.dense_after_steps must be >= 1 (the update at "
+                                  f"which the masks go), got {self.dense_after_steps}")
+
+
+def check_not_sharded(sparse: SparseLowRankConfig | None, sharding: str, where: str) -> None:
+    """A recipe's check: sparse_lowrank (at `where`) and FSDP do not go together."""
+    if sparse is not None and sharding == "fsdp":
+        raise ConfigError(f"{where} is not supported with train.sharding=fsdp (gathering "
+                          "SLTrain shards into the dense model is untested); use "
+                          f"train.sharding=none, or {where}: null")
 
 
 def check_sltrain_settings(rank: int, alpha: float, density: float, where: str = "sltrain"
@@ -83,8 +103,10 @@ def check_spdf_sparsity(sparsity: float, where: str = "spdf") -> None:
 
 
 def _sparse_plus_low_rank(A, B, values, support, scale: float) -> torch.Tensor:
-    """W = scale·B·A + S, S scattered from `values` at the flat indices `support`."""
-    weight = (B @ A).mul_(scale)
+    """W = scale·B·A + S, S scattered from `values` at the flat indices `support`, in the
+    parameters' dtype (autocast off: the matmul that uses W casts it, as nn.Linear's does)."""
+    with torch.autocast(A.device.type, enabled=False):
+        weight = (B @ A).mul_(scale)
     weight.view(-1).scatter_add_(0, support, values.to(weight.dtype))
     return weight
 
@@ -99,6 +121,7 @@ class _SparseLowRankMatmul(torch.autograd.Function):
         out = nn.functional.linear(x, weight, bias)
         ctx.save_for_backward(x, A, B, values, support)
         ctx.scale, ctx.has_bias = scale, bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
@@ -106,14 +129,16 @@ class _SparseLowRankMatmul(torch.autograd.Function):
         x, A, B, values, support = ctx.saved_tensors
         scale = ctx.scale
         grad_x = grad_A = grad_B = grad_values = grad_bias = None
+        # under autocast the forward matmul ran in grad_out's dtype (bf16): so do these, and
+        # each gradient goes back in its input's dtype
         g = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[0]:
-            weight = _sparse_plus_low_rank(A, B, values, support, scale)
-            grad_x = (g @ weight).view(*grad_out.shape[:-1], weight.shape[1])
+            weight = _sparse_plus_low_rank(A, B, values, support, scale).to(g.dtype)
+            grad_x = (g @ weight).view(*grad_out.shape[:-1], weight.shape[1]).to(x.dtype)
             del weight
         if any(ctx.needs_input_grad[1:4]):
             # dL/dW, transient like W: A, B and S all read from it
-            grad_weight = g.t() @ x.reshape(-1, x.shape[-1])
+            grad_weight = (g.t() @ x.reshape(-1, x.shape[-1]).to(g.dtype)).to(A.dtype)
             if ctx.needs_input_grad[1]:
                 grad_A = (B.t() @ grad_weight).mul_(scale)
             if ctx.needs_input_grad[2]:
@@ -122,7 +147,7 @@ class _SparseLowRankMatmul(torch.autograd.Function):
                 grad_values = grad_weight.view(-1)[support].to(values.dtype)
             del grad_weight
         if ctx.has_bias and ctx.needs_input_grad[5]:
-            grad_bias = g.sum(0)
+            grad_bias = g.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_A, grad_B, grad_values, None, grad_bias, None
 
 
@@ -281,7 +306,10 @@ def apply_spdf(module: nn.Module, targets: list[str], *, sparsity: float, seed: 
             linear.weight.mul_(mask)
         # not a buffer: the state dict stays the plain dense one
         linear.spdf_mask = mask
-        linear.spdf_hook = linear.weight.register_hook(lambda g, m=mask: g * m)
+        # the hook multiplies by the mask in the weight's dtype: 5-10x faster than by the bool
+        # mask, which is converted on every call
+        keep = mask.to(linear.weight.dtype)
+        linear.spdf_hook = linear.weight.register_hook(lambda g, m=keep: g * m.to(g.dtype))
         names.append(name)
     return names
 
@@ -301,12 +329,47 @@ def drop_spdf(module: nn.Module) -> int:
 # -- for recipes ------------------------------------------------------------------------------
 
 
-def apply_sparse_lowrank(module: nn.Module, cfg: SparseLowRankConfig) -> list[str]:
-    """Apply `cfg` (a recipe's model.sparse_lowrank) to `module`; returns the layer names."""
+def apply_sparse_lowrank(module: nn.Module, cfg: SparseLowRankConfig,
+                         default_targets: list[str] = DEFAULT_TARGETS) -> list[str]:
+    """Apply `cfg` (a recipe's sparse_lowrank section) to `module`; returns the layer names.
+    `default_targets` stand in for targets the config leaves unset."""
+    targets = cfg.targets if cfg.targets is not None else list(default_targets)
     if cfg.kind == "sltrain":
-        return apply_sltrain(module, cfg.targets, rank=cfg.rank, alpha=cfg.alpha,
+        return apply_sltrain(module, targets, rank=cfg.rank, alpha=cfg.alpha,
                              density=cfg.density, seed=cfg.seed)
-    return apply_spdf(module, cfg.targets, sparsity=cfg.sparsity, seed=cfg.seed)
+    return apply_spdf(module, targets, sparsity=cfg.sparsity, seed=cfg.seed)
+
+
+def prepare_for_training(module: nn.Module, cfg: SparseLowRankConfig, say,
+                         default_targets: list[str] = DEFAULT_TARGETS) -> tuple[list, dict]:
+    """What a recipe does with its sparse_lowrank section before training: apply it to
+    `module` and say what changed. Returns the Trainer step hooks it needs (SPDF's switch
+    to dense, if any) and `parameter_report`. `to_plain_dense` undoes it before saving."""
+    names = apply_sparse_lowrank(module, cfg, default_targets)
+    report = parameter_report(module)
+    when = (f"; dense from update {cfg.dense_after_steps}"
+            if cfg.dense_after_steps is not None else "")
+    say(f"sparse_lowrank: {cfg.kind} on {len(names)} linear layers; "
+        f"{report['trainable'] / 1e6:.3f}M trainable parameters, "
+        f"{report['spdf_masked'] / 1e6:.3f}M of them held at zero{when}")
+    hook = spdf_phase_hook(module, cfg, say)
+    return ([hook] if hook is not None else []), report
+
+
+def spdf_phase_hook(module: nn.Module, cfg: SparseLowRankConfig, say=print):
+    """A Trainer step hook that drops `module`'s SPDF masks once the update count reaches
+    cfg.dense_after_steps (also right away when a run resumes past it); None when the config
+    has no dense phase."""
+    if cfg.kind != "spdf" or cfg.dense_after_steps is None:
+        return None
+
+    def hook(step: int) -> None:
+        if step >= cfg.dense_after_steps:
+            dropped = drop_spdf(module)
+            if dropped:
+                say(f"step {step}: SPDF masks dropped from {dropped} layers, dense from here")
+
+    return hook
 
 
 def to_plain_dense(module: nn.Module) -> nn.Module:

@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 from ..data.switch_sampler import EpochListSampler
 from ..errors import ConfigError
-from ..models.sparse_lowrank import SparseLowRankConfig
+from ..models.sparse_lowrank import SparseLowRankConfig, check_not_sharded
 from ..training.salt import SALTConfig
 from ..training.trainer import TrainConfig
 
@@ -188,10 +188,8 @@ class Config:
     def __post_init__(self):
         if isinstance(self.salt, dict):
             self.salt = SALTConfig(**self.salt)
-        if self.model.sparse_lowrank is not None and self.train.sharding == "fsdp":
-            raise ConfigError("model.sparse_lowrank is not supported with train.sharding=fsdp "
-                              "(gathering SLTrain shards into the dense model is untested); use "
-                              "train.sharding=none, or model.sparse_lowrank: null")
+        check_not_sharded(self.model.sparse_lowrank, self.train.sharding,
+                          "model.sparse_lowrank")
         if self.salt is None:
             return
         if self.salt.kd_steps >= self.train.max_steps:
@@ -261,10 +259,6 @@ def build_model(cfg: ModelConfig, tokenizer):
     config.architectures = ["LlamaForCausalLM"]
     model = LlamaForCausalLM(config)
     model.set_attn_implementation(cfg.attn_implementation)
-    if cfg.sparse_lowrank is not None:
-        from ..models.sparse_lowrank import apply_sparse_lowrank
-
-        apply_sparse_lowrank(model, cfg.sparse_lowrank)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=64)
@@ -642,12 +636,6 @@ def run(config: Config) -> dict:
     params = sum(p.numel() for p in model.parameters())
     say(f"model: LlamaForCausalLM, {params / 1e6:.2f}M parameters")
     sparse = cfg.model.sparse_lowrank
-    if sparse is not None:
-        from ..models.sparse_lowrank import parameter_report
-
-        report = parameter_report(model)
-        say(f"model.sparse_lowrank: {sparse.kind}, {report['trainable'] / 1e6:.2f}M trainable "
-            f"parameters, {report['spdf_masked'] / 1e6:.2f}M of them held at zero")
     def bucket_sampler(lengths, seed):
         return DurationBucketSampler(lengths, max_batch_duration=cfg.data.max_batch_tokens,
                                      max_batch_size=cfg.data.max_batch_size,
@@ -671,9 +659,15 @@ def run(config: Config) -> dict:
     objective = CausalLMObjective(model, evaluate_fn=dev_loss_fn(tokenizer, dev_examples,
                                                                  cfg.eval.batch_size),
                                   salt=distiller)
+    step_hooks, report = [], {}
+    if sparse is not None:
+        from ..models.sparse_lowrank import prepare_for_training
+
+        step_hooks, report = prepare_for_training(model, sparse, say)
     trainer = Trainer(cfg.train, objective, dataset, sampler,
                       collate_fn=CausalLMCollator(tokenizer.pad_token_id), run_config=cfg,
-                      identity_keys=("model", "tokenizer"))
+                      identity_keys=("model", "tokenizer"),
+                      step_hooks=step_hooks)
     objective.attach(trainer)
     fit_start = time.perf_counter()
     steps_before = trainer.step

@@ -53,7 +53,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -201,7 +201,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, objective, dataset, batch_sampler, *,
                  collate_fn=None, run_config: Any = None,
-                 identity_keys: Sequence[str] = ("model",), mixture_schedule=None):
+                 identity_keys: Sequence[str] = ("model",), mixture_schedule=None,
+                 step_hooks: Sequence[Callable[[int], None]] = ()):
         self.config = cfg = config
         self.objective = objective
         self.model: nn.Module = objective.model
@@ -254,6 +255,9 @@ class Trainer:
             batch_sampler.state_dict).parameters
         # Skill-It (speechlm.training.skill_it): the mixture changes at every round's end.
         self.mixture_schedule = mixture_schedule
+        # called with the update count before every update (e.g. SPDF's switch to dense); a
+        # resumed run calls them at its first update, so they must key on the count alone
+        self.step_hooks = tuple(step_hooks)
         if mixture_schedule is not None and mixture_schedule.sampler is not batch_sampler:
             raise ValueError("mixture_schedule must drive this trainer's batch sampler")
 
@@ -289,6 +293,8 @@ class Trainer:
         self.model.train()
         try:
             while self.step < cfg.max_steps:
+                for hook in self.step_hooks:
+                    hook(self.step)
                 self._set_freeze_phase()
                 loss, metrics = self._forward_backward(batches)
                 self._check_not_all_empty(metrics.get("empty_batch_frac", 0.0))
