@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from torch import nn
 
 from speechlm.data.instructions import CONTINUE_INSTRUCTION
 from speechlm.errors import ConfigError, SpeechLMError
@@ -600,3 +601,31 @@ def test_stage1_continues_only_the_train_items_used_and_the_curve_is_logged(tiny
     assert saved["encoder_path"] == str(tiny_ckpt("wav2vec2").resolve())  # a path stays a path
     with pytest.raises(ConfigError, match="eval.curve_tasks: unknown task"):
         load_recipe("recipes/tiny/blsp.yaml", ["eval.curve_tasks=[recite]"])
+
+
+@pytest.mark.parametrize("kind", ["sltrain", "spdf"])
+def test_sparse_lowrank_adapter_trains_and_saves_a_plain_adapter(tiny_ckpt, tmp_path,
+                                                                 speech_data, kind):
+    """sparse_lowrank on the adapter's linear layers: the loss falls, fewer parameters train
+    (SLTrain) or half of each weight stays zero (SPDF without its dense phase), and final/
+    holds plain nn.Linear layers that load with the ordinary model code."""
+    sparse = ("{kind: sltrain, rank: 4, alpha: 4, density: 0.05}" if kind == "sltrain"
+              else "{kind: spdf, sparsity: 0.5}")
+    module, config = load_recipe("recipes/tiny/blsp.yaml", _overrides(
+        tiny_ckpt, tmp_path, speech_data, **{"sparse_lowrank": sparse, "eval.transfer": "null",
+                                             "eval.generate_items": 0}))
+    results = module.run(config)
+    losses = train_losses(tmp_path / "run")
+    assert losses[-1] < 0.95 * losses[0], losses
+    report = results["sparse_lowrank"]
+    saved = SpeechLM.from_pretrained(tmp_path / "run" / "final")
+    linears = {n: m for n, m in saved.adapter.named_modules() if isinstance(m, nn.Linear)}
+    assert set(linears) == {"fc1", "fc2"} and all(type(m) is nn.Linear for m in linears.values())
+    dense = sum(p.numel() for m in linears.values() for p in m.parameters())
+    other = saved.num_parameters(True) - dense
+    if kind == "sltrain":
+        assert report["trainable"] - other < 0.8 * dense  # B·A + S against W
+    else:
+        assert report["spdf_masked"] == dense // 2
+        for m in linears.values():
+            assert float((m.weight == 0).float().mean()) == 0.5

@@ -357,3 +357,43 @@ def test_tiny_recipe_loads_and_needs_units_or_a_tokenizer(tmp_path):
         runner.run(no_data)
     with pytest.raises(ConfigError, match="multiple of 2 x num_heads"):
         TextToTokenConfig(d_model=66, num_heads=4)
+
+
+@pytest.mark.parametrize("sparse", [
+    {"kind": "sltrain", "rank": 8, "alpha": 8, "density": 0.05},
+    {"kind": "spdf", "sparsity": 0.75, "dense_after_steps": 40},
+])
+def test_sparse_lowrank_trains_and_saves_a_plain_model(tmp_path, sparse):
+    """sparse_lowrank on the attention and feed-forward projections (runner.T2U_TARGETS):
+    the loss falls, results.json reports the parameters, final/ reloads as the plain model
+    (SPDF's masked entries trained after its switch to dense at update 40)."""
+    from torch import nn
+
+    from speechlm.models.sparse_lowrank import matching_linears
+    from speechlm.testing.runs import train_losses
+
+    train = write_units(tmp_path / "train.jsonl", synthetic_pairs(200, seed=1))
+    config = config_from_dict(runner.Config, {
+        "task": "text_to_token", "threads": 1, "sparse_lowrank": sparse,
+        "model": {"decoder": "ar", **TINY},
+        "data": {"train": str(train), "dev_items": 20, "max_batch_tokens": 800},
+        "train": {"max_steps": 60, "lr": 5e-3, "warmup_steps": 5, "log_every": 5,
+                  "eval_every": 60, "save_every": 60, "output_dir": str(tmp_path / "run"),
+                  "tensorboard": False, "progress": False},
+        "eval": {"examples": 0},
+    })
+    results = runner.run(config)
+    losses = train_losses(tmp_path / "run")
+    assert losses[-1] < 0.7 * losses[0], losses
+    model = load_text_to_token(tmp_path / "run" / "final")
+    projections = [m for _, m in matching_linears(model, runner.T2U_TARGETS)]
+    assert len(projections) == 2 * 5 + 2 * 8  # per block q, kv, out, 2 ff; + cross-attention
+    assert all(type(m) is nn.Linear for m in projections)
+    report = results["sparse_lowrank"]
+    dense = sum(p.numel() for p in model.parameters())
+    if sparse["kind"] == "sltrain":
+        assert report["trainable"] < 0.7 * dense
+    else:
+        assert report["spdf_masked"] > 0.5 * sum(m.weight.numel() for m in projections)
+        zeros = sum(int((m.weight == 0).sum()) for m in projections)
+        assert zeros < 0.01 * report["spdf_masked"]  # the dense phase trained them

@@ -35,6 +35,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..models.sparse_lowrank import (
+    SparseLowRankConfig,
+    check_not_sharded,
+    prepare_for_training,
+    to_plain_dense,
+)
 from ..models.speech_lm import SpeechLMConfig
 from ..training.trainer import TrainConfig
 
@@ -45,6 +51,7 @@ RESULTS_FILE = "results.json"
 # what a shipped zoo build carries (speechlm.zoo): the trained weights and their config,
 # whose base models are names (models:..., zoo:...) that resolve on any machine
 SHIPPED_FILES = ("final/model.safetensors", "final/speechlm_config.json")
+ADAPTER_TARGETS = [r".+"]  # sparse_lowrank's default on the adapter: every linear layer
 
 
 @dataclass
@@ -151,12 +158,18 @@ class Config:
     threads: int | None = None
     model: SpeechLMConfig = field(default_factory=_default_model)
     init_from: str | None = None              # a trained SpeechLM whose weights start this run
+    # SLTrain / SPDF on the adapter's linear layers while training (default: every one of
+    # them); final/ holds the plain dense adapter
+    sparse_lowrank: SparseLowRankConfig | None = None
     data: DataConfig = field(default_factory=DataConfig)
     continuations: ContinuationConfig = field(default_factory=ContinuationConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         lr=1e-3, warmup_steps=50, weight_decay=0.05, save_every=None, best_metric="align_kl"))
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        check_not_sharded(self.sparse_lowrank, self.train.sharding, "sparse_lowrank")
 
 
 # -- the parts --------------------------------------------------------------------------------
@@ -377,8 +390,8 @@ def resolve_models(cfg, say):
         llm_path=str(resolve_model_dir(cfg.model.llm_path, say=say))))
 
 
-def fit(cfg, objective, dataset, collate, durations, dist, identity_keys, say=logger.info
-        ) -> tuple:
+def fit(cfg, objective, dataset, collate, durations, dist, identity_keys, say=logger.info,
+        step_hooks=()) -> tuple:
     """Train `objective` on duration-bucketed batches with the shared Trainer (resumable);
     returns (TrainResult, the "train" section of results.json without wall time)."""
     from ..data.sampler import DurationBucketSampler
@@ -390,7 +403,7 @@ def fit(cfg, objective, dataset, collate, durations, dist, identity_keys, say=lo
                                     seed=cfg.train.seed, rank=dist.rank,
                                     world_size=dist.world_size)
     trainer = Trainer(cfg.train, objective, dataset, sampler, collate_fn=collate, run_config=cfg,
-                      identity_keys=identity_keys)
+                      identity_keys=identity_keys, step_hooks=step_hooks)
     faster = objective.model.speed_up_frozen_llm(trainer.amp_dtype, trainer.device.type)
     if faster:
         say(f"frozen LLM: {', '.join(faster)} (training speed)")
@@ -459,6 +472,8 @@ def run(config: Config) -> dict:
     say(f"SpeechLM: encoder {model.encoder.kind} ({cfg.model.encoder_path}), LLM "
         f"{cfg.model.llm_path}; trainable {model.num_parameters(True) / 1e6:.3f}M of "
         f"{model.num_parameters() / 1e6:.2f}M parameters")
+    step_hooks, sparse_report = ([], None) if cfg.sparse_lowrank is None else prepare_for_training(
+        model.adapter, cfg.sparse_lowrank, say, default_targets=ADAPTER_TARGETS)
     dataset, collate, durations, source, cache_seconds = cached_training_data(
         cfg, model, train_records, [dev_records, transfer_records], say)
 
@@ -482,7 +497,8 @@ def run(config: Config) -> dict:
                               embed_loss=cfg.loss.embed_loss,
                               ctc_weight=cfg.loss.ctc_weight, evaluate_fn=evaluate)
     result, train_summary = fit(cfg, objective, dataset, collate, durations, dist,
-                                ("model", "loss"), say)
+                                ("model", "loss"), say, step_hooks)
+    to_plain_dense(model.adapter)  # the adapter's plain nn.Linear layers, as saved and loaded
 
     results: dict = {}
     if dist.is_main:
@@ -515,6 +531,7 @@ def run(config: Config) -> dict:
                      "transfer_items": len(transfer_records),
                      "train_audio_hours": sum(durations) / 3600},
             "final_dir": str(final_dir),
+            **({"sparse_lowrank": sparse_report} if sparse_report else {}),
         }
         with atomic_write(out / RESULTS_FILE) as f:
             json.dump(results, f, indent=2, ensure_ascii=False, default=_jsonable)

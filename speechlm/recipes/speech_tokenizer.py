@@ -36,6 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..models.sparse_lowrank import (
+    SparseLowRankConfig,
+    check_not_sharded,
+    prepare_for_training,
+    to_plain_dense,
+)
 from ..training.trainer import TrainConfig
 from .ctc import DataConfig
 
@@ -43,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 FINAL_DIR = "final"
 RESULTS_FILE = "results.json"
+# what sparse_lowrank changes unless told: the Whisper encoder layers' attention and MLP
+# projections (not the upsampling or the CTC head)
+TOKENIZER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
 @dataclass
@@ -83,9 +92,15 @@ class EvalConfig:
 class Config:
     task: str = "speech_tokenizer"
     model: ModelConfig = field(default_factory=ModelConfig)
+    # SLTrain / SPDF on the encoder's attention and MLP projections while training (default
+    # targets: TOKENIZER_TARGETS; meant for model.init: scratch); final/ is plain dense
+    sparse_lowrank: SparseLowRankConfig | None = None
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(best_metric="cer"))
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        check_not_sharded(self.sparse_lowrank, self.train.sharding, "sparse_lowrank")
 
 
 def run(config: Config) -> dict:
@@ -132,6 +147,11 @@ def run(config: Config) -> dict:
     model = SpeechTokenizer.build(cfg.model.init, vocab, settings,
                                   scratch_config=cfg.model.scratch)
 
+    step_hooks, sparse_report = [], None
+    if cfg.sparse_lowrank is not None:
+        step_hooks, sparse_report = prepare_for_training(model, cfg.sparse_lowrank, say,
+                                                         default_targets=TOKENIZER_TARGETS)
+
     def frames_for_duration(seconds: float) -> int:
         return int(model.frames_for_samples(int(round(seconds * data.sample_rate))))
 
@@ -153,7 +173,7 @@ def run(config: Config) -> dict:
         unseen_dev_chars=list(report.unseen.get("dev", {})),
         examples_path=out / "dev_examples.jsonl" if dist.is_main else None)
     trainer = Trainer(cfg.train, objective, dataset, sampler, collate_fn=CTCCollator(),
-                      run_config=cfg)
+                      run_config=cfg, step_hooks=step_hooks)
     objective.attach(trainer)
     objective.warn_at_last_step = False
     result = trainer.fit()
@@ -168,6 +188,7 @@ def run(config: Config) -> dict:
                               f"{missing[:3]}, unexpected {unexpected[:3]})")
         used = f"best ({cfg.train.best_metric}={result.best_value:.4g} at step " \
                f"{best.trainer_state.get('step')})"
+    to_plain_dense(model)  # nn.Linear layers again: what the saved tokenizer loads into
     final = out / FINAL_DIR
     if dist.is_main:
         save_speech_tokenizer(model, final, metadata={"recipe": "speech_tokenizer",
@@ -178,7 +199,8 @@ def run(config: Config) -> dict:
     results: dict[str, Any] = {"step": result.step, "final_dir": str(final), "weights": used,
                                "vocab_size": len(vocab), "train": result.train_metrics,
                                "data": [rep.to_dict() for rep in reports],
-                               "languages": probabilities}
+                               "languages": probabilities,
+                               **({"sparse_lowrank": sparse_report} if sparse_report else {})}
     if dist.is_main:
         tokenizer = load_speech_tokenizer(final, device=next(model.parameters()).device)
         results["identity"] = tokenizer.identity

@@ -45,12 +45,21 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, ManifestError
+from ..models.sparse_lowrank import (
+    SparseLowRankConfig,
+    check_not_sharded,
+    prepare_for_training,
+    to_plain_dense,
+)
 from ..models.text_to_token import TextToTokenConfig
 from ..training.trainer import TrainConfig
 
 logger = logging.getLogger(__name__)
 
 FINAL_DIR = "final"
+# what sparse_lowrank changes unless told: the attention and feed-forward projections of
+# every block (the output heads, duration predictor and unit offset stay dense)
+T2U_TARGETS = ["query", "key_value", "out", r"\.ff\.[02]$"]
 RESULTS_FILE = "results.json"
 HYPS_FILE = "dev_hyps.jsonl"
 TWO_TOKENIZERS = "the units come from two tokenizers; tokenize everything with one"
@@ -112,10 +121,16 @@ class Config:
     task: str = "text_to_token"
     threads: int | None = None            # torch CPU threads (None: torch's default)
     model: TextToTokenConfig = field(default_factory=TextToTokenConfig)
+    # SLTrain / SPDF on the model's linear layers while training (default targets: every
+    # attention and feed-forward projection, T2U_TARGETS); final/ is the plain dense model
+    sparse_lowrank: SparseLowRankConfig | None = None
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         lr=1e-3, warmup_steps=100, weight_decay=0.01, save_every=500))
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        check_not_sharded(self.sparse_lowrank, self.train.sharding, "sparse_lowrank")
 
 
 # -- units files ------------------------------------------------------------------------------
@@ -452,6 +467,8 @@ def run(config: Config) -> dict:
                         max_units_per_char=round(1.5 * per_char, 3))
     params = sum(p.numel() for p in model.parameters())
     say(f"model: text-to-token, decoder {cfg.model.decoder}, {params / 1e6:.2f}M parameters")
+    step_hooks, sparse_report = ([], None) if cfg.sparse_lowrank is None else prepare_for_training(
+        model, cfg.sparse_lowrank, say, default_targets=T2U_TARGETS)
     sampler = DurationBucketSampler([_cost(item) for item in items],
                                     max_batch_duration=cfg.data.max_batch_tokens,
                                     max_batch_size=cfg.data.max_batch_size,
@@ -459,10 +476,11 @@ def run(config: Config) -> dict:
                                     rank=dist.rank, world_size=dist.world_size)
     objective = TextToTokenObjective(model, fixed_batches(dev_items, cfg.data.max_batch_tokens))
     trainer = Trainer(cfg.train, objective, PairDataset(items), sampler, collate_fn=collate_pairs,
-                      run_config=cfg, identity_keys=("model",))
+                      run_config=cfg, identity_keys=("model",), step_hooks=step_hooks)
     fit_start = time.perf_counter()
     result = trainer.fit()
     train_seconds = time.perf_counter() - fit_start
+    to_plain_dense(model)  # nn.Linear layers again: what save/load and decoding expect
 
     # 4. save, reload, score
     final_dir = out / FINAL_DIR
@@ -499,6 +517,7 @@ def run(config: Config) -> dict:
             "tokenizer": report.tokenizer,
             "num_codes": report.num_codes,
             "decoder": cfg.model.decoder,
+            **({"sparse_lowrank": sparse_report} if sparse_report else {}),
             "dev": {"utterances": len(dev_utts), "scored": len(scored),
                     "baseline_uer": baseline_uer([u.units for u in train_utts], refs)
                     if refs else None,
