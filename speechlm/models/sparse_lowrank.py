@@ -363,8 +363,12 @@ def spdf_phase_hook(module: nn.Module, cfg: SparseLowRankConfig, say=print):
     if cfg.kind != "spdf" or cfg.dense_after_steps is None:
         return None
 
+    dense = False  # once dropped, the hook does nothing (no walk over the modules per update)
+
     def hook(step: int) -> None:
-        if step >= cfg.dense_after_steps:
+        nonlocal dense
+        if not dense and step >= cfg.dense_after_steps:
+            dense = True
             dropped = drop_spdf(module)
             if dropped:
                 say(f"step {step}: SPDF masks dropped from {dropped} layers, dense from here")
