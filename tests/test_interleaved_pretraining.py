@@ -158,15 +158,26 @@ def test_more_spoken_verses_than_the_training_books_hold_are_refused(tmp_path, c
 
 
 @pytest.mark.parametrize("recipe", ["recipes/tiny/interleaved.yaml",
-                                    "recipes/tiny/interleaved_pairs.yaml"])
+                                    "recipes/tiny/interleaved_pairs.yaml",
+                                    "recipes/interleaved/whisper_base_smollm2_135m.yaml",
+                                    "recipes/interleaved/whisper_large_v3_qwen2.5_7b.yaml"])
 def test_shipped_interleaved_recipes_validate(recipe):
+    from speechlm import zoo
     from speechlm.recipes import load_recipe
 
     _, config = load_recipe(recipe)
-    assert config.task == "interleaved" and config.data.speech_tokenizer.startswith("zoo:")
+    assert config.task == "interleaved"
     if recipe.endswith("_pairs.yaml"):  # the many real pairs, their transcripts learned alone
         assert config.data.asr_more_speech == 30077 and not config.data.asr_learn_units
         assert config.data.mixture["asr"] > 0
+    if "smollm2" in recipe:  # real models: the Whisper-based tokenizer's zoo chain, chat prompts
+        assert config.data.speech_tokenizer == "zoo:speech_tokenizer_whisper_en"
+        assert zoo.dependencies("t2u_whisper_en") == {"speech_tokenizer_whisper_en"}
+        assert config.model.template == "chat" and config.train.precision == "bf16"
+        _, tokenizer_config = load_recipe(zoo.recipe_path("speech_tokenizer_whisper_en"))
+        assert tokenizer_config.model.init == "models:whisper-base"
+    if "7b" in recipe:  # a whole 7B LLM trains: sharded
+        assert config.train.sharding == "fsdp"
 
 
 def test_instruction_replay_is_a_source_and_bad_settings_name_the_field(tmp_path, chain):
@@ -192,3 +203,88 @@ def test_instruction_replay_is_a_source_and_bad_settings_name_the_field(tmp_path
     with pytest.raises(ConfigError, match="data.instruct_tasks: unknown task.*sing"):
         load_recipe(_recipe(tmp_path, chain), ["data.mixture.instruct=1.0",
                                                "data.instruct_tasks={sing: 1.0}"])
+
+
+@pytest.mark.parametrize("template", ["blsp", "chat"])
+def test_held_out_instruction_prompts_use_the_recipe_template(tmp_path, template):
+    """model.template decides how the held-out "repeat" / "last word" prompts wrap the units
+    (an instruct LLM such as SmolLM2 is asked in its own chat template) and what ends an
+    answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from speechlm.models.unit_vocab import add_unit_tokens
+    from speechlm.recipes.interleaved import Config, HeldOut, ModelConfig
+    from speechlm.testing.tiny_checkpoints import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint("qwen2", tmp_path / "qwen")
+    llm, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    vocab = add_unit_tokens(llm, tokenizer, 8, tokenizer_identity="t", seed=0)
+    records = [{"id": "a", "text": "in the beginning", "units": [1, 2, 3]}]
+    held = HeldOut(Config(model=ModelConfig(template=template)), vocab, tokenizer, records,
+                   [], [])
+    prompt = tokenizer.decode(held.repeat_prompts[0])
+    assert "<|audio_1|><|audio_2|><|audio_3|>" in prompt
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if template == "chat":
+        assert prompt.startswith("<|im_start|>") and prompt.rstrip().endswith("assistant")
+        assert held.stop_ids == [im_end]
+    else:
+        assert prompt.startswith("###[Human]:") and "<|im_start|>" not in prompt
+    assert "in the beginning" in tokenizer.decode(held.qa_prompts["last_word_text"][0])
+    with pytest.raises(ConfigError, match="model.template: unknown template 'chatml'"):
+        ModelConfig(template="chatml")
+
+
+def test_sharded_interleaved_pretraining_gathers_a_model_that_reloads(tmp_path, chain):
+    """train.sharding=fsdp (GLM-4-Voice trains the whole LLM): two gloo processes under torchrun
+    pre-train with the parameters sharded, evaluate the losses during training, and rank 0
+    gathers the weights, evaluates and saves a final/ that reloads with its unit tokens."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from speechlm.models.unit_vocab import UnitVocab
+    from speechlm.pipelines.tokenize import cached_units
+    from speechlm.pretrained.resolve import resolve_model_dir
+    from speechlm.training.metrics_log import read_metrics
+
+    # the subprocesses see none of this process's patches: give them directories and files
+    llm = resolve_model_dir("zoo:llm_en_es", progress=False, say=lambda m: None)
+    units = {split: cached_units(str(chain["tok"]), f"embedded:en/{split}", progress=False,
+                                 say=lambda m: None) for split in ("train", "dev")}
+    recipe = _recipe(tmp_path, chain, extra_data=f'  asr_units: "{units["train"]}"\n')
+    recipe_text = open(recipe).read().replace('"zoo:llm_en_es"', f'"{llm}"').replace(
+        "eval: {items: 4,", f'eval: {{units: "{units["dev"]}", items: 4,').replace(
+        "eval_every: 100", "eval_every: 6, save_every: 6")
+    open(recipe, "w").write(recipe_text)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "speechlm.cli", "train", recipe, "train.sharding=fsdp", "train.progress=false"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((chain["out"] / "results.json").read_text())
+    before, after = results["before"], results["after"]
+    assert after["interleaved_loss"] < before["interleaved_loss"] - 0.5, (before, after)
+    assert "asr_cer" in after and "last_word_acc" in after  # rank 0 decodes after gathering
+    evals = read_metrics(chain["out"], split="eval")
+    assert evals and "interleaved_loss" in evals[0] and "asr_cer" not in evals[0]
+    final = chain["out"] / "final"
+    vocab = UnitVocab.load(final)
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert model.get_input_embeddings().weight.shape[0] > vocab.unit_id(15)
+    # the sharded step checkpoint gathers into the same model, with the extended tokenizer
+    from transformers import AutoTokenizer
+
+    from speechlm.cli import main as cli_main
+
+    assert cli_main(["convert", "fsdp", str(chain["out"] / "step_000012"),
+                     str(tmp_path / "gathered")]) == 0
+    assert UnitVocab.load(tmp_path / "gathered") == vocab
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "gathered")
+    assert tokenizer.convert_tokens_to_ids("<|audio_15|>") == vocab.unit_id(15)
+    gathered = AutoModelForCausalLM.from_pretrained(tmp_path / "gathered")
+    for key, value in model.state_dict().items():
+        assert torch.equal(gathered.state_dict()[key], value), key

@@ -50,12 +50,27 @@ logger = logging.getLogger(__name__)
 
 FINAL_DIR = "final"
 RESULTS_FILE = "results.json"
+# train.sharding=fsdp works (GLM-4-Voice trains the whole LLM): the weights are gathered on
+# rank 0 after training, which evaluates and saves final/
+SHARDING_SUPPORTED = True
+TOKENIZER_DIR = "tokenizer"  # the run's extended tokenizer + unit_vocab.json (for convert fsdp)
 SOURCES = ("interleaved", "text", "asr", "instruct")
 
 
 @dataclass
 class ModelConfig:
     llm_path: str = "zoo:llm_en_es"       # local HF dir, hub id in the local cache, or zoo:NAME
+    # the prompt format of the held-out instruction tasks ("repeat", "last word" around the
+    # units): "blsp" (###[Human]: ... ###[Assistant]:, the zoo LLM's) or "chat" (the
+    # tokenizer's own chat template, for an instruct LLM such as SmolLM2)
+    template: str = "blsp"
+
+    def __post_init__(self):
+        from ..models.prompts import TEMPLATES
+
+        if self.template not in TEMPLATES:
+            raise ConfigError(f"model.template: unknown template {self.template!r}; use "
+                              f"{' or '.join(TEMPLATES.names())}")
 
 
 @dataclass
@@ -65,6 +80,7 @@ class BuildConfig:
     corpus: str = "embedded:en"           # text file, JSONL with `text`, embedded:en / es
     t2u: str = "zoo:t2u_en"               # text-to-token model: directory or zoo:NAME
     t2u_method: str | None = None         # ar | maskgit | null (the model's default)
+    t2u_steps: int | None = None          # MaskGIT iterations (null: the model's default)
     speech_share: float = 0.3
     span_words: tuple[int, int] = (4, 24)
     docs_per_shard: int = 2000
@@ -148,8 +164,11 @@ def _cached_interleave(build: BuildConfig, t2u, t2u_dir: str, tokenizer, seq_len
     settings = InterleaveSettings(speech_share=speech_share, span_words=tuple(build.span_words),
                                   seq_len=seq_len, docs_per_shard=build.docs_per_shard,
                                   seed=seed)
-    key = json.dumps([build.corpus, asdict(settings), t2u.tokenizer_identity, t2u_dir,
-                      build.t2u_method, tokenizer_fingerprint(tokenizer)], sort_keys=True)
+    key = [build.corpus, asdict(settings), t2u.tokenizer_identity, t2u_dir, build.t2u_method,
+           tokenizer_fingerprint(tokenizer)]
+    if build.t2u_steps is not None:  # keeps the keys of caches built before the option
+        key.append(build.t2u_steps)
+    key = json.dumps(key, sort_keys=True)
     kind = "text" if speech_share == 0 else "interleaved"
     name = f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     out = cache_dir() / "interleaved" / name
@@ -158,7 +177,7 @@ def _cached_interleave(build: BuildConfig, t2u, t2u_dir: str, tokenizer, seq_len
         say(f"building {kind} sequences of {build.corpus} into {out}")
         summary = build_interleave(build.corpus, out, t2u=t2u, tokenizer=tokenizer,
                                    settings=settings, t2u_method=build.t2u_method,
-                                   progress=progress)
+                                   t2u_steps=build.t2u_steps, progress=progress)
         say(summary.summary())
     return out
 
@@ -249,7 +268,8 @@ class HeldOut:
         self.asr_pairs = speech_text_pairs(records, vocab, tokenizer)
         # the LLM's own instructions, with the units where the text would be: "repeat" (ASR)
         # and "last_word" (spoken QA; with the transcript as text, its upper bound)
-        template = get_template("blsp")
+        template = get_template(cfg.model.template)
+        self.stop_ids = template.stop_token_ids(tokenizer)
 
         def prompts(task: str, as_text: bool = False) -> list[list[int]]:
             instruction = TASKS[task].instructions[0]
@@ -288,12 +308,13 @@ class HeldOut:
         from ..inference.text_generation import greedy_generate, stop_ids_of
 
         out = greedy_generate(model, prompts, pad_id=self.pad_id,
-                              stop_ids=stop_ids_of(model, [self.tokenizer.eos_token_id]),
+                              stop_ids=stop_ids_of(model, self.stop_ids),
                               max_new_tokens=max_new_tokens or self.cfg.eval.max_new_tokens,
                               batch_size=self.cfg.eval.batch_size)
         return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out]
 
-    def evaluate(self, model) -> dict[str, float]:
+    def evaluate(self, model, decode: bool = True) -> dict[str, float]:
+        """The losses, and unless `decode` is False the decoding metrics (greedy answers)."""
         from ..data.instructions import TASKS, last_word
         from ..eval.metrics import cer, wer
         from ..text.normalize import normalize_transcript
@@ -313,6 +334,8 @@ class HeldOut:
             # `loss` (train.best_metric's default): what the pre-training optimises, on held-out
             # text
             metrics["loss"] = metrics.get("interleaved_loss", metrics["text_loss"])
+            if not decode:
+                return metrics
             refs = [normalize_transcript(r["text"], r.get("lang") or "en") for r in self.records]
             # the control: each utterance's reference against the next utterance's units. A
             # model that reads the units scores clearly worse on it than with the right ones;
@@ -377,6 +400,8 @@ def run(config: Config) -> dict:
                             tokenizer_identity=t2u.tokenizer_identity, seed=cfg.train.seed)
     say(f"LLM {llm_dir}: {vocab.num_codes} speech units added (ids {vocab.unit_base}.."
         f"{vocab.unit_base + vocab.num_codes - 1}, speech tokenizer {vocab.tokenizer_identity})")
+    if dist.is_main:
+        _save_tokenizer(tokenizer, vocab, out / TOKENIZER_DIR)
 
     # 2. data
     def build_data():
@@ -437,19 +462,34 @@ def run(config: Config) -> dict:
     from ..models.prompts import encode_continuing
 
     text_rows = [encode_continuing(tokenizer, " " + r["text"]) + [eos] for r in eval_records]
-    interleaved_rows = _heldout_interleaved(eval_records, t2u, tokenizer, cfg, out, progress)
+    # built by rank 0 first (one writer per directory); the others read what it wrote
+    interleaved_rows = distributed.main_first(
+        lambda: _heldout_interleaved(eval_records, t2u, tokenizer, cfg, out, progress))
     held_out = HeldOut(cfg, vocab, tokenizer, eval_records, text_rows, interleaved_rows)
 
     # 3. before, training, after
     before = held_out.evaluate(llm)
     say("before interleaved pre-training: " + _fmt(before))
-    objective = CausalLMObjective(llm, evaluate_fn=held_out.evaluate)
+    sharded = cfg.train.sharding == "fsdp"
+    # a sharded model's evaluations during training are its losses: every rank runs them in
+    # step, which greedy decoding (answers of different lengths) would not guarantee
+    objective = CausalLMObjective(llm, evaluate_fn=(
+        (lambda model: held_out.evaluate(model, decode=False)) if sharded
+        else held_out.evaluate))
     trainer = Trainer(cfg.train, objective, dataset, sampler,
                       collate_fn=CausalLMCollator(held_out.pad_id), run_config=cfg)
     start = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - start
-    after = held_out.evaluate(llm)
+
+    def extended_llm():  # a plain model for the weights gathered from the shards
+        model, _ = load_llm(llm_dir)
+        add_unit_tokens(model, tokenizer, t2u.num_codes,
+                        tokenizer_identity=t2u.tokenizer_identity, seed=cfg.train.seed)
+        return model
+
+    llm = trainer.unsharded_model(extended_llm)  # None on the other ranks
+    after = held_out.evaluate(llm) if llm is not None else {}
 
     # 4. save, results
     final = out / FINAL_DIR
@@ -479,6 +519,32 @@ def run(config: Config) -> dict:
     return results
 
 
+def _save_tokenizer(tokenizer, vocab, directory: Path) -> None:
+    """The extended tokenizer and its unit ids, written whole (tmp, then rename)."""
+    import shutil
+
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    vocab.save(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+
+
+def gathered_files(out_dir: Path, run_config: dict, run_dir: Path) -> None:
+    """Beside the weights gathered from a sharded checkpoint (`speechlm convert fsdp`): the
+    run's extended tokenizer and unit_vocab.json, as final/ has them."""
+    import shutil
+
+    source = Path(run_dir) / TOKENIZER_DIR
+    if not (source / "unit_vocab.json").is_file():
+        raise ConfigError(f"{source}: the run's extended tokenizer is missing (the interleaved "
+                          "run writes it there when it starts); gather from the run directory "
+                          "that wrote the checkpoint")
+    for path in source.iterdir():
+        shutil.copy2(path, Path(out_dir) / path.name)
+
+
 def _heldout_interleaved(records, t2u, tokenizer, cfg: Config, out: Path, progress: bool):
     """Packed synthetic interleaved sequences of the held-out texts (as training makes them)."""
     from ..pipelines.interleave import (
@@ -500,7 +566,8 @@ def _heldout_interleaved(records, t2u, tokenizer, cfg: Config, out: Path, progre
                                   span_words=tuple(b.span_words), seq_len=64,
                                   docs_per_shard=len(records) + 1, seed=cfg.data.seed + 1)
     build_interleave(str(corpus), root / "shards", t2u=t2u, tokenizer=tokenizer,
-                     settings=settings, t2u_method=b.t2u_method, progress=False)
+                     settings=settings, t2u_method=b.t2u_method, t2u_steps=b.t2u_steps,
+                     progress=False)
     return [row for block in iter_interleaved_shards(root / "shards") for row in block]
 
 
