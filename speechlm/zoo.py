@@ -42,6 +42,11 @@ MEMBERS: dict[str, tuple[str, str]] = {
                             "English, 12.5 units/s, 512 codes"),
     "t2u_en": ("t2u_en.yaml", "text-to-token model: English text to speech_tokenizer_en's "
                "units"),
+    "speech_tokenizer_whisper_en": ("speech_tokenizer_whisper_en.yaml", "GLM-4-Voice's "
+                                    "supervised VQ tokenizer on pretrained Whisper base, "
+                                    "English, 12.5 units/s, 1024 codes"),
+    "t2u_whisper_en": ("t2u_whisper_en.yaml", "text-to-token model: English text to "
+                       "speech_tokenizer_whisper_en's units"),
     "smollm2_verses": ("smollm2_verses.yaml", "SmolLM2-135M-Instruct taught the verse tasks "
                        "from text (LoRA): repeat, last word, mentions God"),
     "blsp_whisper_smollm2_kd": ("blsp_whisper_smollm2_kd.yaml", "speech LLM: Whisper base + "
