@@ -32,6 +32,11 @@ speech-unit / text data, mixed with plain text (and, optionally, real speech-tex
    transcript as text is its upper bound);
 4. saves `output_dir/final/` (the extended LLM + tokenizer + unit_vocab.json) and
    `results.json`; prints the before/after table.
+
+`model.template` is the held-out prompts' format ("chat" for an instruct LLM such as
+SmolLM2). `train.sharding: fsdp` (torchrun) shards the LLM for paper-size runs: evaluations
+during training are then the held-out losses only, and rank 0 gathers the weights for the
+final table and final/.
 """
 
 from __future__ import annotations
