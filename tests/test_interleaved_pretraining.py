@@ -167,6 +167,8 @@ def test_shipped_interleaved_recipes_validate(recipe):
 
     _, config = load_recipe(recipe)
     assert config.task == "interleaved"
+    if "/tiny/" in recipe:  # the zoo's own tokenizer
+        assert config.data.speech_tokenizer.startswith("zoo:")
     if recipe.endswith("_pairs.yaml"):  # the many real pairs, their transcripts learned alone
         assert config.data.asr_more_speech == 30077 and not config.data.asr_learn_units
         assert config.data.mixture["asr"] > 0
