@@ -176,12 +176,101 @@ def test_ctc_tokenizer_identity_unchanged_by_the_new_settings():
         vq = type("VQ", (), {"codebook": torch.arange(4.0).reshape(2, 2)})()
 
     legacy = {k: v for k, v in dataclasses.asdict(Saved.settings).items()
-              if k not in ("head", "language", "repeat_units")}
+              if k not in ("head", "language", "repeat_units", "position_mean")}
     digest = hashlib.sha256(json.dumps(legacy, sort_keys=True).encode())
     digest.update(Saved.vq.codebook.numpy().tobytes())
     assert SpeechTokenizer.identity.fget(Saved()) == digest.hexdigest()[:16]
     Saved.settings = TokenizerSettings(vq_layer=2, head="whisper_decoder")
     assert SpeechTokenizer.identity.fget(Saved()) != digest.hexdigest()[:16]
+
+
+def test_position_means_are_fitted_removed_before_the_vq_and_added_back(tiny_ckpt, tmp_path):
+    """position_mean: fit_codebook puts the mean pooled state of each unit position in a
+    buffer and k-means the rest; units are the nearest codes of (state - mean) and decode to
+    (code + mean); the means are saved, reload and enter the identity."""
+    from speechlm.models.speech_tokenizer import (
+        SpeechTokenizer,
+        TokenizerSettings,
+        load_speech_tokenizer,
+        save_speech_tokenizer,
+    )
+    from speechlm.models.vq import nearest_codes
+
+    init = tiny_ckpt("whisper", init_std=INIT_STD)
+    torch.manual_seed(0)
+    tok = SpeechTokenizer.build(init, None, TokenizerSettings(
+        vq_layer=1, num_codes=8, head="whisper_decoder", language="es", repeat_units=True,
+        position_mean=True)).eval()
+    audio = [torch.randn(3, 16000) * 0.1, torch.randn(2, 12000) * 0.1]
+    lengths = [torch.tensor([16000, 12000, 8000]), torch.tensor([12000, 6400])]
+    info = tok.fit_codebook(zip(audio, lengths, strict=True), shrink=0.0)
+    assert info["frames"] == 13 + 10 + 7 + 10 + 5 and bool(tok.vq.initialized)
+
+    with torch.no_grad():
+        pooled = []
+        for a, n in zip(audio, lengths, strict=True):
+            out = tok.pool(*tok._lower(a, n))
+            pooled += [row[:k] for row, k in zip(out.hidden, out.lengths.tolist(), strict=True)]
+    assert torch.allclose(tok.position_mean[0], torch.stack([p[0] for p in pooled]).mean(0),
+                          atol=1e-5)
+    assert torch.allclose(tok.position_mean[12], pooled[0][12], atol=1e-5)  # one item reaches
+    overall = torch.cat(pooled).mean(0)
+    assert torch.allclose(tok.position_mean[13:], overall.expand(len(tok.position_mean) - 13, -1),
+                          atol=1e-5)  # no utterance that long: the overall mean
+
+    units = tok.encode(audio[0], lengths[0])
+    centred = pooled[0] - tok.position_mean[:13]
+    assert units[0] == nearest_codes(centred, tok.vq.codebook).tolist()
+    vectors, _ = tok._units_to_vectors([units[0]])
+    assert torch.allclose(vectors[0], tok.vq.codebook[units[0]] + tok.position_mean[:13])
+
+    save_speech_tokenizer(tok, tmp_path / "tok")
+    again = load_speech_tokenizer(tmp_path / "tok")
+    assert torch.equal(again.position_mean, tok.position_mean)
+    assert again.identity == tok.identity and again.encode(audio[0], lengths[0]) == units
+    with torch.no_grad():
+        again.position_mean[0] += 1.0
+    assert again.identity != tok.identity  # other means: units not comparable
+
+
+def test_vq_reports_restarts_and_a_threshold_above_a_codes_share_restarts_most_codes():
+    """The default threshold (1 frame per batch) with fewer frames per batch than codes
+    counts most codes dead at every update; the count is reported so a run shows it."""
+    from speechlm.models.vq import VectorQuantizer
+
+    torch.manual_seed(0)
+    frames = torch.randn(4, 25, 6)  # 100 frames per batch, 256 codes: 0.39 a code
+    churn = VectorQuantizer(256, 6, dead_code_threshold=1.0).train()
+    calm = VectorQuantizer(256, 6, dead_code_threshold=0.01).train()
+    churn(frames), calm(frames)  # the k-means starts
+    churned = [churn(torch.randn(4, 25, 6)).restarted for _ in range(5)]
+    calmed = [calm(torch.randn(4, 25, 6)).restarted for _ in range(5)]
+    assert min(churned) > 128, churned  # over half the codebook every update
+    # a low threshold restarts the codes the k-means start left empty, fewer every update
+    assert calmed == sorted(calmed, reverse=True) and calmed[-1] < min(churned) / 2, calmed
+
+
+def test_position_mean_needs_the_kmeans_start(tmp_path, corpus, tiny_ckpt):
+    init = tiny_ckpt("whisper", init_std=INIT_STD)
+    path = _recipe(tmp_path, corpus, init, out=tmp_path / "bad", model="  position_mean: true\n")
+    with pytest.raises(ConfigError, match="model.position_mean needs model.kmeans_items"):
+        run_recipe(path)
+
+
+def test_kmeans_start_on_many_utterances_with_position_means_trains(tmp_path, corpus,
+                                                                      tiny_ckpt):
+    from speechlm.models.speech_tokenizer import load_speech_tokenizer
+
+    init = tiny_ckpt("whisper", init_std=INIT_STD)
+    out = tmp_path / "fitted"
+    run_recipe(_recipe(tmp_path, corpus, init, out=out, steps=4,
+                       model="  kmeans_items: 50\n  position_mean: true\n"))
+    tokenizer = load_speech_tokenizer(out / "final")
+    assert tokenizer.settings.position_mean  # fitted before the first update:
+    assert tokenizer.position_mean.abs().sum() > 0
+    assert train_losses(out)[-1] < train_losses(out)[0]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("code_restarts" in r for r in rows if r.get("split") == "train")
 
 
 def test_shipped_recipe_validates():
@@ -195,3 +284,19 @@ def test_shipped_recipe_validates():
     assert module.__name__.endswith("speech_tokenizer_whisper")
     assert settings.head == "whisper_decoder" and settings.frame_rate == 12.5
     assert settings.vq_layer == 3 and config.model.language == "en"
+
+
+def test_zoo_tokenizer_is_the_shipped_recipe():
+    """speech_tokenizer_whisper_en copies the recipe (recipes/ is not in the package): the
+    two may differ only in the baseline rows and the output directory."""
+    from pathlib import Path
+
+    from speechlm import zoo
+    from speechlm.recipes import load_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    _, shipped = load_recipe(root / "recipes/tokenizer/whisper_base_12hz.yaml")
+    _, member = load_recipe(zoo.recipe_path("speech_tokenizer_whisper_en"))
+    assert member.model == shipped.model and member.data == shipped.data
+    assert dataclasses.replace(member.train, output_dir=shipped.train.output_dir) == shipped.train
+    assert dataclasses.replace(member.eval, baseline=True) == shipped.eval

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, SpeechLMError
-from .adapters import lengths_mask
+from .adapters import AdapterOutput, lengths_mask
 from .ctc import CharVocab
 from .vq import AvgPoolDownsample, CausalConv1d, VectorQuantizer, VQOutput, bits_per_second
 
@@ -106,6 +106,11 @@ class TokenizerSettings:
     # Whisper's 1500-frame window with silence's frames after the speech), or at 12.5 Hz as
     # the GLM-4-Voice release (375 positions, a learned padding vector)
     repeat_units: bool = False
+    # quantize the pooled states minus their mean at each unit position (`position_mean`,
+    # fitted on training audio by `fit_codebook`), the mean added back after the VQ: Whisper's
+    # states carry where in the window a frame is (43% of their variance at layer 3 of
+    # Whisper base), which the unit's index already tells, so the codes need not spend on it
+    position_mean: bool = False
 
     def __post_init__(self):
         if self.head not in HEADS:
@@ -159,6 +164,9 @@ class SpeechTokenizer(nn.Module):
                                   commitment=settings.commitment, ema_decay=settings.ema_decay,
                                   dead_code_threshold=settings.dead_code_threshold,
                                   kmeans_init=settings.kmeans_init)
+        if settings.position_mean:
+            units = int(config.max_source_positions) // settings.pool
+            self.register_buffer("position_mean", torch.zeros(units, config.d_model))
         if settings.head == "ctc":
             if vocab is None:
                 raise ConfigError("head ctc needs a character vocabulary")
@@ -266,9 +274,78 @@ class SpeechTokenizer(nn.Module):
         settings = dataclasses.asdict(self.settings)
         if settings["head"] == "ctc":  # as before the decoder head existed: same identities
             del settings["head"], settings["language"], settings["repeat_units"]
+        if not settings["position_mean"]:  # as before the option existed
+            del settings["position_mean"]
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
         digest.update(self.vq.codebook.detach().float().cpu().contiguous().numpy().tobytes())
+        if self.settings.position_mean:
+            digest.update(self.position_mean.detach().float().cpu().contiguous().numpy()
+                          .tobytes())
         return digest.hexdigest()[:16]
+
+    # -- what the VQ quantizes ------------------------------------------------------------
+
+    def _position_offset(self, count: int, dtype) -> torch.Tensor | float:
+        """The mean of the pooled states at unit positions 0..count-1 ([count, D]), or 0."""
+        if not self.settings.position_mean:
+            return 0.0
+        if count > self.position_mean.shape[0]:
+            raise SpeechLMError(f"SpeechTokenizer: {count} units in one window; the position "
+                                f"means cover {self.position_mean.shape[0]}")
+        return self.position_mean[:count].to(dtype)
+
+    def _quantize(self, pooled: AdapterOutput, *, quantize: bool = True
+                  ) -> tuple[torch.Tensor, VQOutput | None]:
+        """(the vectors the layers above the VQ read [B, T', D], the VQ's output or None)."""
+        if not quantize:
+            return pooled.hidden, None
+        offset = self._position_offset(pooled.hidden.shape[1], pooled.hidden.dtype)
+        vq = self.vq(pooled.hidden - offset, pooled.lengths)
+        return vq.quantized + offset, vq
+
+    @torch.no_grad()
+    def fit_codebook(self, batches, *, frames_per_batch: float | None = None,
+                     iters: int = 10, shrink: float = 8.0) -> dict:
+        """Initialise the codebook by k-means on the pooled states of many utterances
+        (`batches` of (audio [B, T], lengths [B])), instead of on the first training batch
+        (at most 4 x num_codes frames: fewer than the codes when a batch holds a minute of
+        speech). With `position_mean`, first the mean state at each unit position (shrunk
+        towards the overall mean by `shrink` frames' weight where few utterances reach, the
+        overall mean where none does).
+        frames_per_batch: training frames per update, the scale of the EMA cluster sizes
+        (default: the mean of `batches`). Every rank must call it; rank 0's fit is kept."""
+        from .vq import _broadcast_, kmeans
+
+        frames, positions, batch_sizes = [], [], []
+        for audio, lengths in batches:
+            hidden, valid = self._lower(audio, lengths)
+            pooled = self.pool(hidden, valid)
+            for row, n in zip(pooled.hidden, pooled.lengths.tolist(), strict=True):
+                frames.append(row[:n].float())
+                positions.append(torch.arange(n, device=row.device))
+            batch_sizes.append(int(pooled.lengths.sum()))
+        if not frames or not sum(batch_sizes):
+            raise SpeechLMError("fit_codebook: no audio frames to fit the codebook on")
+        x, where = torch.cat(frames), torch.cat(positions)
+        if self.settings.position_mean:
+            width = self.position_mean.shape[0]
+            sums = x.new_zeros(width, x.shape[1]).index_add_(0, where, x)
+            counts = torch.bincount(where, minlength=width).to(x.dtype)
+            weight = counts + shrink
+            mean = (sums + shrink * x.mean(0)) / weight.clamp(min=1e-9)[:, None]
+            mean[weight == 0] = x.mean(0)  # positions no utterance reaches
+            self.position_mean.copy_(_broadcast_(mean.to(self.position_mean.dtype)))
+            x = x - self.position_mean[where].float()
+        vq = self.vq
+        centres, sizes = kmeans(x, vq.num_codes, iters, vq.chunk_frames)
+        per_batch = frames_per_batch or sum(batch_sizes) / len(batch_sizes)
+        sizes = sizes * (per_batch / x.shape[0])  # frames per batch, like the EMA
+        vq.codebook.copy_(_broadcast_(centres.to(vq.codebook.dtype)))
+        vq.ema_cluster_size.copy_(_broadcast_(sizes.to(vq.ema_cluster_size.dtype)))
+        vq.ema_embed_sum.copy_(vq.codebook * vq.ema_cluster_size[:, None])
+        vq.initialized.fill_(True)
+        return {"frames": int(x.shape[0]), "codes_used": int((sizes > 0).sum()),
+                "variance_kept": float(x.var(0).sum() / torch.cat(frames).var(0).sum())}
 
     # -- the encoder, in two halves ---------------------------------------------------------
 
@@ -351,8 +428,7 @@ class SpeechTokenizer(nn.Module):
         before the codebook is initialised by k-means on features worth clustering)."""
         hidden, frames = self._lower(audio, lengths)
         pooled = self.pool(hidden, frames)
-        vq = self.vq(pooled.hidden, pooled.lengths) if quantize else None
-        units = vq.quantized if vq is not None else pooled.hidden
+        units, vq = self._quantize(pooled, quantize=quantize)
         return TokenizerOutput(self._upper(units, frames), frames, vq, pooled.lengths)
 
     # -- head whisper_decoder ---------------------------------------------------------------
@@ -368,8 +444,7 @@ class SpeechTokenizer(nn.Module):
         50 Hz states below the VQ [B, T, D] (`_lower`, or the encoder-output cache of those
         layers) and their valid frames [B]."""
         pooled = self.pool(hidden.to(self.vq.codebook.dtype), frames)
-        vq = self.vq(pooled.hidden, pooled.lengths) if quantize else None
-        units = vq.quantized if vq is not None else pooled.hidden
+        units, vq = self._quantize(pooled, quantize=quantize)
         return self._decoder_states(units, pooled.lengths), vq
 
     def decoder_states(self, audio: torch.Tensor, lengths: torch.Tensor, *,
@@ -452,7 +527,8 @@ class SpeechTokenizer(nn.Module):
         for i, u in enumerate(units):
             codes[i, : len(u)] = torch.as_tensor(list(u), dtype=torch.long)
         device = self.vq.codebook.device
-        return self.vq.decode(codes.to(device)), lengths.to(device)
+        vectors = self.vq.decode(codes.to(device))
+        return vectors + self._position_offset(vectors.shape[1], vectors.dtype), lengths.to(device)
 
     def log_probs_from_units(self, units: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """CTC log-probs of the characters from unit sequences alone (the units-to-text check;
@@ -506,7 +582,8 @@ class SpeechTokenizer(nn.Module):
             chunk = audio[rows, start: start + window]
             hidden, frames = self._lower(chunk, chunk_lengths[rows].to(audio.device))
             pooled = self.pool(hidden, frames)
-            codes = self.vq.encode(pooled.hidden, pooled.lengths)
+            offset = self._position_offset(pooled.hidden.shape[1], pooled.hidden.dtype)
+            codes = self.vq.encode(pooled.hidden - offset, pooled.lengths)
             for row, item_codes, n in zip(rows.tolist(), codes.cpu(), pooled.lengths.cpu(),
                                           strict=True):
                 pieces[row].append(item_codes[: int(n)].tolist())

@@ -285,7 +285,9 @@ class VQOutput(NamedTuple):
     input (zero at padding); codes: [B, T] long, -1 at padding; commit_loss:
     commitment x mean squared error between the input and the (stop-gradient)
     codes over valid frames; perplexity and used_fraction: code usage of this
-    batch on this rank (detached scalars).
+    batch on this rank (detached scalars); restarted: codes restarted by this
+    call (dead-code restarts; many per update means the threshold is above what
+    a batch gives a code: see `dead_code_threshold`).
     """
 
     quantized: torch.Tensor
@@ -293,6 +295,7 @@ class VQOutput(NamedTuple):
     commit_loss: torch.Tensor
     perplexity: torch.Tensor
     used_fraction: torch.Tensor
+    restarted: int = 0
 
 
 def _usage(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,7 +320,9 @@ class VectorQuantizer(nn.Module):
         training batch (at most `kmeans_max_frames` frames, default 4 x K,
         gathered from all ranks); False: random normal codes.
     dead_code_threshold: a code whose EMA cluster size (in frames per global
-        batch) is below this is dead; 0 turns restarts off.
+        batch) is below this is dead; 0 turns restarts off. Keep it well below a
+        code's even share (frames per batch / num_codes): above it most codes
+        count as dead and are restarted at every update.
     restart_every: look for dead codes every this many training updates.
     chunk_frames: frames per distance chunk (default 2**24 // K).
     """
@@ -374,6 +379,7 @@ class VectorQuantizer(nn.Module):
         flat_codes = nearest_codes(frames, self.codebook, self.chunk_frames)
         flat_q = self.codebook[flat_codes]  # a copy: the updates below do not change it
         counts = torch.bincount(flat_codes, minlength=self.num_codes).float()
+        restarts_before = int(self.restarts)
         if self.training:
             self._ema_update(frames, flat_codes, counts)
             self._restart_dead_codes(frames)
@@ -388,7 +394,8 @@ class VectorQuantizer(nn.Module):
         else:
             commit = (x * 0).sum().float()  # keeps the graph when no frame is valid
         perplexity, used = _usage(counts)
-        return VQOutput(quantized, codes, commit, perplexity, used)
+        return VQOutput(quantized, codes, commit, perplexity, used,
+                        int(self.restarts) - restarts_before)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:

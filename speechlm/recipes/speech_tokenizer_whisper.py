@@ -80,6 +80,14 @@ class ModelConfig:
     # release trains them
     repeat_units: bool = True
     vq_start_step: int = 0                # updates with the VQ bypassed
+    # the codebook's k-means start on the pooled states of this many training utterances,
+    # before the first update; 0: on the first training batch (at most 4 x num_codes frames,
+    # fewer than the codes when a batch is a minute of speech at 12.5 Hz)
+    kmeans_items: int = 0
+    # quantize the pooled states minus their mean at each unit position, added back after the
+    # VQ (fitted with the k-means start; needs kmeans_items): the codes need not carry where
+    # in the window a frame is, which Whisper's states do and the unit's index already tells
+    position_mean: bool = False
 
     def settings(self):
         from ..models.speech_tokenizer import TokenizerSettings
@@ -89,7 +97,8 @@ class ModelConfig:
             commitment=self.commitment, ema_decay=self.ema_decay,
             dead_code_threshold=self.dead_code_threshold, causal_conv=self.causal_conv,
             attention_block=self.attention_block, pad_to_window=self.pad_to_window,
-            head="whisper_decoder", language=self.language, repeat_units=self.repeat_units)
+            head="whisper_decoder", language=self.language, repeat_units=self.repeat_units,
+            position_mean=self.position_mean)
 
 
 @dataclass
@@ -120,6 +129,32 @@ def lower_parameter_names(model) -> list[str]:
     return [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
 
 
+def fit_codebook(model, records: list[dict], items: int, frames_per_batch: float, device,
+                 say) -> None:
+    """The codebook's k-means start (and position means) on `items` training utterances
+    spread over `records`."""
+    import time
+
+    from ..data.dataset import AudioDataset
+    from ..training.objectives.speech_tokenizer import duration_batches, spread_indices
+
+    start = time.perf_counter()
+    dataset = AudioDataset(records, sample_rate=16000, silence_dbfs=None)
+    batches = ((b["audio"].to(device), b["audio_lengths"].to(device))
+               for b in duration_batches(dataset, spread_indices(len(records), items), 120.0)
+               if b["audio"].shape[0])
+    mode = model.training
+    model.eval()
+    try:
+        info = model.fit_codebook(batches, frames_per_batch=frames_per_batch)
+    finally:
+        model.train(mode)
+    say(f"codebook: k-means on {info['frames']} pooled frames of {min(items, len(records))} "
+        f"training utterances, {info['codes_used']} of {model.vq.num_codes} codes hold frames"
+        + (f"; position means remove {1 - info['variance_kept']:.0%} of the variance"
+           if model.settings.position_mean else "") + f" ({time.perf_counter() - start:.0f} s)")
+
+
 def run(config: Config) -> dict:
     """Train per `config` (see the module doc); returns the results dict."""
     from ..models.speech_tokenizer import SpeechTokenizer, save_speech_tokenizer
@@ -134,6 +169,11 @@ def run(config: Config) -> dict:
 
     cfg, data, m = config, config.data, config.model
     check_labelled_data(data)
+    if m.position_mean and m.kmeans_items < 1:
+        raise ConfigError("model.position_mean needs model.kmeans_items >= 1: the position means "
+                          "are fitted on that many training utterances with the codebook")
+    if m.kmeans_items < 0:
+        raise ConfigError(f"model.kmeans_items must be >= 0, got {m.kmeans_items}")
     if m.vq_start_step >= cfg.train.max_steps:
         raise ConfigError(f"model.vq_start_step={m.vq_start_step} >= train.max_steps="
                           f"{cfg.train.max_steps}: the VQ would never train")
@@ -187,6 +227,9 @@ def run(config: Config) -> dict:
                       collate_fn=WhisperASRCollator(prompt.eot), run_config=cfg,
                       identity_keys=("model",))
     objective.attach(trainer)
+    if m.kmeans_items and not trainer.will_resume():
+        fit_codebook(model, records, m.kmeans_items, data.max_batch_duration * model.frame_rate,
+                     trainer.device, say)
     result = trainer.fit()
 
     # 3. the best weights, saved as a tokenizer directory

@@ -648,6 +648,10 @@ class Trainer:
         self.last_checkpoint = path
         return path
 
+    def will_resume(self) -> bool:
+        """Whether `fit` continues from a checkpoint (per train.resume and the output dir)."""
+        return self._resume_path() is not None
+
     def _resume_path(self) -> Path | None:
         resume = self.config.resume
         if resume == "never":

@@ -58,8 +58,35 @@ def plus_commitment(result, vq, name: str):
         return result
     loss, metrics = result
     metrics.update({name: loss.detach()}, commit_loss=vq.commit_loss.detach(),
-                   code_perplexity=vq.perplexity, codes_used=vq.used_fraction)
+                   code_perplexity=vq.perplexity, codes_used=vq.used_fraction,
+                   code_restarts=float(vq.restarted))
     return loss + vq.commit_loss, metrics
+
+
+def spread_indices(count: int, max_items: int | None) -> list[int]:
+    """Indices of `max_items` items spread evenly over `count` (all when there are fewer)."""
+    if max_items is None or count <= max_items:
+        return list(range(count))
+    step = count / max_items
+    return [int(i * step) for i in range(max_items)]
+
+
+def duration_batches(dataset, indices: list[int], batch_duration: float):
+    """Collated batches (CTCCollator: audio, audio_lengths, ids, text_norm, skipped) of the
+    items `indices` of an AudioDataset, shortest first, each at most `batch_duration` seconds
+    of padded audio."""
+    records = dataset.records
+    indices = sorted(indices, key=lambda i: float(records[i].get("duration") or 0.0))
+    collate = CTCCollator()
+    batch: list[int] = []
+    for i in indices:
+        duration = max(float(records[i].get("duration") or 0.0), 1e-3)
+        if batch and (len(batch) + 1) * duration > batch_duration:
+            yield collate([dataset[j] for j in batch])
+            batch = []
+        batch.append(i)
+    if batch:
+        yield collate([dataset[j] for j in batch])
 
 
 @torch.no_grad()
@@ -67,33 +94,15 @@ def encode_dataset(model, dataset, *, max_items: int | None = None,
                    batch_duration: float = 200.0) -> tuple[list[dict], int]:
     """([{id, text, units}] for the items of an AudioDataset, how many could not be read).
     Call with the model in eval mode."""
-    indices = list(range(len(dataset)))
-    if max_items is not None and len(indices) > max_items:
-        step = len(indices) / max_items
-        indices = [indices[int(i * step)] for i in range(max_items)]
-    records = dataset.records
-    indices.sort(key=lambda i: float(records[i].get("duration") or 0.0))
     device = next(model.parameters()).device
-    collate = CTCCollator()
-    rows, skipped, batch = [], 0, []
-
-    def flush():
-        nonlocal skipped
-        data = collate([dataset[i] for i in batch])
+    rows, skipped = [], 0
+    for data in duration_batches(dataset, spread_indices(len(dataset), max_items),
+                                 batch_duration):
         skipped += len(data["skipped"])
         if data["audio"].shape[0]:
             units = model.encode(data["audio"].to(device), data["audio_lengths"].to(device))
             for rid, text, seq in zip(data["ids"], data["text_norm"], units, strict=True):
                 rows.append({"id": rid, "text": text, "units": seq})
-        batch.clear()
-
-    for i in indices:
-        duration = max(float(records[i].get("duration") or 0.0), 1e-3)
-        if batch and (len(batch) + 1) * duration > batch_duration:
-            flush()
-        batch.append(i)
-    if batch:
-        flush()
     return rows, skipped
 
 
