@@ -44,7 +44,12 @@ Whisper's table (the release's layout). Built from a
 WhisperForConditionalGeneration directory (`build`), it carries the decoder,
 the generation config and the text tokenizer, and saves them.
 
-Identity: `identity` hashes the settings and the codebook. Unit files record
+`position_mean`: the VQ quantizes each pooled state minus the mean state at its unit
+position (a buffer fitted by `fit_codebook` on training audio, with the codebook's k-means
+start) and the mean is added back after it, so the codes do not spend on where in the
+window a frame is.
+
+Identity: `identity` hashes the settings and the codebook (and the position means). Unit files record
 it, and whatever reads units (text-to-token training, interleaving) checks it,
 so units from two tokenizers are never mixed.
 """

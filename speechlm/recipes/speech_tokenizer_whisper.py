@@ -9,6 +9,8 @@ paper builds it, on a pretrained Whisper with its own decoder (issue 18, item 2)
       pool: 4                       # 50 Hz -> 12.5 units per second
       num_codes: 1024
       freeze_lower: false           # the layers below the VQ train too, as the paper's
+      kmeans_items: 300             # the codebook's k-means start on 300 utterances
+      position_mean: true           # ... of the states minus each unit position's mean
     data:
       train: [{manifest: "embedded:en/train", lang: en}]
       dev: "embedded:en/dev"
@@ -27,7 +29,11 @@ too (straight-through), as the paper's. With `model.freeze_lower` those (convolu
 included) keep their pretrained weights instead: the codebook then clusters what they
 give, and with `data.encoder_cache` their output is computed once per utterance. The
 layers below the VQ see each clip at its own length (`model.pad_to_window`: the 30 s
-window instead, as Whisper was trained, at several times the cost).
+window instead, as Whisper was trained, at several times the cost). The codebook's start
+decides whether the units carry the transcript (docs/results/speech_tokenizer_whisper.md):
+`model.kmeans_items` clusters that many training utterances before the first update, and
+`model.position_mean` removes each unit position's mean state before the VQ (Whisper's
+states carry where in the window a frame is) and adds it back after.
 
 `run(config)`:
 1. transcripts tokenized with Whisper's prompt; what does not fit is skipped and counted
