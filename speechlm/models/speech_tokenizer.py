@@ -49,8 +49,8 @@ position (a buffer fitted by `fit_codebook` on training audio, with the codebook
 start) and the mean is added back after it, so the codes do not spend on where in the
 window a frame is.
 
-Identity: `identity` hashes the settings and the codebook (and the position means). Unit files record
-it, and whatever reads units (text-to-token training, interleaving) checks it,
+Identity: `identity` hashes the settings and the codebook (and the position means).
+Unit files record it, and whatever reads units (text-to-token training, interleaving) checks it,
 so units from two tokenizers are never mixed.
 """
 
@@ -113,7 +113,7 @@ class TokenizerSettings:
     repeat_units: bool = False
     # quantize the pooled states minus their mean at each unit position (`position_mean`,
     # fitted on training audio by `fit_codebook`), the mean added back after the VQ: Whisper's
-    # states carry where in the window a frame is (43% of their variance at layer 3 of
+    # states carry where in the window a frame is (42% of their variance at layer 3 of
     # Whisper base), which the unit's index already tells, so the codes need not spend on it
     position_mean: bool = False
 
@@ -332,6 +332,7 @@ class SpeechTokenizer(nn.Module):
         if not frames or not sum(batch_sizes):
             raise SpeechLMError("fit_codebook: no audio frames to fit the codebook on")
         x, where = torch.cat(frames), torch.cat(positions)
+        variance = x.var(0).sum()
         if self.settings.position_mean:
             width = self.position_mean.shape[0]
             sums = x.new_zeros(width, x.shape[1]).index_add_(0, where, x)
@@ -350,7 +351,7 @@ class SpeechTokenizer(nn.Module):
         vq.ema_embed_sum.copy_(vq.codebook * vq.ema_cluster_size[:, None])
         vq.initialized.fill_(True)
         return {"frames": int(x.shape[0]), "codes_used": int((sizes > 0).sum()),
-                "variance_kept": float(x.var(0).sum() / torch.cat(frames).var(0).sum())}
+                "variance_kept": float(x.var(0).sum() / variance)}
 
     # -- the encoder, in two halves ---------------------------------------------------------
 

@@ -175,11 +175,11 @@ def run(config: Config) -> dict:
 
     cfg, data, m = config, config.data, config.model
     check_labelled_data(data)
+    if m.kmeans_items < 0:
+        raise ConfigError(f"model.kmeans_items must be >= 0, got {m.kmeans_items}")
     if m.position_mean and m.kmeans_items < 1:
         raise ConfigError("model.position_mean needs model.kmeans_items >= 1: the position means "
                           "are fitted on that many training utterances with the codebook")
-    if m.kmeans_items < 0:
-        raise ConfigError(f"model.kmeans_items must be >= 0, got {m.kmeans_items}")
     if m.vq_start_step >= cfg.train.max_steps:
         raise ConfigError(f"model.vq_start_step={m.vq_start_step} >= train.max_steps="
                           f"{cfg.train.max_steps}: the VQ would never train")
