@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from speechlm.models import speech_lm as speech_lm_module
-from speechlm.models.shared_prefix import prefix_first, shared_prefix_length
+from speechlm.models.shared_prefix import (
+    prefix_cache,
+    prefix_first,
+    rows_prefill_cache,
+    shared_prefix_length,
+)
 from speechlm.models.speech_lm import SpeechLM, SpeechLMConfig
 from speechlm.training.objectives import blsp as blsp_module
 from speechlm.training.objectives.blsp import BlspObjective, response_logits
@@ -72,6 +77,50 @@ def test_generation_inputs_put_the_prefix_first_and_the_padding_after_it(tiny_ck
         assert torch.equal(moved.inputs_embeds[row, shared + n:], inputs.inputs_embeds[row, n + shared:])
     with pytest.raises(ValueError, match="left-padded"):
         prefix_first(model.build_inputs(audio, lengths, responses=RESPONSES), shared)
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_each_row_is_prefilled_alone_and_generate_runs_only_its_last_position(
+        tiny_ckpt, shared_prefix):
+    model = _model(tiny_ckpt).eval()
+    body = model.llm.model
+    audio, lengths = _audio()
+    with torch.no_grad():
+        inputs = model.prepare_generation_inputs(audio, lengths)
+        shared = shared_prefix_length(inputs) if shared_prefix else 0
+        prefix = prefix_cache(body, inputs, shared) if shared else None
+        if shared:
+            inputs = prefix_first(inputs, shared)
+        cache = rows_prefill_cache(body, inputs, shared, prefix)
+        width = inputs.attention_mask.shape[1]
+        assert cache.get_seq_length() == width - 1
+        for row in range(3):
+            keep = inputs.attention_mask[row].bool()
+            out = body(inputs_embeds=inputs.inputs_embeds[row:row + 1, keep][:, :-1],
+                       use_cache=True)
+            alone = getattr(out, "cache", None) or out.past_key_values
+            for (keys, values, *_), (k, v, *_) in zip(cache, alone, strict=True):
+                own = keep[:-1]
+                torch.testing.assert_close(keys[row, :, own], k[0], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(values[row, :, own], v[0], atol=1e-5, rtol=1e-5)
+                assert not keys[row, :, ~own].any() and not values[row, :, ~own].any()
+
+    # generate_ids hands that cache to generate, whose first forward sees one position per row
+    seen = []
+    hook = body.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(
+            next(kwargs[k] for k in ("inputs_embeds", "input_ids") if kwargs.get(k) is not None)
+            .shape[:2]),
+        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.generate_ids(model.prepare_generation_inputs(audio, lengths), max_new_tokens=3,
+                               min_new_tokens=3)
+    finally:
+        hook.remove()
+    # the prefix (once), each row alone, then batched: the last prompt position and 2 new tokens
+    assert seen[-3:] == [(3, 1)] * 3
+    assert [n for n, _ in seen[:-3]] == [1] * (len(seen) - 3) and len(seen) - 3 == 4
 
 
 @pytest.mark.parametrize("llm,template", [("llama", "blsp"), ("qwen2", "chat")])

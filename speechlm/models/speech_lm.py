@@ -56,7 +56,13 @@ from .prompts import (
     get_template,
     pick_pad_id,
 )
-from .shared_prefix import cache_kwarg, prefix_cache, prefix_first, shared_prefix_length
+from .shared_prefix import (
+    cache_kwarg,
+    prefix_cache,
+    prefix_first,
+    rows_prefill_cache,
+    shared_prefix_length,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -442,14 +448,20 @@ class SpeechLM(nn.Module):
                       eos_token_id=self.stop_token_ids() or None)
         kwargs.update(generate_kwargs)
         with self._llm_context(inputs, True):
-            # the template's opening is the same in every row: prefill it once (shared_prefix)
-            shared = (shared_prefix_length(inputs) if self._plora is None
-                      and kwargs.get("num_beams", 1) == 1 and inputs.padding_side == "left" else 0)
-            if shared:
+            if (self._plora is None and kwargs.get("num_beams", 1) == 1
+                    and inputs.padding_side == "left"):
+                # the template's opening is the same in every row: prefill it once; on a
+                # CPU then each row's rest alone, skipping its padding (shared_prefix)
                 base = causal_lm_of(self.llm)
-                kwargs[cache_kwarg(base)] = prefix_cache(getattr(base, base.base_model_prefix),
-                                                         inputs, shared)
-                inputs = prefix_first(inputs, shared)
+                body = getattr(base, base.base_model_prefix)
+                shared = shared_prefix_length(inputs)
+                prefix = prefix_cache(body, inputs, shared) if shared else None
+                if shared:
+                    inputs = prefix_first(inputs, shared)
+                cache = (rows_prefill_cache(body, inputs, shared, prefix)
+                         if inputs.inputs_embeds.device.type == "cpu" else prefix)
+                if cache is not None:
+                    kwargs[cache_kwarg(base)] = cache
             return self.llm.generate(inputs_embeds=inputs.inputs_embeds,
                                      attention_mask=inputs.attention_mask, **kwargs)
 
