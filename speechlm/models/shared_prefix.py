@@ -20,7 +20,7 @@ Generation then prefills the rest of each row alone (`rows_prefill_cache`): ever
 positions but its last, through the shared prefix, gathered into one padded cache from
 which batched decoding starts. A prompt's prefill is compute-bound on a CPU, so a batch
 gains nothing from running its rows together there, while a padded batch computes its
-padding too (16 clips of 2-10 s: 10% of the batched LLM time on SmolLM2). A batched
+padding too (16 clips of 2-10 s: 6% of the batched LLM time on SmolLM2). A batched
 row's prefill is also exactly the row's alone; decoding steps still run the rows
 together, where a float32 matmul may round differently with the batch's size. On a GPU,
 where one row's prefill leaves most of the device idle, the rows prefill together.
@@ -146,6 +146,8 @@ def rows_prefill_cache(base_model, inputs: LMInputs, length: int = 0, prefix=Non
     for row in range(batch):
         # left-padded (after the prefix): the row's own positions end at the last column
         own = int(mask[row, length:width - 1].sum())
+        if not own and not length:  # a one-position row and no prefix: nothing to cache
+            continue
         start = width - 1 - own
         cache = DynamicCache([(k[row:row + 1], v[row:row + 1]) for k, v in shared]
                              if length else None)
@@ -154,9 +156,7 @@ def rows_prefill_cache(base_model, inputs: LMInputs, length: int = 0, prefix=Non
                              attention_mask=mask.new_ones(1, length + own),
                              **{cache_kwarg(base_model): cache}, use_cache=True)
             cache = getattr(out, "cache", None) or out.past_key_values
-        layers = _layers(cache) if (own or length) else None
-        if layers is None:  # a one-position row and no prefix: nothing to cache yet
-            continue
+        layers = _layers(cache)
         if merged is None:
             merged = [(k.new_zeros(batch, k.shape[1], width - 1, k.shape[3]),
                        v.new_zeros(batch, v.shape[1], width - 1, v.shape[3])) for k, v in layers]
