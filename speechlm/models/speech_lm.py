@@ -454,9 +454,9 @@ class SpeechLM(nn.Module):
                 # CPU then each row's rest alone, skipping its padding (shared_prefix)
                 base = causal_lm_of(self.llm)
                 body = getattr(base, base.base_model_prefix)
-                shared = shared_prefix_length(inputs)
-                prefix = prefix_cache(body, inputs, shared) if shared else None
+                shared, prefix = shared_prefix_length(inputs), None
                 if shared:
+                    prefix = prefix_cache(body, inputs, shared)
                     inputs = prefix_first(inputs, shared)
                 cache = (rows_prefill_cache(body, inputs, shared, prefix)
                          if inputs.inputs_embeds.device.type == "cpu" else prefix)
